@@ -1,0 +1,214 @@
+"""Python entry points: compile_pruned() and load_compiled()."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from . import __version__
+from .compiler.flops import FlopsReport, fmt_flops
+from .compiler.program import capture_decoder
+from .compiler.runtime import PrunedOutput, StagedRuntime
+from .errors import ArtifactError, VtcompileError
+from .models import LlavaAdapter, ModelSpec, build_from_spec, load_model
+from .passes import PassConfig, get_pass, resolve_passes
+from .targets import get_target
+
+ARTIFACT_FORMAT = 1
+DEFAULT_TEXT_TOKENS = 64
+
+
+@dataclass
+class Report:
+    """What a compile did: model, passes, FLOPs per layer, times. Printed as tables by the CLI."""
+
+    model: str
+    random_weights: bool
+    passes: list[dict]
+    target: str
+    flops: FlopsReport
+    capture_seconds: float
+    compile_seconds: float
+    rewrites: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "random_weights": self.random_weights, "passes": self.passes,
+                "target": self.target, "flops": self.flops.to_dict(), "rewrites": self.rewrites,
+                "capture_seconds": self.capture_seconds, "compile_seconds": self.compile_seconds}
+
+    def summary_table(self) -> str:
+        f = self.flops
+        rows = [
+            ["model", self.model],
+            ["passes", ", ".join(p["pass"] + _fmt_cfg(p["config"]) for p in self.passes) or "none"],
+            ["target", self.target],
+            ["visual tokens (per row)", f"{f.n_visual} -> {f.schedule[-1]} (last layer)"],
+            ["paper FLOPs (visual tokens only)",
+             f"{fmt_flops(f.baseline_paper)} -> {fmt_flops(f.paper)}  ({f.paper / f.baseline_paper:.1%})"],
+            [f"true FLOPs ({f.n_text} text tokens, 2xMAC)",
+             f"{fmt_flops(f.baseline_true)} -> {fmt_flops(f.true)}  ({f.true / f.baseline_true:.1%})"],
+            ["capture (torch.export) s", f"{self.capture_seconds:.2f}"],
+            ["passes + lowering s", f"{self.compile_seconds:.2f}"],
+        ]
+        return tabulate(rows, tablefmt="simple_outline")
+
+    def layer_table(self) -> str:
+        rows = [[r["layer"], r["visual_tokens"], r["tokens"], f"{r['paper_gflops']:.4g}", f"{r['true_gflops']:.4g}"]
+                for r in self.flops.rows()]
+        return tabulate(rows, headers=["layer", "visual tokens", "tokens", "paper GFLOPs", "true GFLOPs"],
+                        tablefmt="simple_outline")
+
+
+def _fmt_cfg(cfg: dict) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")" if cfg else ""
+
+
+class CompiledModel:
+    """A pruned MLLM: callable like the model, reports what was removed, saves as an artifact."""
+
+    def __init__(self, adapter: LlavaAdapter, passes: list, target: str, text_tokens: int = DEFAULT_TEXT_TOKENS):
+        self.adapter = adapter
+        self.passes = passes
+        self.target = target
+        lower = get_target(target).lower
+        t0 = time.perf_counter()
+        captured = capture_decoder(adapter.decoder_stage(), adapter.geometry, adapter.device, adapter.dtype)
+        self.runtime = StagedRuntime(adapter, captured, passes, lower)
+        t1 = time.perf_counter()
+        program = self.runtime.program(adapter.geometry.visual_tokens_per_image)
+        t2 = time.perf_counter()
+        self.report = Report(
+            model=adapter.spec.label, random_weights=adapter.spec.random_weights,
+            passes=[{"pass": p.name, "config": c.to_dict()} for p, c in passes], target=target,
+            flops=FlopsReport(adapter.geometry, program.n_visual, text_tokens, list(program.schedule)),
+            capture_seconds=t1 - t0, compile_seconds=t2 - t1,
+            rewrites=[r.to_dict() for r in program.rewrites])
+
+    @property
+    def program(self):
+        """The Program for one image per prompt."""
+        return self.runtime.program(self.adapter.geometry.visual_tokens_per_image)
+
+    def __call__(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None) -> PrunedOutput:
+        return self.runtime(input_ids, pixel_values, attention_mask)
+
+    # -- artifacts ---------------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        import transformers
+
+        return {
+            "format": ARTIFACT_FORMAT,
+            "versions": {"vtcompile": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "model": self.adapter.spec.to_dict(),
+            "geometry": self.adapter.geometry.to_dict(),
+            "config_hash": self.adapter.geometry.config_hash(),
+            "passes": [{"pass": p.name, "config": c.to_dict()} for p, c in self.passes],
+            "target": self.target,
+            "input_spec": {"inputs": ["input_ids [B,S] int64", "pixel_values [n_images,3,H,W]",
+                                      "attention_mask [B,S] (left padding)"],
+                           "visual_tokens_per_image": self.adapter.geometry.visual_tokens_per_image,
+                           "image_token_id": self.adapter.image_token_id},
+            "report": self.report.to_dict(),
+        }
+
+    def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
+        """Write the artifact directory (manifest.json + what is needed to rebuild), atomically.
+
+        The eager target stores the model reference (preset + seed, or checkpoint path; an in-memory
+        model's weights are saved into the artifact) and rebuilds the rewritten graph on load.
+        """
+        out = Path(out_dir)
+        if out.exists() and not force:
+            raise ArtifactError(f"output directory {out} already exists; choose another --out or pass --force "
+                                "to replace it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            manifest = self.manifest()
+            if self.adapter.spec.source == "in-memory":
+                self.adapter.model.save_pretrained(tmp / "model")
+                if self.adapter.processor is not None:
+                    self.adapter.processor.save_pretrained(tmp / "model")
+                manifest["model"] = dict(manifest["model"], source="checkpoint", path="model")
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+
+def _as_adapter(model) -> LlavaAdapter:
+    if isinstance(model, LlavaAdapter):
+        return model
+    if isinstance(model, str):
+        return load_model(model)
+    if isinstance(model, torch.nn.Module):
+        name = getattr(model.config, "name_or_path", "") or "in-memory model"
+        return LlavaAdapter(model, ModelSpec(name=name, source="in-memory", dtype=str(
+            next(model.parameters()).dtype).replace("torch.", "")))
+    raise VtcompileError(f"compile_pruned expects a model name, a LlavaForConditionalGeneration or a loaded "
+                         f"adapter; found {type(model).__name__}")
+
+
+def compile_pruned(model="tiny", passes=None, target: str = "eager", calibration=None,
+                   text_tokens: int = DEFAULT_TEXT_TOKENS) -> CompiledModel:
+    """Capture `model`, apply `passes` in order and lower to `target`.
+
+    model: a preset name / checkpoint directory, a transformers LlavaForConditionalGeneration, or an
+    adapter from vtcompile.models.load_model. passes: a name ('fastv'), a spec ('fastv:k=2,r=0.5'), a config
+    object, a (name, {field: value}) tuple, or a list of those. calibration: data for passes that calibrate
+    (none of the registered passes needs it yet; passing it to them is an error rather than silently ignored).
+    text_tokens: the prompt length assumed by the FLOPs report's true-FLOPs column.
+    """
+    resolved = resolve_passes(passes)
+    if calibration is not None:
+        names = ", ".join(p.name for p, _ in resolved) or "no passes"
+        raise VtcompileError(f"calibration data was given but {names} need(s) none; drop the argument")
+    get_target(target)  # fail on an unavailable target before any capture work
+    return CompiledModel(_as_adapter(model), resolved, target, text_tokens)
+
+
+def load_compiled(path: str | os.PathLike) -> CompiledModel:
+    """Load an artifact written by CompiledModel.save; refuses a manifest that does not match."""
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise ArtifactError(f"{path} is not a vtcompile artifact: no manifest.json")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{mf} is corrupt ({exc}); re-create the artifact with vtcompile optimize") from None
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path} has artifact format {manifest.get('format')!r}; this vtcompile reads format "
+                            f"{ARTIFACT_FORMAT}. Re-create it with this version.")
+    try:
+        spec = ModelSpec.from_dict(manifest["model"])
+        if spec.source == "checkpoint" and not Path(spec.path).is_absolute():
+            spec = ModelSpec.from_dict(dict(manifest["model"], path=str(path / spec.path)))
+        passes = [(get_pass(p["pass"]), get_pass(p["pass"]).config.from_dict(p["config"]))
+                  for p in manifest["passes"]]
+        target, expected_hash = manifest["target"], manifest["config_hash"]
+        text_tokens = manifest["report"]["flops"]["n_text"]
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{mf} is missing or has a malformed field ({exc}); re-create the artifact") from None
+    adapter = build_from_spec(spec)
+    found = adapter.geometry.config_hash()
+    if found != expected_hash:
+        raise ArtifactError(f"the model rebuilt for {path} has config hash {found}, the manifest says "
+                            f"{expected_hash}: the checkpoint changed since the artifact was made")
+    return CompiledModel(adapter, passes, target, text_tokens)
+
+
+__all__ = ["CompiledModel", "PassConfig", "Report", "compile_pruned", "load_compiled"]

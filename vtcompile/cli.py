@@ -1,0 +1,253 @@
+"""The `vtcompile` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+
+
+def _log(msg: str) -> None:
+    print(f"[vtcompile] {msg}", file=sys.stderr, flush=True)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset name (see `vtcompile models`) or a local checkpoint directory "
+                        f"(default: {DEFAULT_MODEL})")
+    g.add_argument("--weights", metavar="DIR", help="local checkpoint directory for a preset")
+    g.add_argument("--random-weights", action="store_true",
+                   help="build the preset's real geometry with random weights (speed/FLOPs work; every report "
+                        "says so)")
+    g.add_argument("--layers", type=int, metavar="N", help="keep only the first N decoder layers (CPU speed work)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weight dtype (default: float32; bfloat16 for the 7B/13B presets)")
+    g.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
+
+
+def _pass_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:key=value,...]",
+                   help="a pass to apply, with optional fields, e.g. fastv:k=2,r=0.5; repeat to compose in order "
+                        "(see `vtcompile passes`)")
+
+
+def _spec(args):
+    from .models import resolve_spec
+
+    return resolve_spec(args.model, args.weights, args.random_weights, args.layers, args.dtype, args.seed)
+
+
+def cmd_optimize(args) -> int:
+    from .api import CompiledModel
+    from .errors import ArtifactError
+    from .models import build_from_spec
+    from .passes import resolve_passes
+    from .targets import get_target
+
+    if args.out and args.out.exists() and not args.force:
+        raise ArtifactError(f"output directory {args.out} already exists; choose another --out or pass --force")
+    passes = resolve_passes(args.passes)
+    get_target(args.target)
+    spec = _spec(args)
+    _log(f"loading {spec.label} ...")
+    t0 = time.perf_counter()
+    adapter = build_from_spec(spec)
+    for p, cfg in passes:
+        p.check_supports(adapter.geometry)
+        cfg.check_model(adapter.geometry)
+    _log(f"loaded in {time.perf_counter() - t0:.1f}s; capturing the decoder and applying "
+         f"{len(passes)} pass(es) ...")
+    cm = CompiledModel(adapter, passes, args.target, args.text_tokens)
+    check = None if args.no_check else _self_check(cm)
+    saved = None
+    if args.out:
+        saved = cm.save(args.out, force=args.force)
+    if args.json:
+        print(json.dumps({"report": cm.report.to_dict(), "check": check, "artifact": str(saved) if saved else None},
+                         indent=2))
+        return 0
+    print(cm.report.summary_table())
+    print(cm.report.layer_table())
+    if check:
+        from tabulate import tabulate
+
+        print(tabulate([[check["prompt"], check["n"], f"{check['top1_agreement']:.3f}", f"{check['mean_kl']:.2e}"]],
+                       headers=["self-check prompt", "rows", "top-1 agreement vs unpruned", "mean KL"],
+                       tablefmt="simple_outline"))
+    if saved:
+        print(f"artifact written to {saved}")
+    return 0
+
+
+def _self_check(cm) -> dict:
+    """Next-token fidelity of the compiled model vs the unpruned model on a synthetic prompt batch."""
+    import torch
+
+    from .metrics import next_token_fidelity
+    from .models.llava import example_inputs
+
+    ids, pixels, mask = example_inputs(cm.adapter, batch=2)
+    out = cm(ids, pixels, mask)
+    prep = cm.runtime.prepare(ids, pixels, mask)
+    with torch.no_grad():
+        ref = cm.adapter.model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                               position_ids=prep.position_ids).logits
+    return dict(next_token_fidelity(ref[:, -1], out.logits[:, -1]), prompt="synthetic, 2 rows, left padding")
+
+
+def cmd_flops(args) -> int:
+    from tabulate import tabulate
+
+    from .compiler.flops import FlopsReport, fmt_flops, schedule_from_plan
+    from .models import geometry_of
+    from .passes import resolve_passes
+
+    from .models.presets import PRESETS
+
+    passes = resolve_passes(args.passes)
+    if args.model in PRESETS and not args.weights:
+        args.random_weights = True  # FLOPs need only the preset's geometry, never its weights
+    geom = geometry_of(_spec(args))
+    n_visual = geom.visual_tokens_per_image * args.images
+    steps = []
+    for p, cfg in passes:
+        p.check_supports(geom)
+        cfg.check_model(geom)
+        steps += p.plan(cfg, geom, n_visual)
+    report = FlopsReport(geom, n_visual, args.text_tokens, schedule_from_plan(geom.num_layers, n_visual, steps))
+    d = report.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(tabulate([[r["layer"], r["visual_tokens"], r["tokens"], f"{r['paper_gflops']:.2f}", f"{r['true_gflops']:.2f}"]
+                    for r in d["per_layer"]],
+                   headers=["layer", "visual tokens", "tokens", "paper GFLOPs", "true GFLOPs"], tablefmt="simple_outline"))
+    print(tabulate([
+        ["paper convention (visual tokens)", fmt_flops(report.baseline_paper), fmt_flops(report.paper),
+         f"{d['paper_ratio']:.1%}"],
+        [f"true ({args.text_tokens} text tokens, 2xMAC)", fmt_flops(report.baseline_true), fmt_flops(report.true),
+         f"{d['true_ratio']:.1%}"]], headers=["FLOPs", "baseline", "pruned", "ratio"], tablefmt="simple_outline"))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from tabulate import tabulate
+
+    from .passes import REGISTRY
+
+    rows = []
+    for p in REGISTRY.values():
+        fl = "\n".join(f"{f.name}={f.default}: {f.metadata.get('help', '')}" for f in fields(p.config))
+        rows.append([p.name, p.summary, fl])
+    print(tabulate(rows, headers=["pass", "what it does", "fields (default)"], tablefmt="simple_grid"))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from tabulate import tabulate
+
+    from .errors import ModelNotFoundError
+    from .models import known_models, resolve_spec
+    from .models.presets import PRESETS
+
+    rows = []
+    for name, desc in known_models():
+        if PRESETS[name].random_only:
+            status = "random weights only"
+        else:
+            try:
+                status = f"local weights: {resolve_spec(name).path}"
+            except ModelNotFoundError:
+                status = "no local weights (use --weights DIR or --random-weights)"
+        rows.append([name, desc, status])
+    print(tabulate(rows, headers=["model", "description", "weights"], tablefmt="simple_grid"))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tabulate import tabulate
+
+    from .errors import ArtifactError
+
+    mf = args.dir / "manifest.json"
+    if not mf.is_file():
+        raise ArtifactError(f"{args.dir} is not a vtcompile artifact: no manifest.json")
+    try:
+        m = json.loads(mf.read_text())
+        f = m["report"]["flops"]
+        rows = [["model", m["report"]["model"]], ["config hash", m["config_hash"]],
+                ["passes", ", ".join(p["pass"] for p in m["passes"]) or "none"], ["target", m["target"]],
+                ["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())],
+                ["visual tokens per layer", " ".join(map(str, f["visual_tokens_per_layer"]))],
+                ["paper TFLOPs", f"{f['baseline_paper_tflops']:.3f} -> {f['paper_tflops']:.3f}"],
+                ["true TFLOPs", f"{f['baseline_true_tflops']:.3f} -> {f['true_tflops']:.3f}"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{mf} is corrupt or incomplete ({exc!r})") from None
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(tabulate(rows, tablefmt="simple_outline"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="vtcompile",
+        description="Visual-token pruning for multimodal LLMs as compiled graph passes: capture a LLaVA model "
+                    "with torch.export, rewrite the decoder graph with pruning passes, lower it to a backend.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("optimize", help="compile a model with pruning passes, print the report, save an artifact",
+                       description="Capture the model, apply the passes in the given order, lower to the target, "
+                                   "print the FLOPs/token report and a fidelity self-check, and (with --out) "
+                                   "write an artifact directory.")
+    _model_args(p)
+    _pass_args(p)
+    p.add_argument("--target", default="eager", help="backend: eager (default); inductor/onnx/tensorrt not built yet")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write the artifact here (refused if it exists)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs (default 64)")
+    p.add_argument("--no-check", action="store_true", help="skip the fidelity self-check against the unpruned model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("flops", help="FLOPs and visual tokens per layer of a pass recipe (no weights needed)",
+                       description="Analytic FLOPs from the model geometry: paper convention (visual tokens only, "
+                                   "4nd^2+2n^2d+3ndm per layer) and true FLOPs (all tokens, 2xMAC, LM head).")
+    _model_args(p)
+    _pass_args(p)
+    p.add_argument("--images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs (default 64)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("passes", help="list the registered passes and their fields")
+    p.set_defaults(func=cmd_passes)
+    p = sub.add_parser("models", help="list model presets and whether local weights were found")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("inspect", help="show an artifact's manifest")
+    p.add_argument("dir", type=Path, help="artifact directory")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import VtcompileError
+
+    try:
+        return args.func(args)
+    except VtcompileError as exc:
+        print(f"vtcompile: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""FX graph analyses shared by every rewrite: layer/role annotation, live-ins, the token axis, cleanup.
+
+Annotations come from node.meta["nn_module_stack"] (never from node names). Every node gets
+``meta["vt_layer"]``: -1 for the preamble (masks, rotary tables, inputs), 0..L-1 for decoder layer i,
+and L for the postamble (final norm, LM head, outputs); and ``meta["vt_role"]``.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from ..errors import UnsupportedModelError
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+_ROLE_SUFFIX = {
+    "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "o_proj",
+    "input_layernorm": "norm", "post_attention_layernorm": "norm",
+}
+
+
+def _innermost(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return list(stack.values())[-1][0]
+
+
+def _role(node: fx.Node, path: str | None) -> str:
+    if node.op == "call_function" and node.target is SDPA:
+        return "sdpa"
+    if path is None:
+        return "other"
+    parts = path.split(".")
+    for part in reversed(parts):
+        if part in _ROLE_SUFFIX:
+            return _ROLE_SUFFIX[part]
+    if "mlp" in parts:
+        return "mlp"
+    if "self_attn" in parts:
+        return "attn"
+    if _LAYER_RE.search(path) and _LAYER_RE.search(path).end() == len(path):
+        return "residual"
+    return "other"
+
+
+def annotate(gm: fx.GraphModule, num_layers: int) -> None:
+    """Set vt_layer / vt_role on every node of a freshly captured decoder graph."""
+    nodes = list(gm.graph.nodes)
+    layer_of = []
+    for n in nodes:
+        path = _innermost(n)
+        m = _LAYER_RE.search(path) if path else None
+        layer_of.append(int(m.group(1)) if m else None)
+    annotated = [i for i, layer in enumerate(layer_of) if layer is not None]
+    if not annotated:
+        raise UnsupportedModelError(
+            "no decoder-layer nodes found in the captured graph (nn_module_stack has no 'layers.<i>' entries); "
+            "the model's decoder layout is not supported"
+        )
+    first, last = annotated[0], annotated[-1]
+    current = -1
+    for i, n in enumerate(nodes):
+        if layer_of[i] is not None:
+            current = layer_of[i]
+            layer = current
+        elif i < first or n.op in ("placeholder", "get_attr"):
+            layer = -1
+        elif i > last:
+            layer = num_layers
+        else:
+            layer = current
+        n.meta["vt_layer"] = layer
+        n.meta["vt_role"] = _role(n, _innermost(n))
+    found = sorted({n.meta["vt_layer"] for n in nodes if 0 <= n.meta["vt_layer"] < num_layers})
+    if found != list(range(num_layers)):
+        raise UnsupportedModelError(f"expected decoder layers 0..{num_layers - 1} in the graph, found {found}")
+
+
+def layer_nodes(gm: fx.GraphModule, layer: int, role: str | None = None) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes
+            if n.meta.get("vt_layer") == layer and (role is None or n.meta.get("vt_role") == role)]
+
+
+def sdpa_node(gm: fx.GraphModule, layer: int) -> fx.Node:
+    found = layer_nodes(gm, layer, "sdpa")
+    if len(found) != 1:
+        raise UnsupportedModelError(
+            f"layer {layer} has {len(found)} scaled_dot_product_attention nodes, expected 1; the model must "
+            "use SDPA attention (transformers attn_implementation='sdpa')"
+        )
+    return found[0]
+
+
+def live_ins(gm: fx.GraphModule, boundary: int) -> list[fx.Node]:
+    """Values produced before layer `boundary` and used by it or anything after it."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.meta["vt_layer"] < boundary and any(u.meta["vt_layer"] >= boundary for u in n.users):
+            out.append(n)
+    return out
+
+
+def _expr(x):
+    return x.node.expr if isinstance(x, torch.SymInt) else x
+
+
+def same_size(a, b) -> bool:
+    """Structural equality of two (possibly symbolic) sizes, without adding shape guards."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if isinstance(a, int) or isinstance(b, int):
+        return False
+    return bool((_expr(a) - _expr(b)).expand() == 0)
+
+
+def token_axes(node: fx.Node, n_tokens) -> list[int]:
+    """Dimensions of a node's value whose size is the current token count."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return []
+    return [d for d, size in enumerate(val.shape) if same_size(size, n_tokens)]
+
+
+def output_values(gm: fx.GraphModule) -> list[fx.Node]:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    vals = out.args[0]
+    return list(vals) if isinstance(vals, (tuple, list)) else [vals]
+
+
+class FakeInputs:
+    """Example input shapes to re-propagate symbolic shape metadata after a rewrite.
+
+    Batch and sequence dims are made dynamic with a fresh ShapeEnv each time, so every node's
+    meta["val"] reflects the graph as it is now (stale metadata is the classic token-pruning bug).
+    """
+
+    def __init__(self, examples: list[torch.Tensor], dynamic_dims: list[tuple[int, ...]]):
+        self.examples = examples
+        self.dynamic_dims = dynamic_dims
+
+    def make(self, mode) -> list[torch.Tensor]:
+        fakes = []
+        for t, dyn in zip(self.examples, self.dynamic_dims):
+            ctx = StatelessSymbolicContext(
+                dynamic_sizes=[DimDynamic.DUCK if d in dyn else DimDynamic.STATIC for d in range(t.dim())])
+            fakes.append(mode.from_tensor(t, symbolic_context=ctx))
+        return fakes
+
+
+def refresh_meta(gm: fx.GraphModule, inputs: FakeInputs) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs.make(mode))
+
+
+def cleanup(gm: fx.GraphModule, inputs: FakeInputs) -> None:
+    """After every rewrite: dead-code elimination, lint, recompile, fresh shape metadata."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    refresh_meta(gm, inputs)
+
+
+def count_ops(gm: fx.GraphModule, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)

@@ -1,0 +1,130 @@
+"""The Program IR: a captured decoder graph plus what the rewrites did to it.
+
+Capture splits the MLLM at its seams (vision stage, merge, decoder stage); the merge is data-dependent and
+stays outside. The decoder stage is exported once with symbolic batch and sequence length; a Program is a
+copy of that graph specialised to the number of visual tokens per row (every rewrite then has static
+token counts given the sequence length S: kept = S - n_visual + k_visual).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .geometry import Geometry
+from .graph import FakeInputs, annotate, output_values, refresh_meta
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One token-removing rewrite: before layer `boundary`, visual tokens go from `before` to `after`."""
+
+    boundary: int
+    before: int
+    after: int
+    by: str  # pass name
+
+    def to_dict(self) -> dict:
+        return {"boundary": self.boundary, "visual_before": self.before, "visual_after": self.after,
+                "pass": self.by}
+
+
+@dataclass
+class Captured:
+    """The exported decoder stage, before any pass (shared by every Program of a model)."""
+
+    gm: fx.GraphModule
+    geometry: Geometry
+    fake_inputs: FakeInputs
+    export_seconds: float
+
+
+@dataclass
+class Program:
+    gm: fx.GraphModule
+    geometry: Geometry
+    n_visual: int
+    fake_inputs: FakeInputs
+    schedule: list[int]  # visual tokens at the input of each decoder layer
+    rewrites: list[Rewrite] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_captured(cls, cap: Captured, n_visual: int) -> "Program":
+        return cls(gm=_copy_graph_module(cap.gm), geometry=cap.geometry, n_visual=n_visual,
+                   fake_inputs=cap.fake_inputs, schedule=[n_visual] * cap.geometry.num_layers)
+
+    # Output layout of the decoder stage: (logits, positions, visual_mask)
+    @property
+    def positions_node(self) -> fx.Node:
+        return output_values(self.gm)[1]
+
+    @property
+    def visual_mask_node(self) -> fx.Node:
+        return output_values(self.gm)[2]
+
+    def token_count(self):
+        """Symbolic token count at the end of the graph (S minus every token removed)."""
+        return self.positions_node.meta["val"].shape[1]
+
+    @property
+    def last_boundary(self) -> int:
+        return self.rewrites[-1].boundary if self.rewrites else 0
+
+    def visual_at(self, layer: int) -> int:
+        return self.schedule[layer] if layer < len(self.schedule) else self.schedule[-1]
+
+    def __call__(self, *args):
+        return self.gm(*args)
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with its own graph, sharing parameters with `gm` (no weight copies)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out[0] if isinstance(out, tuple) else out)
+    graph._codegen = gm.graph._codegen  # pytree in/out specs: the calling convention is unchanged
+    new = fx.GraphModule(gm, graph)
+    for n_old, n_new in zip(gm.graph.nodes, new.graph.nodes):
+        n_new.meta = dict(n_old.meta)
+    return new
+
+
+def capture_decoder(stage: nn.Module, geometry: Geometry, device, dtype,
+                    max_seq: int = 32768) -> Captured:
+    """torch.export the decoder stage with symbolic batch and sequence length."""
+    import time
+
+    n_vis = geometry.visual_tokens_per_image
+    # Example sizes chosen to differ from every static dim, so duck-sized symbols stay distinct.
+    batch, seq = 3, n_vis + 11
+    while seq in (geometry.hidden_size, geometry.head_dim, geometry.vocab_size, geometry.num_heads):
+        seq += 1
+    emb = torch.zeros(batch, seq, geometry.hidden_size, device=device, dtype=dtype)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    pos = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq).contiguous()
+    vis = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    examples = [emb, mask, pos, vis]
+    b = torch.export.Dim("batch", min=1, max=4096)
+    s = torch.export.Dim("seq", min=2, max=max_seq)
+    dyn = tuple({0: b, 1: s} for _ in examples)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ep = torch.export.export(stage, tuple(examples), dynamic_shapes=dyn)
+    gm = ep.module()
+    seconds = time.perf_counter() - t0
+    _strip_input_guards(gm)
+    annotate(gm, geometry.num_layers)
+    fake = FakeInputs(examples, [(0, 1)] * len(examples))
+    refresh_meta(gm, fake)
+    return Captured(gm=gm, geometry=geometry, fake_inputs=fake, export_seconds=seconds)
+
+
+def _strip_input_guards(gm: fx.GraphModule) -> None:
+    """Drop export's input-shape guard call; the runtime validates inputs itself."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and "guard" in str(n.target):
+            gm.graph.erase_node(n)
+    gm.recompile()

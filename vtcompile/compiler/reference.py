@@ -1,0 +1,56 @@
+"""The correctness oracle: the unmodified model with per-layer key masks.
+
+Removing token t before layer l is exactly equivalent to masking t as a key in every layer >= l (its own
+later states never reach a kept token). This runs transformers' own decoder layers one by one with such
+masks, so every pruned program has an independent reference for its kept positions.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded prompts: 0.. over real tokens, 1 at padding (as transformers' generate)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+@torch.no_grad()
+def masked_key_logits(adapter, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor, key_keep: list[torch.Tensor | None]) -> torch.Tensor:
+    """Logits [B,S,V] of the original decoder where layer l only attends to keys with key_keep[l] True.
+
+    key_keep[l] is a [B,S] bool tensor or None (all keys). A token always attends to itself so that rows
+    of removed tokens stay finite; they are never compared.
+    """
+    lm = adapter.model.model.language_model
+    head = adapter.model.lm_head
+    batch, seq = attention_mask.shape
+    device = inputs_embeds.device
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    base = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    eye = torch.eye(seq, dtype=torch.bool, device=device)[None, None]
+    hidden = inputs_embeds
+    cos_sin = lm.rotary_emb(hidden, position_ids=position_ids)
+    for layer, block in enumerate(lm.layers):
+        mask = base if key_keep[layer] is None else base & key_keep[layer][:, None, None, :]
+        mask = mask | eye
+        hidden = block(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids)
+        if isinstance(hidden, tuple):
+            hidden = hidden[0]
+    return head(lm.norm(hidden))
+
+
+def key_masks_from_rewrites(kept_by_boundary: dict[int, torch.Tensor], num_layers: int,
+                            seq: int) -> list[torch.Tensor | None]:
+    """Per-layer key masks from the sets of positions kept at each boundary ([B, k] original indices)."""
+    masks: list[torch.Tensor | None] = [None] * num_layers
+    current = None
+    for layer in range(num_layers):
+        if layer in kept_by_boundary:
+            kept = kept_by_boundary[layer]
+            m = torch.zeros(kept.shape[0], seq, dtype=torch.bool, device=kept.device)
+            m.scatter_(1, kept, True)
+            current = m if current is None else current & m
+        masks[layer] = current
+    return masks

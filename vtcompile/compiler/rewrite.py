@@ -1,0 +1,132 @@
+"""Token-removing rewrite primitives: every token-pruning pass is built from these.
+
+select_tokens(program, boundary, scorer, k_visual): before decoder layer `boundary`, keep the k_visual
+highest-scoring visual tokens and every text/padding token. Keep indices have no data-dependent shape:
+scores are forced to +inf at non-visual positions, topk takes k = S_cur - (visual_now - k_visual), and the
+indices are sorted ascending (original order; position ids are gathered, so they stay the originals).
+Then every live-in of layers >= boundary that carries the token axis (residual stream, RoPE cos/sin,
+the 4-D mask on both axes, position/visual bookkeeping) is gathered and its later uses redirected; sym-int
+live-ins equal to the token count are replaced by the new count.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..errors import PassConfigError, UnsupportedModelError
+from .graph import cleanup, live_ins, same_size, token_axes
+from .program import Program, Rewrite
+
+aten = torch.ops.aten
+
+
+class Emitter:
+    """Appends aten calls to the graph at the current insertion point, tagged with layer and role."""
+
+    def __init__(self, graph: fx.Graph, layer: int, role: str):
+        self.graph, self.layer, self.role = graph, layer, role
+
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        node.meta["vt_layer"] = self.layer
+        node.meta["vt_role"] = self.role
+        return node
+
+    def size(self, node: fx.Node, dim: int) -> fx.Node:
+        return self(aten.sym_size.int, node, dim)
+
+
+# A scorer emits nodes that compute a [B, S_cur] score (higher = keep) and returns the score node.
+Scorer = Callable[[Emitter], fx.Node]
+
+
+def _first_node_of(gm: fx.GraphModule, boundary: int) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.meta["vt_layer"] >= boundary)
+
+
+def _gather_token_axes(emit: Emitter, x: fx.Node, axes: list[int], keep: fx.Node, batch: fx.Node) -> fx.Node:
+    """x[b, ..., keep[b], ...] on each token axis, for every batch row b (dim 0 is the batch, size B or 1)."""
+    val = x.meta["val"]
+    rank = val.dim()
+    if 0 in axes:
+        raise UnsupportedModelError(f"value {x.name} has the token axis at dim 0; expected [batch, ...]")
+    if isinstance(val.shape[0], int) and val.shape[0] == 1:  # broadcast over the batch: rows now differ
+        x = emit(aten.expand.default, x, [batch] + [-1] * (rank - 1))
+    for axis in axes:
+        idx = emit(aten.view.default, keep, [batch if d == 0 else (-1 if d == axis else 1) for d in range(rank)])
+        sizes = [batch if d == 0 else -1 if d == axis else val.shape[d] if isinstance(val.shape[d], int)
+                 else emit.size(x, d) for d in range(rank)]
+        x = emit(aten.gather.default, x, axis, emit(aten.expand.default, idx, sizes))
+    return x
+
+
+def select_tokens(program: Program, boundary: int, scorer: Scorer | None, k_visual: int,
+                  by: str = "?") -> Program:
+    """Keep k_visual visual tokens (by score) and all others from decoder layer `boundary` on."""
+    gm, geom = program.gm, program.geometry
+    if not 1 <= boundary <= geom.num_layers - 1:
+        raise PassConfigError(f"token selection before layer {boundary} is outside 1..{geom.num_layers - 1} "
+                              f"for a {geom.num_layers}-layer decoder")
+    if boundary < program.last_boundary:
+        raise PassConfigError(
+            f"pass {by!r} removes tokens before layer {boundary}, but an earlier pass already removed tokens "
+            f"before layer {program.last_boundary}; list token-removing passes in increasing layer order")
+    visual_now = program.visual_at(boundary)
+    if not 0 <= k_visual <= visual_now:
+        raise PassConfigError(f"cannot keep {k_visual} visual tokens before layer {boundary}: "
+                              f"{visual_now} are present there")
+    if k_visual == visual_now:
+        return program  # nothing removed: the graph stays as it is
+    n_cur = program.token_count()
+    inputs = live_ins(gm, boundary)
+    graph = gm.graph
+    emit = Emitter(graph, boundary - 1, "select")
+    with graph.inserting_before(_first_node_of(gm, boundary)):
+        positions = program.positions_node
+        vis = program.visual_mask_node
+        batch = emit.size(positions, 0)
+        count = emit.size(positions, 1)
+        if scorer is None:
+            score = emit(aten.zeros_like.default, positions, dtype=torch.float32)
+        else:
+            score = emit(aten._to_copy.default, scorer(emit), dtype=torch.float32)
+        forced = emit(aten.where.ScalarOther, vis, score, float("inf"))
+        k = emit(operator.sub, count, visual_now - k_visual)
+        top = emit(aten.topk.default, forced, k, 1)
+        top_idx = emit(operator.getitem, top, 1)
+        keep = emit(operator.getitem, emit(aten.sort.default, top_idx, 1), 0)
+        replaced: dict[fx.Node, fx.Node] = {}
+        sym_liveins = []
+        for x in inputs:
+            val = x.meta.get("val")
+            if isinstance(val, torch.SymInt):
+                if same_size(val, n_cur):
+                    sym_liveins.append(x)
+                elif val.node.expr.free_symbols & n_cur.node.expr.free_symbols:
+                    raise UnsupportedModelError(
+                        f"value {x.name} is a size derived from the token count ({val}); cannot prune across it")
+                continue
+            axes = token_axes(x, n_cur)
+            if not axes:
+                continue
+            replaced[x] = _gather_token_axes(emit, x, axes, keep, batch)
+        new_positions = replaced.get(positions)
+        if new_positions is None:
+            raise UnsupportedModelError("the positions output is not a live-in of the pruned layers")
+        new_count = emit.size(new_positions, 1)
+        for x in sym_liveins:
+            replaced[x] = new_count
+    for old, new in replaced.items():
+        old.replace_all_uses_with(new, delete_user_cb=lambda u: u.meta.get("vt_layer", -1) >= boundary)
+    cleanup(gm, program.fake_inputs)
+    program.schedule = [v if layer < boundary else k_visual for layer, v in enumerate(program.schedule)]
+    program.rewrites.append(Rewrite(boundary, visual_now, k_visual, by))
+    return program
+
+
+def drop_visual(program: Program, boundary: int, by: str = "?") -> Program:
+    """Remove every visual token from decoder layer `boundary` on (visual-token exit)."""
+    return select_tokens(program, boundary, None, 0, by=by)

@@ -1,0 +1,60 @@
+"""Token scorers: small subgraphs on tapped nodes. The attention itself stays SDPA.
+
+A scorer reads existing values of the graph (the post-RoPE query and key a layer feeds to SDPA, the mask
+it uses) and emits the few ops a method needs - never the full attention map, never output_attentions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from .graph import sdpa_node
+from .program import Program
+from .rewrite import Emitter, Scorer
+
+aten = torch.ops.aten
+_END = 2**62
+
+
+def _sdpa_inputs(node: fx.Node):
+    args = list(node.args) + [None] * 8
+    q, k = args[0], args[1]
+    mask = node.kwargs.get("attn_mask", args[3])
+    scale = node.kwargs.get("scale")
+    enable_gqa = node.kwargs.get("enable_gqa", False)
+    return q, k, mask, scale, enable_gqa
+
+
+def last_query_attention(program: Program, layer: int) -> Scorer:
+    """Attention of the last input token's query over all keys in `layer`, averaged over heads.
+
+    Recomputes one query row (q_last . K^T, scaled, masked, softmax) from the q/k that layer's SDPA
+    consumes. The last position is the last prompt token for every row (prompts are left-padded).
+    """
+    node = sdpa_node(program.gm, layer)
+    q, k, mask, scale, enable_gqa = _sdpa_inputs(node)
+    head_dim = q.meta["val"].shape[-1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    heads = q.meta["val"].shape[1]
+    kv_heads = k.meta["val"].shape[1]
+
+    def emit(e: Emitter) -> fx.Node:
+        q_last = e(aten.slice.Tensor, q, 2, -1, _END)  # [B, H, 1, hd]
+        keys = k
+        if kv_heads != heads:  # SDPA called with enable_gqa: expand the kv heads for the score only
+            keys = e(aten.repeat_interleave.self_int, keys, heads // kv_heads, 1)
+        logits = e(aten.matmul.default, q_last, e(aten.transpose.int, keys, -2, -1))  # [B, H, 1, S]
+        logits = e(aten.mul.Tensor, e(aten._to_copy.default, logits, dtype=torch.float32), scale)
+        if mask is not None:
+            row = e(aten.slice.Tensor, mask, 2, -1, _END)  # [B, 1, 1, S]
+            if mask.meta["val"].dtype == torch.bool:
+                logits = e(aten.where.ScalarOther, row, logits, float("-inf"))
+            else:
+                logits = e(aten.add.Tensor, logits, e(aten._to_copy.default, row, dtype=torch.float32))
+        probs = e(aten._softmax.default, logits, -1, False)
+        mean = e(aten.mean.dim, probs, [1, 2])  # head mean -> [B, S]
+        return mean
+
+    return emit

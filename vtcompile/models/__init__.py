@@ -1,0 +1,163 @@
+"""Model loading: presets by name, local checkpoint directories, random-weight geometries.
+
+No network access is ever attempted: a preset without local weights is a clear error that names the
+places looked at and the two ways out (``--weights DIR`` or ``--random-weights``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelNotFoundError, VtcompileError
+from .llava import LlavaAdapter, ModelSpec, geometry_from_config
+from .presets import PRESETS, Preset
+
+DEFAULT_MODEL = "tiny"
+
+__all__ = ["DEFAULT_MODEL", "LlavaAdapter", "ModelSpec", "known_models", "load_model", "model_config",
+           "resolve_spec", "build_from_spec"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def known_models() -> list[tuple[str, str]]:
+    """(name, description) of every preset."""
+    return [(p.name, p.description) for p in PRESETS.values()]
+
+
+def _hf_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return list(dict.fromkeys(dirs))
+
+
+def _find_in_cache(repo: str) -> tuple[Path | None, list[Path]]:
+    looked = []
+    for cache in _hf_cache_dirs():
+        snaps = cache / ("models--" + repo.replace("/", "--")) / "snapshots"
+        looked.append(snaps)
+        if snaps.is_dir():
+            for snap in sorted(snaps.iterdir(), reverse=True):
+                if (snap / "config.json").is_file():
+                    return snap, looked
+    return None, looked
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in _DTYPES:
+        raise VtcompileError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
+    return dtype
+
+
+def resolve_spec(name: str = DEFAULT_MODEL, weights: str | None = None, random_weights: bool = False,
+                 layers: int | None = None, dtype: str | None = None, seed: int = 0) -> ModelSpec:
+    """Decide where a model comes from, without loading any weights."""
+    if layers is not None and layers < 1:
+        raise VtcompileError(f"--layers must be >= 1, found {layers}")
+    if weights is not None and random_weights:
+        raise VtcompileError("--weights and --random-weights exclude each other; pass one of them")
+    preset = PRESETS.get(name)
+    if preset is None:
+        path = Path(weights or name)
+        if weights is None and not path.is_dir():
+            raise ModelNotFoundError(
+                f"unknown model {name!r}. Known models: {', '.join(PRESETS)}; or pass a local checkpoint "
+                "directory (one holding config.json and the weights)."
+            )
+        return ModelSpec(name=str(path), source="checkpoint", path=str(path), layers=layers,
+                         dtype=_check_dtype(dtype or "float32"))
+    dtype = _check_dtype(dtype or preset.default_dtype)
+    if preset.random_only:
+        if weights is not None:
+            raise VtcompileError(f"model {name!r} exists only with random weights; --weights does not apply")
+        return ModelSpec(name=name, source="random", seed=seed, layers=layers, dtype=dtype)
+    if random_weights:
+        return ModelSpec(name=name, source="random", seed=seed, layers=layers, dtype=dtype)
+    if weights is not None:
+        return ModelSpec(name=name, source="checkpoint", path=str(weights), layers=layers, dtype=dtype)
+    found, looked = _find_in_cache(preset.hf_repo)
+    if found is None:
+        where = "\n  ".join(str(p) for p in looked)
+        raise ModelNotFoundError(
+            f"no local weights for {name!r} ({preset.hf_repo}). Looked in the Hugging Face cache:\n  {where}\n"
+            "vtcompile never downloads. Either pass a local checkpoint directory with --weights DIR, or use "
+            "--random-weights to build the real geometry with random weights (for speed and FLOPs work)."
+        )
+    return ModelSpec(name=name, source="checkpoint", path=str(found), layers=layers, dtype=dtype)
+
+
+def _preset_config(preset: Preset):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    return LlavaConfig(vision_config=CLIPVisionConfig(**preset.vision), text_config=LlamaConfig(**preset.text),
+                       **preset.llava)
+
+
+def model_config(spec: ModelSpec):
+    """The LlavaConfig of a spec, with the --layers override applied (no weights loaded)."""
+    if spec.source == "random":
+        config = _preset_config(PRESETS[spec.name])
+    else:
+        from transformers import AutoConfig
+
+        path = Path(spec.path)
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"checkpoint directory {path} has no config.json; expected a transformers LLaVA checkpoint "
+                "directory (config.json + *.safetensors)"
+            )
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if type(config).__name__ != "LlavaConfig":
+            raise VtcompileError(f"{path} holds a {type(config).__name__}; vtcompile supports LLaVA checkpoints")
+    if spec.layers is not None:
+        if spec.layers > config.text_config.num_hidden_layers:
+            raise VtcompileError(f"--layers {spec.layers} exceeds the model's "
+                                 f"{config.text_config.num_hidden_layers} decoder layers")
+        config.text_config.num_hidden_layers = spec.layers
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_from_spec(spec: ModelSpec) -> LlavaAdapter:
+    """Load (or build, for random weights) the model a spec names."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = model_config(spec)
+    dtype = _DTYPES[spec.dtype]
+    if spec.source == "random":
+        torch.manual_seed(spec.seed)
+        model = LlavaForConditionalGeneration(config).to(dtype)
+        processor = None
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            spec.path, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+        processor = _load_processor(spec.path)
+    return LlavaAdapter(model.eval(), spec, processor)
+
+
+def _load_processor(path: str):
+    try:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - a checkpoint without processor files is usable with input_ids
+        return None
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, random_weights: bool = False,
+               layers: int | None = None, dtype: str | None = None, seed: int = 0) -> LlavaAdapter:
+    """Resolve and load a model; see :func:`resolve_spec` for the rules."""
+    return build_from_spec(resolve_spec(name, weights, random_weights, layers, dtype, seed))
+
+
+def geometry_of(spec: ModelSpec):
+    """Geometry of a spec without building the model (works for 7B/13B on any machine)."""
+    return geometry_from_config(model_config(spec))

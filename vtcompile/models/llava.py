@@ -1,0 +1,219 @@
+"""LLaVA-1.5 family adapter over transformers' LlavaForConditionalGeneration.
+
+The adapter is the only place that knows transformers' module layout. It splits the MLLM at its natural
+seams for the compiler: the vision stage (tower + projector), the merge (image features placed at the
+image-token positions, data-dependent, kept out of the exported graph) and the decoder stage (an
+``nn.Module`` over ``inputs_embeds`` that torch.export captures).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..compiler.geometry import Geometry
+from ..errors import InputError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a model was obtained: enough to rebuild it and to label every report honestly."""
+
+    name: str  # preset name, or the checkpoint directory
+    source: str  # "random" | "checkpoint"
+    path: str | None = None  # checkpoint directory when source == "checkpoint"
+    seed: int = 0  # random-weight seed
+    layers: int | None = None  # --layers override (decoder depth)
+    dtype: str = "float32"
+
+    @property
+    def random_weights(self) -> bool:
+        return self.source == "random"
+
+    @property
+    def label(self) -> str:
+        parts = [self.name]
+        if self.layers is not None:
+            parts.append(f"{self.layers} layers")
+        if self.random_weights:
+            parts.append("random weights")
+        return parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**d)
+
+
+class DecoderStage(nn.Module):
+    """The decoder LM as the compiler captures it.
+
+    Inputs: inputs_embeds [B,S,D], attention_mask [B,S] (1 = token, 0 = padding), position_ids [B,S],
+    visual_mask [B,S] (True at image-token positions; used by scorers that passes add).
+    Outputs: logits [B,S,V], positions [B,S] (original index of each row) and visual_mask [B,S].
+    Token-removing rewrites gather the last two like every other token-axis value, so they report which
+    positions were kept and which of those are visual.
+    """
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.lm = language_model
+        self.head = lm_head
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, visual_mask):
+        # Bookkeeping values are made first so that they are preamble live-ins of every layer.
+        batch, seq = inputs_embeds.shape[0], inputs_embeds.shape[1]
+        positions = torch.arange(seq, device=inputs_embeds.device).unsqueeze(0).expand(batch, seq)
+        visual = visual_mask.clone()
+        hidden = self.lm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        logits = self.head(hidden)
+        return logits, positions, visual
+
+
+class LlavaAdapter:
+    """Wraps a LlavaForConditionalGeneration for capture and staged execution."""
+
+    family = "llava"
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, processor=None):
+        cls = type(model).__name__
+        if cls != "LlavaForConditionalGeneration":
+            raise UnsupportedModelError(
+                f"expected a transformers LlavaForConditionalGeneration, found {cls}; "
+                "vtcompile supports model family 'llava' (LLaVA-1.5 and checkpoints with its structure)"
+            )
+        tc = model.config.text_config
+        if getattr(tc, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
+            raise UnsupportedModelError(
+                f"the language model type {tc.model_type!r} is not supported; supported: llama, mistral, qwen2"
+            )
+        impl = model.config.text_config._attn_implementation
+        if impl not in (None, "sdpa"):
+            # The compiler keeps SDPA; eager attention would materialise the attention maps.
+            model.config.text_config._attn_implementation = "sdpa"
+        self.model = model.eval()
+        self.spec = spec
+        self.processor = processor
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def geometry(self) -> Geometry:
+        return geometry_from_config(self.model.config)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    # -- stages ------------------------------------------------------------------------------------
+    def decoder_stage(self) -> DecoderStage:
+        return DecoderStage(self.model.model.language_model, self.model.lm_head)
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: [n_images, 3, H, W] -> [n_images, N_visual, D]."""
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(self.dtype),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        feats = out.pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    @torch.no_grad()
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        """Token embeddings with image features written at the image-token positions.
+
+        Returns (inputs_embeds [B,S,D], visual_mask [B,S] bool). Checks, before any work, that the
+        image tokens in input_ids match the images given.
+        """
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, seq], found shape {tuple(input_ids.shape)}")
+        visual_mask = input_ids == self.image_token_id
+        n_tokens = int(visual_mask.sum())
+        per_image = self.geometry.visual_tokens_per_image
+        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        if n_tokens != n_images * per_image:
+            raise InputError(
+                f"the prompt holds {n_tokens} image tokens (id {self.image_token_id}) but {n_images} image(s) "
+                f"were given, which need {n_images * per_image} ({per_image} per image). Expand each <image> "
+                f"placeholder into {per_image} image tokens (the model's processor does this) and pass one "
+                "pixel_values entry per <image>."
+            )
+        counts = visual_mask.sum(dim=1)
+        if n_tokens and not bool((counts == counts[0]).all()):
+            raise InputError(
+                f"every batch row must hold the same number of image tokens; found {counts.tolist()}. "
+                "Batch prompts with the same number of images together."
+            )
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if n_tokens:
+            feats = self.image_features(pixel_values).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+            embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), feats)
+        return embeds, visual_mask
+
+
+def example_inputs(adapter: "LlavaAdapter", batch: int = 2, n_images: int = 1, text_before: int = 5,
+                   text_after: int = 12, pad: int = 3, seed: int = 0):
+    """A synthetic prompt batch: random text ids around the image tokens, row b>0 left-padded by `pad`.
+
+    Returns (input_ids, pixel_values, attention_mask). Used by self-checks and tests where no processor or
+    data set is at hand; real prompts go through the model's processor.
+    """
+    g = adapter.geometry
+    cfg = adapter.model.config
+    gen = torch.Generator().manual_seed(seed)
+    special = {g.image_token_id, getattr(cfg, "pad_token_id", None) or 0}
+    vocab = torch.tensor([t for t in range(1, min(g.vocab_size, 32000)) if t not in special])
+    rows, masks = [], []
+    seq = text_before + n_images * g.visual_tokens_per_image + text_after + pad
+    for b in range(batch):
+        n_pad = pad if b % 2 else 0
+        body = []
+        text = vocab[torch.randint(len(vocab), (seq,), generator=gen)].tolist()
+        body += text[:text_before]
+        for i in range(n_images):
+            body += [g.image_token_id] * g.visual_tokens_per_image
+            if i < n_images - 1:
+                body += text[text_before + i: text_before + i + 2]
+        body += text[-(seq - n_pad - len(body)):] if seq - n_pad - len(body) > 0 else []
+        body = body[: seq - n_pad]
+        rows.append([0] * n_pad + body)
+        masks.append([0] * n_pad + [1] * len(body))
+    vc = cfg.vision_config
+    pixels = torch.randn(batch * n_images, 3, vc.image_size, vc.image_size, generator=gen)
+    return torch.tensor(rows), pixels.to(adapter.dtype), torch.tensor(masks)
+
+
+def geometry_from_config(config) -> Geometry:
+    tc = config.text_config
+    heads = tc.num_attention_heads
+    vc = config.vision_config
+    n_patches = (vc.image_size // vc.patch_size) ** 2
+    per_image = n_patches if config.vision_feature_select_strategy == "default" else n_patches + 1
+    return Geometry(
+        family="llava",
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_layers=tc.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+        vocab_size=tc.vocab_size,
+        visual_tokens_per_image=per_image,
+        image_token_id=int(config.image_token_id),
+    )

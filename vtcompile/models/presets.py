@@ -1,0 +1,76 @@
+"""Named model presets: real LLaVA-1.5 geometries and tiny random ones for tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    hf_repo: str | None  # where a local checkpoint of this preset is looked for (HF cache layout)
+    vision: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    llava: dict = field(default_factory=dict)
+    random_only: bool = False  # tiny presets exist only with random weights
+    default_dtype: str = "float32"
+
+
+_CLIP_L_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+_LLAVA15 = dict(
+    image_token_id=32000, projector_hidden_act="gelu", vision_feature_layer=-2,
+    vision_feature_select_strategy="default", image_seq_length=576, pad_token_id=32001,
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            name="llava-1.5-7b",
+            description="LLaVA-1.5 7B (CLIP ViT-L/336 + Vicuna-7B), 576 visual tokens, 32 layers",
+            hf_repo="llava-hf/llava-1.5-7b-hf",
+            vision=_CLIP_L_336,
+            text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
+            llava=_LLAVA15,
+            default_dtype="bfloat16",
+        ),
+        Preset(
+            name="llava-1.5-13b",
+            description="LLaVA-1.5 13B (CLIP ViT-L/336 + Vicuna-13B), 576 visual tokens, 40 layers",
+            hf_repo="llava-hf/llava-1.5-13b-hf",
+            vision=_CLIP_L_336,
+            text=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
+            llava=_LLAVA15,
+            default_dtype="bfloat16",
+        ),
+        Preset(
+            name="tiny",
+            description="tiny random LLaVA for tests: 16 visual tokens, 4 layers, MHA (random weights only)",
+            hf_repo=None,
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=32, patch_size=8, projection_dim=32),
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=128, max_position_embeddings=512),
+            llava=dict(image_token_id=127, projector_hidden_act="gelu", vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=0),
+            random_only=True,
+        ),
+        Preset(
+            name="tiny-gqa",
+            description="tiny random LLaVA for tests: 16 visual tokens, 4 layers, GQA 4q/2kv (random weights only)",
+            hf_repo=None,
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=32, patch_size=8, projection_dim=32),
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
+            llava=dict(image_token_id=127, projector_hidden_act="gelu", vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=0),
+            random_only=True,
+        ),
+    ]
+}
