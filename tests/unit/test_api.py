@@ -1,0 +1,113 @@
+"""compile_pruned / load_compiled / artifacts / bad input through the Python API."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vtcompile import compile_pruned, load_compiled
+from vtcompile.errors import ArtifactError, InputError, ModelNotFoundError, TargetUnavailableError, VtcompileError
+from vtcompile.models.llava import example_inputs
+
+from .common import adapter, compiled, prompt
+
+
+def test_import_is_lean():
+    code = "import sys, vtcompile; print(any(m.split('.')[0] in ('torch', 'transformers', 'onnxruntime', 'tensorrt') " \
+           "for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_save_load_round_trip(tmp_path):
+    cm = compiled("tiny-gqa", "fastv:k=2,r=0.75")
+    ids, pixels, mask = prompt("tiny-gqa", "mid_pad_b2")
+    out = cm(ids, pixels, mask)
+    path = cm.save(tmp_path / "art")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["passes"] == [{"pass": "fastv", "config": {"k": 2, "r": 0.75}}]
+    assert manifest["report"]["random_weights"] is True
+    assert {"vtcompile", "torch", "transformers"} <= set(manifest["versions"])
+    again = load_compiled(path)(ids, pixels, mask)
+    assert torch.equal(again.kept_positions, out.kept_positions)
+    assert (again.logits - out.logits).abs().max().item() == 0.0
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary directory left behind
+
+
+def test_save_refuses_existing_dir(tmp_path):
+    cm = compiled("tiny", "fastv")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ArtifactError, match="already exists"):
+        cm.save(tmp_path / "x")
+    cm.save(tmp_path / "x", force=True)
+    assert (tmp_path / "x" / "manifest.json").is_file()
+
+
+def test_load_refuses_bad_manifests(tmp_path):
+    path = compiled("tiny", "fastv").save(tmp_path / "a")
+    m = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(dict(m, format=99)))
+    with pytest.raises(ArtifactError, match="format 99"):
+        load_compiled(path)
+    m["config_hash"] = "0" * 16
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="config hash"):
+        load_compiled(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_compiled(path)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        load_compiled(tmp_path)
+
+
+def test_in_memory_transformers_model_is_accepted(tmp_path):
+    model = adapter("tiny").model
+    cm = compile_pruned(model, "fastv")
+    ids, pixels, mask = prompt("tiny", "image_first")
+    ref = compiled("tiny", "fastv")(ids, pixels, mask)
+    assert torch.equal(cm(ids, pixels, mask).logits, ref.logits)
+    path = cm.save(tmp_path / "mem")  # weights go into the artifact
+    assert (path / "model" / "config.json").is_file()
+    assert torch.equal(load_compiled(path)(ids, pixels, mask).logits, ref.logits)
+
+
+def test_image_token_count_must_match_pixel_values():
+    cm = compiled("tiny", "fastv")
+    ids, pixels, mask = prompt("tiny", "two_images")
+    with pytest.raises(InputError, match="64 image tokens .* but 3 image"):
+        cm(ids, pixels[:3], mask)
+
+
+def test_right_padding_is_refused():
+    cm = compiled("tiny", "fastv")
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2")
+    with pytest.raises(InputError, match="left-padded"):
+        cm(ids.flip(1), pixels, mask.flip(1))
+
+
+def test_second_image_count_builds_its_own_program():
+    cm = compiled("tiny", "fastv")
+    ids, pixels, mask = prompt("tiny", "two_images")
+    out = cm(ids, pixels, mask)
+    assert 32 in cm.runtime.programs
+    assert out.kept_visual.sum(1).tolist() == [16, 16]
+
+
+def test_bad_model_and_target():
+    with pytest.raises(ModelNotFoundError, match="Known models: .*tiny"):
+        compile_pruned("llava-9b")
+    with pytest.raises(ModelNotFoundError, match="--random-weights"):
+        compile_pruned("llava-1.5-7b")
+    with pytest.raises(TargetUnavailableError, match="tensorrt"):
+        compile_pruned("tiny", target="tensorrt")
+    with pytest.raises(VtcompileError, match="need\\(s\\) none"):
+        compile_pruned("tiny", "fastv", calibration=[1])
+
+
+def test_example_inputs_shapes():
+    ids, pixels, mask = example_inputs(adapter("tiny"), batch=3, n_images=2, pad=4)
+    assert ids.shape[0] == 3 and pixels.shape[0] == 6 and (ids == 127).sum(1).tolist() == [32] * 3
+    assert mask[:, -1].all() and mask[1, :4].sum() == 0

@@ -1,0 +1,77 @@
+"""The two backbone checks (DESIGN.md): keep-all == transformers; pruned == masked-key reference."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vtcompile.compiler.reference import key_masks_from_rewrites, masked_key_logits
+
+from .common import adapter, compiled, hf_logits, prompt
+
+TOL = 1e-4
+
+
+def test_no_passes_matches_transformers(geometry, prompt_kind):
+    ids, pixels, mask = prompt(geometry, prompt_kind)
+    out = compiled(geometry, None)(ids, pixels, mask)
+    ref = hf_logits(geometry, ids, pixels, mask)
+    assert out.logits.shape == ref.shape
+    assert torch.equal(out.kept_positions, torch.arange(ids.shape[1]).expand_as(ids))
+    diff = (out.logits - ref).abs().max().item()
+    assert diff <= TOL, diff
+
+
+def _gather_rows(x, idx):
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@pytest.mark.parametrize("spec,k", [("fastv", 2), ("fastv:k=1,r=0.75", 1), ("fastv:k=3,r=0.25", 3)])
+def test_fastv_matches_masked_key_reference(geometry, prompt_kind, spec, k):
+    cm = compiled(geometry, spec)
+    ids, pixels, mask = prompt(geometry, prompt_kind)
+    out = cm(ids, pixels, mask)
+    prep = cm.runtime.prepare(ids, pixels, mask)
+    n_layers = cm.adapter.geometry.num_layers
+    keys = key_masks_from_rewrites({k: out.kept_positions}, n_layers, ids.shape[1])
+    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
+    real = torch.gather(mask, 1, out.kept_positions).bool()  # padding rows are undefined in both
+    diff = (_gather_rows(ref, out.kept_positions) - out.logits).abs().amax(-1)[real].max().item()
+    assert diff <= TOL, diff
+    # and the pruning really happened: visual tokens kept per row match the schedule
+    expect = cm.program.visual_at(n_layers - 1) * ids.eq(cm.adapter.image_token_id).sum(1)[0] // \
+        cm.adapter.geometry.visual_tokens_per_image
+    assert out.kept_visual.sum(1).tolist() == [int(expect)] * ids.shape[0]
+
+
+def test_fastv_selection_matches_eager_attention(geometry, prompt_kind):
+    """The kept set equals FastV computed the published way (eager attention, output_attentions)."""
+    cm = compiled(geometry, "fastv")
+    ids, pixels, mask = prompt(geometry, prompt_kind)
+    out = cm(ids, pixels, mask)
+    eager = copy.deepcopy(adapter(geometry).model)
+    eager.config.text_config._attn_implementation = "eager"
+    with torch.no_grad():
+        attn = eager(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                     position_ids=cm.runtime.prepare(ids, pixels, mask).position_ids,
+                     output_attentions=True).attentions[1]  # layer k-1 = 1
+    score = attn[:, :, -1, :].mean(1)  # last query row, head mean
+    visual = ids == cm.adapter.image_token_id
+    n_keep = int(out.kept_visual[0].sum())
+    for b in range(ids.shape[0]):
+        vis_pos = visual[b].nonzero().squeeze(1)
+        top = vis_pos[score[b, vis_pos].topk(n_keep).indices].sort().values
+        got = out.kept_positions[b][out.kept_visual[b]]
+        assert torch.equal(top, got), (b, top, got)
+
+
+def test_batch_rows_equal_single_rows(geometry):
+    cm = compiled(geometry, "fastv")
+    ids, pixels, mask = prompt(geometry, "mid_pad_b2")
+    out = cm(ids, pixels, mask)
+    for b in range(2):
+        real = mask[b].bool()
+        single = cm(ids[b:b + 1, real], pixels[b:b + 1], mask[b:b + 1, real])
+        got = out.logits[b][mask[b].bool()[out.kept_positions[b]]]
+        assert (single.logits[0] - got).abs().max().item() <= TOL
