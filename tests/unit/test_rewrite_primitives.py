@@ -1,0 +1,55 @@
+"""The compiler primitives on their own: drop_visual against the masked-key oracle, pass-manager errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtcompile.compiler.pipeline import build_program
+from vtcompile.compiler.program import Program
+from vtcompile.compiler.reference import masked_key_logits
+from vtcompile.compiler.rewrite import drop_visual
+from vtcompile.errors import PassFailedError
+from vtcompile.passes import resolve_passes
+from vtcompile.passes.base import PassDef
+from vtcompile.passes.fastv import FastVConfig
+
+from .common import compiled, prompt
+
+
+@pytest.mark.parametrize("boundary", [1, 3])
+def test_drop_visual_matches_all_visual_keys_masked(geometry, boundary):
+    cm = compiled(geometry, None)
+    program = drop_visual(Program.from_captured(cm.runtime.captured, 16), boundary, by="test")
+    assert program.schedule == [16] * boundary + [0] * (4 - boundary)
+    ids, pixels, mask = prompt(geometry, "mid_pad_b2")
+    prep = cm.runtime.prepare(ids, pixels, mask)
+    with torch.no_grad():
+        logits, positions, visual = program(*prep.as_args())
+    assert not visual.any() and positions.shape[1] == ids.shape[1] - 16
+    text = ~prep.visual_mask
+    keys = [None] * boundary + [text] * (4 - boundary)
+    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
+    ref = torch.gather(ref, 1, positions[..., None].expand(-1, -1, ref.shape[-1]))
+    real = torch.gather(mask, 1, positions).bool()
+    assert (ref - logits).abs().amax(-1)[real].max().item() <= 1e-4
+
+
+def test_pass_manager_names_failing_pass_and_predecessors():
+    def broken_apply(program, config, recipe=None):
+        raise RuntimeError("boom")
+
+    broken = PassDef(name="broken", summary="", config=FastVConfig, plan=lambda *a: [], apply=broken_apply)
+    cm = compiled("tiny", None)
+    passes = resolve_passes(["fastv:k=1"]) + [(broken, FastVConfig())]
+    with pytest.raises(PassFailedError, match=r"pass 'broken' failed \(applied before it: fastv\): RuntimeError: boom"):
+        build_program(cm.runtime.captured, 16, passes)
+
+
+def test_pass_manager_catches_a_pass_that_breaks_the_schedule():
+    def lying_apply(program, config, recipe=None):
+        program.schedule = [16, 16, 8, 8]  # claims a removal the graph does not do
+        return program
+
+    liar = PassDef(name="liar", summary="", config=FastVConfig, plan=lambda *a: [], apply=lying_apply)
+    with pytest.raises(PassFailedError, match="layer 2 attends over"):
+        build_program(compiled("tiny", None).runtime.captured, 16, [(liar, FastVConfig())])
