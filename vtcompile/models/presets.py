@@ -25,6 +25,17 @@ _LLAVA15 = dict(
     vision_feature_select_strategy="default", image_seq_length=576, pad_token_id=32001,
 )
 
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=32, patch_size=8, projection_dim=32)
+_TINY_LLAVA = dict(image_token_id=127, projector_hidden_act="gelu", vision_feature_layer=-2,
+                   vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=0)
+
+
+def _llama(d: int, m: int, layers: int, heads: int, kv_heads: int, vocab: int, max_pos: int) -> dict:
+    return dict(hidden_size=d, intermediate_size=m, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=max_pos)
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -33,8 +44,7 @@ PRESETS: dict[str, Preset] = {
             description="LLaVA-1.5 7B (CLIP ViT-L/336 + Vicuna-7B), 576 visual tokens, 32 layers",
             hf_repo="llava-hf/llava-1.5-7b-hf",
             vision=_CLIP_L_336,
-            text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
+            text=dict(_llama(4096, 11008, 32, 32, 32, 32064, 4096), rms_norm_eps=1e-5),
             llava=_LLAVA15,
             default_dtype="bfloat16",
         ),
@@ -43,8 +53,7 @@ PRESETS: dict[str, Preset] = {
             description="LLaVA-1.5 13B (CLIP ViT-L/336 + Vicuna-13B), 576 visual tokens, 40 layers",
             hf_repo="llava-hf/llava-1.5-13b-hf",
             vision=_CLIP_L_336,
-            text=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                      num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
+            text=dict(_llama(5120, 13824, 40, 40, 40, 32064, 4096), rms_norm_eps=1e-5),
             llava=_LLAVA15,
             default_dtype="bfloat16",
         ),
@@ -52,24 +61,18 @@ PRESETS: dict[str, Preset] = {
             name="tiny",
             description="tiny random LLaVA for tests: 16 visual tokens, 4 layers, MHA (random weights only)",
             hf_repo=None,
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        image_size=32, patch_size=8, projection_dim=32),
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=128, max_position_embeddings=512),
-            llava=dict(image_token_id=127, projector_hidden_act="gelu", vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=0),
+            vision=_TINY_VISION,
+            text=_llama(64, 128, 4, 4, 4, 128, 512),
+            llava=_TINY_LLAVA,
             random_only=True,
         ),
         Preset(
             name="tiny-gqa",
             description="tiny random LLaVA for tests: 16 visual tokens, 4 layers, GQA 4q/2kv (random weights only)",
             hf_repo=None,
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        image_size=32, patch_size=8, projection_dim=32),
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
-            llava=dict(image_token_id=127, projector_hidden_act="gelu", vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=0),
+            vision=_TINY_VISION,
+            text=_llama(64, 128, 4, 4, 2, 128, 512),
+            llava=_TINY_LLAVA,
             random_only=True,
         ),
     ]
