@@ -144,6 +144,13 @@ class FakeInputs:
         self.examples = examples
         self.dynamic_dims = dynamic_dims
 
+    def with_min_seq(self, seq: int) -> "FakeInputs":
+        """The same inputs with the sequence dim (dim 1) at least `seq` long (hints must fit the program)."""
+        if self.examples[0].shape[1] >= seq:
+            return self
+        grown = [t.new_zeros((t.shape[0], seq, *t.shape[2:])) for t in self.examples]
+        return FakeInputs(grown, self.dynamic_dims)
+
     def make(self, mode) -> list[torch.Tensor]:
         fakes = []
         for t, dyn in zip(self.examples, self.dynamic_dims):

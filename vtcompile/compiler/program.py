@@ -25,6 +25,7 @@ class Rewrite:
     before: int
     after: int
     by: str  # pass name
+    positions: str = ""  # graph node holding the original positions kept from here on (for probes)
 
     def to_dict(self) -> dict:
         return {"boundary": self.boundary, "visual_before": self.before, "visual_after": self.after,
@@ -53,8 +54,10 @@ class Program:
 
     @classmethod
     def from_captured(cls, cap: Captured, n_visual: int) -> "Program":
+        # Shape hints must hold the program's visual tokens plus text, or topk's k would be negative.
+        fake = cap.fake_inputs.with_min_seq(n_visual + cap.fake_inputs.examples[0].shape[1])
         return cls(gm=_copy_graph_module(cap.gm), geometry=cap.geometry, n_visual=n_visual,
-                   fake_inputs=cap.fake_inputs, schedule=[n_visual] * cap.geometry.num_layers)
+                   fake_inputs=fake, schedule=[n_visual] * cap.geometry.num_layers)
 
     # Output layout of the decoder stage: (logits, positions, visual_mask)
     @property

@@ -17,11 +17,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def masked_key_logits(adapter, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor, key_keep: list[torch.Tensor | None]) -> torch.Tensor:
+                      position_ids: torch.Tensor, key_keep: list[torch.Tensor | None],
+                      layer_inputs: dict | None = None) -> torch.Tensor:
     """Logits [B,S,V] of the original decoder where layer l only attends to keys with key_keep[l] True.
 
     key_keep[l] is a [B,S] bool tensor or None (all keys). A token always attends to itself so that rows
-    of removed tokens stay finite; they are never compared.
+    of removed tokens stay finite; they are never compared. If `layer_inputs` is a dict, the hidden
+    states entering each layer are stored in it (for checking scorers against an independent computation).
     """
     lm = adapter.model.model.language_model
     head = adapter.model.lm_head
@@ -35,6 +37,8 @@ def masked_key_logits(adapter, inputs_embeds: torch.Tensor, attention_mask: torc
     for layer, block in enumerate(lm.layers):
         mask = base if key_keep[layer] is None else base & key_keep[layer][:, None, None, :]
         mask = mask | eye
+        if layer_inputs is not None:
+            layer_inputs[layer] = hidden
         hidden = block(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids)
         if isinstance(hidden, tuple):
             hidden = hidden[0]
@@ -54,3 +58,26 @@ def key_masks_from_rewrites(kept_by_boundary: dict[int, torch.Tensor], num_layer
             current = m if current is None else current & m
         masks[layer] = current
     return masks
+
+
+@torch.no_grad()
+def kept_at_boundaries(program, *args) -> dict[int, torch.Tensor]:
+    """Run a Program and return, per rewrite boundary, the original positions kept from there on.
+
+    Reads the graph's own position bookkeeping with an FX Interpreter (no graph change), so multi-boundary
+    programs can be checked against :func:`masked_key_logits` boundary by boundary.
+    """
+    import torch.fx as fx
+
+    wanted = {r.positions: r.boundary for r in program.rewrites}
+    seen: dict[int, torch.Tensor] = {}
+
+    class Probe(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted:
+                seen[wanted[n.name]] = out
+            return out
+
+    Probe(program.gm).run(*args)
+    return seen

@@ -123,7 +123,7 @@ def select_tokens(program: Program, boundary: int, scorer: Scorer | None, k_visu
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u.meta.get("vt_layer", -1) >= boundary)
     cleanup(gm, program.fake_inputs)
     program.schedule = [v if layer < boundary else k_visual for layer, v in enumerate(program.schedule)]
-    program.rewrites.append(Rewrite(boundary, visual_now, k_visual, by))
+    program.rewrites.append(Rewrite(boundary, visual_now, k_visual, by, new_positions.name))
     return program
 
 

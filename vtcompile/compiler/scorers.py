@@ -20,27 +20,46 @@ _END = 2**62
 
 def _sdpa_inputs(node: fx.Node):
     args = list(node.args) + [None] * 8
-    q, k = args[0], args[1]
     mask = node.kwargs.get("attn_mask", args[3])
-    scale = node.kwargs.get("scale")
-    enable_gqa = node.kwargs.get("enable_gqa", False)
-    return q, k, mask, scale, enable_gqa
+    return args[0], args[1], mask, node.kwargs.get("scale")
 
 
-def last_query_attention(program: Program, layer: int) -> Scorer:
+def clone_cone(e: Emitter, gm: fx.GraphModule, targets: list[fx.Node], layer: int) -> list[fx.Node]:
+    """Copy the nodes of `layer` that compute `targets` to the insertion point, reading the layer's
+    inputs as they are there (before any gather). Lets a scorer use a later layer's projections."""
+    needed, stack = set(), list(targets)
+    while stack:
+        n = stack.pop()
+        if n in needed or n.op != "call_function" or n.meta.get("vt_layer") != layer:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n in needed:
+            new = e.graph.node_copy(n, lambda x: env.get(x, x))
+            new.meta = {"vt_layer": e.layer, "vt_role": e.role}
+            env[n] = new
+    return [env.get(t, t) for t in targets]
+
+
+def last_query_attention(program: Program, layer: int, clone: bool = False) -> Scorer:
     """Attention of the last input token's query over all keys in `layer`, averaged over heads.
 
     Recomputes one query row (q_last . K^T, scaled, masked, softmax) from the q/k that layer's SDPA
     consumes. The last position is the last prompt token for every row (prompts are left-padded).
+    clone=True scores with a layer at or after the boundary being rewritten (PyramidDrop's "next layer"):
+    its q/k projections are copied in front of the boundary and fed the ungathered states.
     """
     node = sdpa_node(program.gm, layer)
-    q, k, mask, scale, enable_gqa = _sdpa_inputs(node)
-    head_dim = q.meta["val"].shape[-1]
+    q_node, k_node, mask, scale = _sdpa_inputs(node)
+    head_dim = q_node.meta["val"].shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-    heads = q.meta["val"].shape[1]
-    kv_heads = k.meta["val"].shape[1]
+    heads = q_node.meta["val"].shape[1]
+    kv_heads = k_node.meta["val"].shape[1]
 
     def emit(e: Emitter) -> fx.Node:
+        q, k = clone_cone(e, program.gm, [q_node, k_node], layer) if clone else (q_node, k_node)
         q_last = e(aten.slice.Tensor, q, 2, -1, _END)  # [B, H, 1, hd]
         keys = k
         if kv_heads != heads:  # SDPA called with enable_gqa: expand the kv heads for the score only

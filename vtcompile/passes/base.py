@@ -34,6 +34,18 @@ class PassConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             kind = _field_type(type(self), f)
+            if typing.get_origin(kind) is tuple:
+                elem = typing.get_args(kind)[0]
+                if not isinstance(value, (tuple, list)):
+                    raise PassConfigError(f"{self.name}: field {f.name!r} must be a list of {elem.__name__}, "
+                                          f"found {value!r}")
+                try:
+                    value = tuple(elem(v) if not isinstance(v, bool) else _bad() for v in value)
+                except (TypeError, ValueError):
+                    raise PassConfigError(f"{self.name}: field {f.name!r} must hold {elem.__name__} values, "
+                                          f"found {value!r}") from None
+                object.__setattr__(self, f.name, value)
+                continue
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
                 value = float(value)
@@ -50,7 +62,7 @@ class PassConfig:
                     f"({f.metadata.get('help', '')})")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
         return json.dumps({"pass": self.name, "config": self.to_dict()}, sort_keys=True)
@@ -68,6 +80,10 @@ class PassConfig:
         """Raise if this config does not fit the model (layer out of range...). Override per pass."""
 
 
+def _bad():
+    raise TypeError
+
+
 def _field_type(cls, f) -> type:
     hints = typing.get_type_hints(cls)
     return hints.get(f.name, str)
@@ -78,6 +94,13 @@ def _coerce(cls, key: str, value: Any):
     kind = _field_type(cls, f)
     if not isinstance(value, str) or kind is str:
         return value
+    if typing.get_origin(kind) is tuple:  # CLI lists use '/': pyramiddrop:layers=8/16/24
+        elem = typing.get_args(kind)[0]
+        try:
+            return tuple(elem(v) for v in value.split("/") if v.strip())
+        except ValueError:
+            raise PassConfigError(f"{cls.name}: field {key!r} expects {elem.__name__} values separated by '/', "
+                                  f"got {value!r}") from None
     try:
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

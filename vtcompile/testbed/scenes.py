@@ -1,0 +1,421 @@
+"""Deterministic synthetic scenes and single-word questions for the testbed model.
+
+A scene is a small RGB image (``IMAGE_SIZE`` x ``IMAGE_SIZE``) with 1-6 objects (shape x colour x size)
+at random non-overlapping positions on a noisy, textured background. Objects are small relative to the
+image, so most image patches are background and only a few carry the answer - the property that lets
+the testbed tell good visual-token pruning from bad.
+
+Every sample is one question about its own scene; the scene is generated *for* the question (the answer is
+drawn first, uniformly, then a scene that realises it), so answers are balanced within each kind and the
+question text alone carries no information about the answer.
+
+Only PIL and numpy are used. A sample is a pure function of ``(split, seed, index)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 96
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35),
+    "green": (30, 190, 60),
+    "blue": (40, 90, 235),
+    "yellow": (235, 215, 30),
+    "purple": (160, 50, 215),
+    "white": (240, 240, 240),
+}
+COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+# Side of the object's bounding box in pixels (patches are 8 px: an object covers 2x2 .. 3x3 patches).
+SIZES: dict[str, int] = {"small": 9, "large": 14}
+SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
+NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
+RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+
+KINDS: tuple[str, ...] = ("color", "shape", "count", "exist", "relpos")
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+
+MAX_OBJECTS = 6
+_GAP = 3  # minimum free pixels between two objects' bounding boxes
+_BORDER = 2  # minimum distance of an object from the image border
+_REL_MIN = 20  # relpos: centre distance along the asked axis >= this ...
+_REL_RATIO = 0.5  # ... and the other axis' distance <= ratio * that distance
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    x: int  # left of bounding box
+    y: int  # top of bounding box
+
+    @property
+    def side(self) -> int:
+        return SIZES[self.size]
+
+    @property
+    def center(self) -> tuple[float, float]:
+        s = self.side
+        return (self.x + s / 2.0, self.y + s / 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+    objects: tuple[SceneObject, ...]
+    index: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# rendering
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    """Noisy grey texture: random base level and tint, low-frequency blobs, pixel noise, faint stripes."""
+    n = IMAGE_SIZE
+    base = rng.uniform(55, 115)
+    tint = rng.uniform(-8, 8, size=3)
+    low = rng.normal(0.0, 1.0, size=(6, 6)).astype(np.float32)
+    low_img = Image.fromarray(low).resize((n, n), Image.BICUBIC)
+    low_arr = np.asarray(low_img, dtype=np.float32)[..., None] * rng.uniform(6, 14)
+    noise = rng.normal(0.0, rng.uniform(6, 14), size=(n, n, 3))
+    img = base + tint + low_arr + noise
+    if rng.random() < 0.5:  # faint stripes in a random direction
+        yy, xx = np.mgrid[0:n, 0:n]
+        ang = rng.uniform(0, np.pi)
+        period = rng.uniform(6, 20)
+        phase = (np.cos(ang) * xx + np.sin(ang) * yy) * (2 * np.pi / period)
+        img = img + (np.sin(phase) * rng.uniform(3, 8))[..., None]
+    return np.clip(img, 0, 255)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, rgb: tuple[int, int, int]) -> None:
+    x0, y0, s = obj.x, obj.y, obj.side
+    x1, y1 = x0 + s - 1, y0 + s - 1
+    if obj.shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=rgb)
+    elif obj.shape == "square":
+        m = max(1, s // 10)
+        draw.rectangle([x0 + m, y0 + m, x1 - m, y1 - m], fill=rgb)
+    elif obj.shape == "triangle":
+        draw.polygon([(x0 + s / 2.0 - 0.5, y0), (x0, y1), (x1, y1)], fill=rgb)
+    elif obj.shape == "cross":
+        t = max(3, round(s * 0.34))
+        a = x0 + (s - t) // 2
+        b = y0 + (s - t) // 2
+        draw.rectangle([a, y0, a + t - 1, y1], fill=rgb)
+        draw.rectangle([x0, b, x1, b + t - 1], fill=rgb)
+    else:  # pragma: no cover - guarded by the generator
+        raise ValueError(f"unknown shape {obj.shape!r}")
+
+
+def render(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> Image.Image:
+    img = Image.fromarray(_background(rng).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for obj in objects:
+        jitter = rng.integers(-18, 19, size=3)
+        rgb = tuple(int(v) for v in np.clip(np.array(COLORS[obj.color]) + jitter, 0, 255))
+        _draw_object(draw, obj, rgb)
+    return img
+
+
+def patch_labels(objects, patch: int = 8, min_pixels: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch (colour, shape) class of the object covering most of the patch (0 = background).
+
+    Row-major over the (IMAGE_SIZE // patch)^2 grid; colour class i+1 = COLOR_NAMES[i], shape class
+    i+1 = SHAPES[i]. Used as an auxiliary training target for the vision tower.
+    """
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for i, obj in enumerate(objects):
+        _draw_object(draw, obj, i + 1)
+    m = np.asarray(mask)
+    g = IMAGE_SIZE // patch
+    blocks = m.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+    colors = np.zeros(g * g, dtype=np.int64)
+    shapes = np.zeros(g * g, dtype=np.int64)
+    for i, obj in enumerate(objects):
+        cnt = (blocks == i + 1).sum(1)
+        own = cnt >= min_pixels
+        if i:  # the patch goes to the object covering most of it
+            best = np.stack([(blocks == j + 1).sum(1) for j in range(len(objects))]).argmax(0)
+            own &= best == i
+        colors[own] = COLOR_NAMES.index(obj.color) + 1
+        shapes[own] = SHAPES.index(obj.shape) + 1
+    return colors, shapes
+
+
+# ----------------------------------------------------------------------------------------------------
+# scene construction
+
+
+def _overlaps(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    ax, ay, asz = a
+    bx, by, bsz = b
+    return not (
+        ax + asz + _GAP <= bx or bx + bsz + _GAP <= ax or ay + asz + _GAP <= by or by + bsz + _GAP <= ay
+    )
+
+
+def _place(rng: np.random.Generator, side: int, boxes: list[tuple[int, int, int]], tries: int = 200):
+    hi = IMAGE_SIZE - _BORDER - side
+    for _ in range(tries):
+        x = int(rng.integers(_BORDER, hi + 1))
+        y = int(rng.integers(_BORDER, hi + 1))
+        if not any(_overlaps((x, y, side), b) for b in boxes):
+            return x, y
+    return None
+
+
+class _Retry(Exception):
+    pass
+
+
+def _layout(rng: np.random.Generator, attrs: list[tuple[str, str]]) -> list[SceneObject]:
+    """Place objects with the given (shape, colour) at random free positions; random sizes."""
+    boxes: list[tuple[int, int, int]] = []
+    objs = []
+    for shape, color in attrs:
+        size = SIZE_NAMES[int(rng.integers(len(SIZE_NAMES)))]
+        pos = _place(rng, SIZES[size], boxes)
+        if pos is None:
+            raise _Retry
+        boxes.append((pos[0], pos[1], SIZES[size]))
+        objs.append(SceneObject(shape, color, size, pos[0], pos[1]))
+    return objs
+
+
+def _pick(rng: np.random.Generator, items, exclude=()) -> str:
+    pool = [i for i in items if i not in exclude]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def _random_attrs(rng, n, *, shape_not=(), color_not=(), pair_not=()) -> list[tuple[str, str]]:
+    out = []
+    for _ in range(n):
+        while True:
+            s = _pick(rng, SHAPES, shape_not)
+            c = _pick(rng, COLOR_NAMES, color_not)
+            if (s, c) not in pair_not:
+                break
+        out.append((s, c))
+    return out
+
+
+def _shuffled(rng, objs: list) -> tuple:
+    order = rng.permutation(len(objs))
+    return tuple(objs[i] for i in order)
+
+
+def _q_color(rng):
+    shape = _pick(rng, SHAPES)
+    color = _pick(rng, COLOR_NAMES)
+    n_other = int(rng.integers(0, MAX_OBJECTS))
+    attrs = [(shape, color)] + _random_attrs(rng, n_other, shape_not=(shape,))
+    objs = _layout(rng, attrs)
+    return objs, f"what color is the {shape}?", color
+
+
+def _q_shape(rng):
+    shape = _pick(rng, SHAPES)
+    color = _pick(rng, COLOR_NAMES)
+    n_other = int(rng.integers(0, MAX_OBJECTS))
+    attrs = [(shape, color)] + _random_attrs(rng, n_other, color_not=(color,))
+    objs = _layout(rng, attrs)
+    return objs, f"what shape is the {color} object?", shape
+
+
+def _q_count(rng):
+    k = int(rng.integers(1, MAX_OBJECTS + 1))
+    n_other = int(rng.integers(0, MAX_OBJECTS - k + 1))
+    if rng.random() < 0.5:
+        color = _pick(rng, COLOR_NAMES)
+        attrs = [(_pick(rng, SHAPES), color) for _ in range(k)]
+        attrs += _random_attrs(rng, n_other, color_not=(color,))
+        q = f"how many {color} objects are there?"
+    else:
+        shape = _pick(rng, SHAPES)
+        attrs = [(shape, _pick(rng, COLOR_NAMES)) for _ in range(k)]
+        attrs += _random_attrs(rng, n_other, shape_not=(shape,))
+        q = f"how many {SHAPE_PLURALS[shape]} are there?"
+    objs = _layout(rng, attrs)
+    return objs, q, NUMBER_WORDS[k]
+
+
+def _q_exist(rng):
+    shape = _pick(rng, SHAPES)
+    color = _pick(rng, COLOR_NAMES)
+    yes = bool(rng.random() < 0.5)
+    attrs = []
+    if yes:
+        attrs.append((shape, color))
+    # distractors that share one attribute with the target make the question need binding
+    if rng.random() < 0.7:
+        attrs.append((shape, _pick(rng, COLOR_NAMES, (color,))))
+    if rng.random() < 0.7:
+        attrs.append((_pick(rng, SHAPES, (shape,)), color))
+    lo = max(0, 1 - len(attrs))
+    n_other = int(rng.integers(lo, MAX_OBJECTS - len(attrs) + 1))
+    attrs += _random_attrs(rng, n_other, pair_not=((shape, color),))
+    objs = _layout(rng, attrs)
+    return objs, f"is there a {color} {shape}?", "yes" if yes else "no"
+
+
+def _relation(a: SceneObject, b: SceneObject) -> str | None:
+    """Unambiguous relation of a to b, or None."""
+    (ax, ay), (bx, by) = a.center, b.center
+    dx, dy = ax - bx, ay - by
+    if abs(dx) >= _REL_MIN and abs(dy) <= _REL_RATIO * abs(dx):
+        return "left" if dx < 0 else "right"
+    if abs(dy) >= _REL_MIN and abs(dx) <= _REL_RATIO * abs(dy):
+        return "above" if dy < 0 else "below"
+    return None
+
+
+def _q_relpos(rng):
+    want = _pick(rng, RELATIONS)
+    s1, c1 = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
+    while True:
+        s2, c2 = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
+        if (s2, c2) != (s1, c1):
+            break
+    for _ in range(100):
+        a, b = _layout(rng, [(s1, c1), (s2, c2)])
+        if _relation(a, b) == want:
+            break
+    else:
+        raise _Retry
+    n_other = int(rng.integers(0, MAX_OBJECTS - 1))
+    others = _random_attrs(rng, n_other, pair_not=((s1, c1), (s2, c2)))
+    boxes = [(a.x, a.y, a.side), (b.x, b.y, b.side)]
+    objs = [a, b]
+    for shape, color in others:
+        size = _pick(rng, SIZE_NAMES)
+        pos = _place(rng, SIZES[size], boxes)
+        if pos is None:
+            raise _Retry
+        boxes.append((pos[0], pos[1], SIZES[size]))
+        objs.append(SceneObject(shape, color, size, pos[0], pos[1]))
+    q = f"where is the {c1} {s1} relative to the {c2} {s2}?"
+    return objs, q, want
+
+
+_MAKERS = {"color": _q_color, "shape": _q_shape, "count": _q_count, "exist": _q_exist, "relpos": _q_relpos}
+
+
+def _rng(split: str, seed: int, index: int) -> np.random.Generator:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    # The split id is part of the seed sequence: splits never share a generator state.
+    return np.random.default_rng([SPLITS[split], int(seed), int(index)])
+
+
+def make_sample(split: str, seed: int, index: int, kind: str | None = None) -> Sample:
+    """Sample ``index`` of ``split``. Kinds cycle through ``KINDS`` so every kind is equally frequent."""
+    rng = _rng(split, seed, index)
+    if kind is None:
+        kind = KINDS[index % len(KINDS)]
+    if kind not in _MAKERS:
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
+    for _ in range(50):
+        try:
+            objs, question, answer = _MAKERS[kind](rng)
+            break
+        except _Retry:
+            continue
+    else:  # pragma: no cover - never observed
+        raise RuntimeError("could not lay out a scene")
+    objs = _shuffled(rng, list(objs))
+    image = render(objs, rng)
+    return Sample(image=image, question=question, answer=answer, kind=kind, objects=objs, index=index)
+
+
+def iter_samples(split: str, seed: int = 0, n: int | None = None, start: int = 0) -> Iterator[Sample]:
+    """In-memory samples ``start, start+1, ...`` of a split (endless when ``n`` is None)."""
+    i = start
+    while n is None or i < start + n:
+        yield make_sample(split, seed, i)
+        i += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts and vocabulary
+
+
+def format_prompt(question: str, image_token: str = "<image>") -> str:
+    """LLaVA-1.5 style prompt; the answer is the single next token."""
+    return f"USER: {image_token}\n{question} ASSISTANT:"
+
+
+def answer_words() -> list[str]:
+    return sorted(set(COLOR_NAMES) | set(SHAPES) | set(NUMBER_WORDS[1:]) | {"yes", "no"} | set(RELATIONS))
+
+
+def vocabulary() -> list[str]:
+    """Every word the prompts, questions and answers use (lower-cased, punctuation split off)."""
+    words = {"user", "assistant", ":", "?", "what", "color", "shape", "is", "the", "object", "objects", "how",
+             "many", "are", "there", "a", "where", "relative", "to"}
+    words |= set(COLOR_NAMES) | set(SHAPES) | set(SHAPE_PLURALS.values()) | set(NUMBER_WORDS)
+    words |= set(SIZE_NAMES) | set(RELATIONS) | {"yes", "no", "of", "and", "size", "image", "picture"}
+    return sorted(words)
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+
+
+def image_digest(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0) -> Path:
+    """Write ``n`` samples of ``split`` as PNGs plus ``<out_dir>/<split>.jsonl``; returns the JSONL path.
+
+    Each line: {"image": path relative to out_dir, "question", "answer", "kind"}.
+    """
+    out = Path(out_dir)
+    img_dir = out / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out / f"{split}.jsonl"
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for s in iter_samples(split, seed, n):
+            rel = f"images/{split}/{s.index:06d}.png"
+            s.image.save(out / rel, format="PNG")
+            rec = {"image": rel, "question": s.question, "answer": s.answer, "kind": s.kind}
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, jsonl)
+    return jsonl
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a split file; relative image paths are resolved against the file's directory."""
+    path = Path(path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            rec = json.loads(line)
+            img = Path(rec["image"])
+            if not img.is_absolute():
+                img = path.parent / img
+            rec["image"] = str(img)
+            records.append(rec)
+    return records
