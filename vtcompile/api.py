@@ -36,12 +36,15 @@ class Report:
     flops: FlopsReport
     capture_seconds: float
     compile_seconds: float
+    calibration_seconds: float = 0.0
     rewrites: list[dict] = field(default_factory=list)
+    recipes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "random_weights": self.random_weights, "passes": self.passes,
                 "target": self.target, "flops": self.flops.to_dict(), "rewrites": self.rewrites,
-                "capture_seconds": self.capture_seconds, "compile_seconds": self.compile_seconds}
+                "recipes": self.recipes, "capture_seconds": self.capture_seconds,
+                "calibration_seconds": self.calibration_seconds, "compile_seconds": self.compile_seconds}
 
     def summary_table(self) -> str:
         f = self.flops
@@ -54,42 +57,109 @@ class Report:
              f"{fmt_flops(f.baseline_paper)} -> {fmt_flops(f.paper)}  ({f.paper / f.baseline_paper:.1%})"],
             [f"true FLOPs ({f.n_text} text tokens, 2xMAC)",
              f"{fmt_flops(f.baseline_true)} -> {fmt_flops(f.true)}  ({f.true / f.baseline_true:.1%})"],
+            *[[f"{name} recipe", _fmt_recipe(r)] for name, r in self.recipes.items()],
             ["capture (torch.export) s", f"{self.capture_seconds:.2f}"],
+            *([["calibration s", f"{self.calibration_seconds:.2f}"]] if self.calibration_seconds > 0.01 else []),
             ["passes + lowering s", f"{self.compile_seconds:.2f}"],
         ]
         return tabulate(rows, tablefmt="simple_outline")
 
     def layer_table(self) -> str:
-        rows = [[r["layer"], r["visual_tokens"], r["tokens"], f"{r['paper_gflops']:.4g}", f"{r['true_gflops']:.4g}"]
-                for r in self.flops.rows()]
-        return tabulate(rows, headers=["layer", "visual tokens", "tokens", "paper GFLOPs", "true GFLOPs"],
-                        tablefmt="simple_outline")
+        return layer_table(self.flops)
+
+
+def layer_table(flops: FlopsReport) -> str:
+    """Per-layer visual tokens (attention / MLP half) and FLOPs."""
+    rows = [[r["layer"], r["visual_tokens"], r["visual_tokens_mlp"], r["tokens"], f"{r['paper_gflops']:.4g}",
+             f"{r['true_gflops']:.4g}"] for r in flops.rows()]
+    return tabulate(rows, headers=["layer", "visual (attn)", "visual (MLP)", "tokens", "paper GFLOPs", "true GFLOPs"],
+                    tablefmt="simple_outline")
+
+
+def _fmt_recipe(r: dict) -> str:
+    removed = " ".join(f"L{k}:-{v}" for k, v in r.get("removed", {}).items()) or "removes nothing"
+    extra = ""
+    if "paper_ratio" in r:
+        met = "met" if r.get("budget_met") else "NOT met"
+        extra = f"  (budget {r['budget']:.2f}: {r['paper_ratio']:.1%} of paper FLOPs, {met}; alpha {r['alpha']:.3f})"
+    return removed + extra
+
+
+def calibration_batches(runtime, calibration, samples: int, n_visual: int) -> list[tuple]:
+    """Decoder-stage inputs for calibration, one prompt per batch, each with n_visual image tokens."""
+    from .models.llava import example_inputs
+
+    if isinstance(calibration, str) and calibration == "synthetic":
+        items = [example_inputs(runtime.adapter, batch=1, seed=1000 + i) for i in range(samples)]
+    elif isinstance(calibration, (list, tuple)):
+        items = list(calibration)[:samples]
+    else:
+        raise VtcompileError(f"calibration data {calibration!r} is not understood; give a list of (input_ids, "
+                             "pixel_values, attention_mask) tuples or 'synthetic'")
+    batches = []
+    for item in items:
+        if isinstance(item, dict):
+            item = (item["input_ids"], item.get("pixel_values"), item.get("attention_mask"))
+        prepared = runtime.prepare(*item)
+        if prepared.n_visual != n_visual:
+            raise VtcompileError(f"calibration prompts must hold one image ({n_visual} image tokens per row); "
+                                 f"found {prepared.n_visual}")
+        batches.append(prepared.as_args())
+    if not batches:
+        raise VtcompileError("the calibration set is empty; give at least one sample")
+    return batches
 
 
 def _fmt_cfg(cfg: dict) -> str:
-    return "(" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")" if cfg else ""
+    shown = {k: v for k, v in cfg.items() if v not in ("", [], ())}
+    return "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else ""
 
 
 class CompiledModel:
     """A pruned MLLM: callable like the model, reports what was removed, saves as an artifact."""
 
-    def __init__(self, adapter: LlavaAdapter, passes: list, target: str, text_tokens: int = DEFAULT_TEXT_TOKENS):
+    def __init__(self, adapter: LlavaAdapter, passes: list, target: str, text_tokens: int = DEFAULT_TEXT_TOKENS,
+                 calibration=None, recipes: dict | None = None, progress: bool = True):
         self.adapter = adapter
         self.passes = passes
         self.target = target
         lower = get_target(target).lower
         t0 = time.perf_counter()
         captured = capture_decoder(adapter.decoder_stage(), adapter.geometry, adapter.device, adapter.dtype)
-        self.runtime = StagedRuntime(adapter, captured, passes, lower)
+        self.runtime = StagedRuntime(adapter, captured, passes, lower, dict(recipes or {}))
         t1 = time.perf_counter()
+        self._calibrate(calibration, progress)
+        t_cal = time.perf_counter()
         program = self.runtime.program(adapter.geometry.visual_tokens_per_image)
         t2 = time.perf_counter()
         self.report = Report(
             model=adapter.spec.label, random_weights=adapter.spec.random_weights,
             passes=[{"pass": p.name, "config": c.to_dict()} for p, c in passes], target=target,
-            flops=FlopsReport(adapter.geometry, program.n_visual, text_tokens, list(program.schedule)),
-            capture_seconds=t1 - t0, compile_seconds=t2 - t1,
-            rewrites=[r.to_dict() for r in program.rewrites])
+            flops=FlopsReport(adapter.geometry, program.n_visual, text_tokens, list(program.schedule),
+                              list(program.mlp_schedule)),
+            capture_seconds=t1 - t0, compile_seconds=t2 - t_cal, calibration_seconds=t_cal - t1,
+            rewrites=[r.to_dict() for r in program.rewrites], recipes=dict(self.runtime.recipes))
+
+    @property
+    def recipes(self) -> dict:
+        return self.runtime.recipes
+
+    def _calibrate(self, calibration, progress: bool) -> None:
+        """Fit the recipes of calibrating passes that have none, each on the program of the passes before it."""
+        from .compiler.pipeline import build_program
+
+        for i, (p, config) in enumerate(self.passes):
+            if p.calibrate is None or p.name in self.runtime.recipes or getattr(config, "recipe", ""):
+                continue
+            if calibration is None:
+                raise VtcompileError(
+                    f"pass {p.name!r} calibrates a recipe and needs calibration data: give calibration= (a list of "
+                    "(input_ids, pixel_values, attention_mask), a JSONL file, 'testbed', or 'synthetic' for "
+                    f"random-weight smoke tests), or a ready recipe with {p.name}:recipe=FILE.json")
+            n_visual = self.adapter.geometry.visual_tokens_per_image
+            program = build_program(self.runtime.captured, n_visual, self.passes[:i], self.runtime.recipes)
+            batches = calibration_batches(self.runtime, calibration, getattr(config, "samples", 64), n_visual)
+            self.runtime.recipes[p.name] = p.calibrate(program, config, batches, progress)
 
     @property
     def program(self):
@@ -163,21 +233,23 @@ def _as_adapter(model) -> LlavaAdapter:
 
 
 def compile_pruned(model="tiny", passes=None, target: str = "eager", calibration=None,
-                   text_tokens: int = DEFAULT_TEXT_TOKENS) -> CompiledModel:
+                   text_tokens: int = DEFAULT_TEXT_TOKENS, recipes: dict | None = None,
+                   progress: bool = True) -> CompiledModel:
     """Capture `model`, apply `passes` in order and lower to `target`.
 
     model: a preset name / checkpoint directory, a transformers LlavaForConditionalGeneration, or an
     adapter from vtcompile.models.load_model. passes: a name ('fastv'), a spec ('fastv:k=2,r=0.5'), a config
     object, a (name, {field: value}) tuple, or a list of those. calibration: data for passes that calibrate
-    (none of the registered passes needs it yet; passing it to them is an error rather than silently ignored).
+    (fitprune): a list of (input_ids, pixel_values, attention_mask) or 'synthetic'; giving it when no pass
+    calibrates is an error rather than silently ignored. recipes: {pass name: recipe} fitted earlier.
     text_tokens: the prompt length assumed by the FLOPs report's true-FLOPs column.
     """
     resolved = resolve_passes(passes)
-    if calibration is not None:
+    if calibration is not None and not any(p.calibrate for p, _ in resolved):
         names = ", ".join(p.name for p, _ in resolved) or "no passes"
         raise VtcompileError(f"calibration data was given but {names} need(s) none; drop the argument")
     get_target(target)  # fail on an unavailable target before any capture work
-    return CompiledModel(_as_adapter(model), resolved, target, text_tokens)
+    return CompiledModel(_as_adapter(model), resolved, target, text_tokens, calibration, recipes, progress)
 
 
 def load_compiled(path: str | os.PathLike) -> CompiledModel:
@@ -200,6 +272,7 @@ def load_compiled(path: str | os.PathLike) -> CompiledModel:
         passes = [(get_pass(p["pass"]), get_pass(p["pass"]).config.from_dict(p["config"]))
                   for p in manifest["passes"]]
         target, expected_hash = manifest["target"], manifest["config_hash"]
+        recipes = manifest["report"].get("recipes", {})
         text_tokens = manifest["report"]["flops"]["n_text"]
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{mf} is missing or has a malformed field ({exc}); re-create the artifact") from None
@@ -208,7 +281,7 @@ def load_compiled(path: str | os.PathLike) -> CompiledModel:
     if found != expected_hash:
         raise ArtifactError(f"the model rebuilt for {path} has config hash {found}, the manifest says "
                             f"{expected_hash}: the checkpoint changed since the artifact was made")
-    return CompiledModel(adapter, passes, target, text_tokens)
+    return CompiledModel(adapter, passes, target, text_tokens, recipes=recipes)
 
 
 __all__ = ["CompiledModel", "PassConfig", "Report", "compile_pruned", "load_compiled"]

@@ -35,6 +35,12 @@ def _pass_args(p: argparse.ArgumentParser) -> None:
                         "(see `vtcompile passes`)")
 
 
+def _calibration_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", metavar="DATA",
+                   help="calibration data for passes that fit a recipe (fitprune): 'synthetic' (random prompts, for "
+                        "random-weight smoke tests)")
+
+
 def _spec(args):
     from .models import resolve_spec
 
@@ -61,7 +67,7 @@ def cmd_optimize(args) -> int:
         cfg.check_model(adapter.geometry)
     _log(f"loaded in {time.perf_counter() - t0:.1f}s; capturing the decoder and applying "
          f"{len(passes)} pass(es) ...")
-    cm = CompiledModel(adapter, passes, args.target, args.text_tokens)
+    cm = CompiledModel(adapter, passes, args.target, args.text_tokens, calibration=args.calibration)
     check = None if args.no_check else _self_check(cm)
     saved = None
     if args.out:
@@ -80,6 +86,30 @@ def cmd_optimize(args) -> int:
                        tablefmt="simple_outline"))
     if saved:
         print(f"artifact written to {saved}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Fit the recipe of one calibrating pass and write it as JSON."""
+    from .api import CompiledModel
+    from .errors import ArtifactError, PassConfigError
+    from .models import build_from_spec
+    from .passes import resolve_passes
+
+    passes = resolve_passes(args.passes)
+    if len(passes) != 1 or passes[0][0].calibrate is None:
+        raise PassConfigError("vtcompile calibrate takes exactly one calibrating --pass (e.g. fitprune:budget=0.5)")
+    if args.out.exists() and not args.force:
+        raise ArtifactError(f"{args.out} already exists; choose another --out or pass --force")
+    spec = _spec(args)
+    _log(f"loading {spec.label} ...")
+    cm = CompiledModel(build_from_spec(spec), passes, "eager", calibration=args.calibration)
+    recipe = cm.recipes[passes[0][0].name]
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(recipe, indent=2))
+    tmp.replace(args.out)
+    print(cm.report.summary_table())
+    print(f"recipe written to {args.out}")
     return 0
 
 
@@ -102,7 +132,8 @@ def _self_check(cm) -> dict:
 def cmd_flops(args) -> int:
     from tabulate import tabulate
 
-    from .compiler.flops import FlopsReport, fmt_flops, schedule_from_plan
+    from .api import layer_table
+    from .compiler.flops import fmt_flops, report_from_plan
     from .models import geometry_of
     from .passes import resolve_passes
 
@@ -118,14 +149,12 @@ def cmd_flops(args) -> int:
         p.check_supports(geom)
         cfg.check_model(geom)
         steps += p.plan(cfg, geom, n_visual)
-    report = FlopsReport(geom, n_visual, args.text_tokens, schedule_from_plan(geom.num_layers, n_visual, steps))
+    report = report_from_plan(geom, n_visual, args.text_tokens, steps)
     d = report.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
-    print(tabulate([[r["layer"], r["visual_tokens"], r["tokens"], f"{r['paper_gflops']:.2f}", f"{r['true_gflops']:.2f}"]
-                    for r in d["per_layer"]],
-                   headers=["layer", "visual tokens", "tokens", "paper GFLOPs", "true GFLOPs"], tablefmt="simple_outline"))
+    print(layer_table(report))
     print(tabulate([
         ["paper convention (visual tokens)", fmt_flops(report.baseline_paper), fmt_flops(report.paper),
          f"{d['paper_ratio']:.1%}"],
@@ -214,8 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs (default 64)")
     p.add_argument("--no-check", action="store_true", help="skip the fidelity self-check against the unpruned model")
+    _calibration_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("calibrate", help="fit a calibrating pass's recipe (fitprune) and write it as JSON",
+                       description="Run the calibration of one pass (e.g. fitprune's attention statistics and "
+                                   "budget search) and write the recipe; reuse it with fitprune:recipe=FILE.json.")
+    _model_args(p)
+    _pass_args(p)
+    _calibration_arg(p)
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.json", help="where to write the recipe")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("flops", help="FLOPs and visual tokens per layer of a pass recipe (no weights needed)",
                        description="Analytic FLOPs from the model geometry: paper convention (visual tokens only, "

@@ -13,18 +13,21 @@ from dataclasses import dataclass
 from .geometry import Geometry
 
 
-def paper_layer(n: int, g: Geometry) -> float:
+def paper_layer(n: int, g: Geometry, n_mlp: int | None = None) -> float:
+    """n tokens in the attention half, n_mlp (default n) in the MLP half of one layer."""
     d, m = g.hidden_size, g.intermediate_size
-    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+    n_mlp = n if n_mlp is None else n_mlp
+    return 4 * n * d * d + 2 * n * n * d + 3 * n_mlp * d * m
 
 
-def true_layer(n: int, g: Geometry) -> float:
+def true_layer(n: int, g: Geometry, n_mlp: int | None = None) -> float:
     d, m = g.hidden_size, g.intermediate_size
+    n_mlp = n if n_mlp is None else n_mlp
     kv = g.num_kv_heads * g.head_dim
     qo = g.num_heads * g.head_dim
     proj = n * d * (2 * qo + 2 * kv)
     attn = 2 * n * n * qo
-    mlp = 3 * n * d * m
+    mlp = 3 * n_mlp * d * m
     return 2.0 * (proj + attn + mlp)
 
 
@@ -33,7 +36,12 @@ class FlopsReport:
     geometry: Geometry
     n_visual: int
     n_text: int
-    schedule: list[int]  # visual tokens per layer
+    schedule: list[int]  # visual tokens in each layer's attention
+    mlp_schedule: list[int] | None = None  # visual tokens in each layer's MLP (default: as schedule)
+
+    def __post_init__(self):
+        if self.mlp_schedule is None:
+            self.mlp_schedule = list(self.schedule)
 
     @property
     def baseline_paper(self) -> float:
@@ -41,26 +49,27 @@ class FlopsReport:
 
     @property
     def paper(self) -> float:
-        return sum(paper_layer(v, self.geometry) for v in self.schedule)
+        return sum(paper_layer(v, self.geometry, w) for v, w in zip(self.schedule, self.mlp_schedule))
 
-    def _true(self, schedule) -> float:
-        g = self.geometry
-        head = 2.0 * (self.n_text + schedule[-1]) * g.hidden_size * g.vocab_size
-        return sum(true_layer(self.n_text + v, g) for v in schedule) + head
+    def _true(self, schedule, mlp_schedule) -> float:
+        g, t = self.geometry, self.n_text
+        head = 2.0 * (t + mlp_schedule[-1]) * g.hidden_size * g.vocab_size
+        return sum(true_layer(t + v, g, t + w) for v, w in zip(schedule, mlp_schedule)) + head
 
     @property
     def baseline_true(self) -> float:
-        return self._true([self.n_visual] * len(self.schedule))
+        full = [self.n_visual] * len(self.schedule)
+        return self._true(full, full)
 
     @property
     def true(self) -> float:
-        return self._true(self.schedule)
+        return self._true(self.schedule, self.mlp_schedule)
 
     def rows(self) -> list[dict]:
-        return [{"layer": i, "visual_tokens": v, "tokens": v + self.n_text,
-                 "paper_gflops": paper_layer(v, self.geometry) / 1e9,
-                 "true_gflops": true_layer(v + self.n_text, self.geometry) / 1e9}
-                for i, v in enumerate(self.schedule)]
+        return [{"layer": i, "visual_tokens": v, "visual_tokens_mlp": w, "tokens": v + self.n_text,
+                 "paper_gflops": paper_layer(v, self.geometry, w) / 1e9,
+                 "true_gflops": true_layer(v + self.n_text, self.geometry, w + self.n_text) / 1e9}
+                for i, (v, w) in enumerate(zip(self.schedule, self.mlp_schedule))]
 
     def to_dict(self) -> dict:
         return {
@@ -73,17 +82,35 @@ class FlopsReport:
             "true_tflops": self.true / 1e12,
             "true_ratio": self.true / self.baseline_true,
             "visual_tokens_per_layer": list(self.schedule),
+            "visual_tokens_per_layer_mlp": list(self.mlp_schedule),
             "per_layer": self.rows(),
         }
 
 
-def schedule_from_plan(num_layers: int, n_visual: int, steps: list[tuple[int, int]]) -> list[int]:
-    """Visual tokens at each layer's input after removals [(boundary, kept_visual), ...]."""
-    schedule = [n_visual] * num_layers
-    for boundary, kept in sorted(steps):
-        for layer in range(boundary, num_layers):
-            schedule[layer] = min(schedule[layer], kept)
-    return schedule
+def schedules_from_plan(num_layers: int, n_visual: int,
+                        steps: list[tuple[float, int]]) -> tuple[list[int], list[int]]:
+    """Visual tokens in each layer's attention and MLP after removals [(cut, kept_visual), ...].
+
+    A cut l removes tokens before layer l; a cut l + 0.5 after layer l's attention, before its MLP.
+    """
+    attn, mlp = [n_visual] * num_layers, [n_visual] * num_layers
+    for cut, kept in sorted(steps):
+        for layer in range(num_layers):
+            if layer >= cut:
+                attn[layer] = min(attn[layer], kept)
+            if layer + 0.5 >= cut:
+                mlp[layer] = min(mlp[layer], kept)
+    return attn, mlp
+
+
+def schedule_from_plan(num_layers: int, n_visual: int, steps: list[tuple[float, int]]) -> list[int]:
+    """Visual tokens in each layer's attention (see schedules_from_plan)."""
+    return schedules_from_plan(num_layers, n_visual, steps)[0]
+
+
+def report_from_plan(geometry: Geometry, n_visual: int, n_text: int, steps) -> FlopsReport:
+    attn, mlp = schedules_from_plan(geometry.num_layers, n_visual, steps)
+    return FlopsReport(geometry, n_visual, n_text, attn, mlp)
 
 
 def fmt_flops(x: float) -> str:

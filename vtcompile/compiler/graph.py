@@ -2,7 +2,9 @@
 
 Annotations come from node.meta["nn_module_stack"] (never from node names). Every node gets
 ``meta["vt_layer"]``: -1 for the preamble (masks, rotary tables, inputs), 0..L-1 for decoder layer i,
-and L for the postamble (final norm, LM head, outputs); and ``meta["vt_role"]``.
+and L for the postamble (final norm, LM head, outputs); ``meta["vt_pos"]``: the same with +0.5 for the MLP
+half of a layer (from its post-attention norm on), so rewrites can cut a layer after its attention; and
+``meta["vt_role"]``.
 """
 from __future__ import annotations
 
@@ -64,10 +66,13 @@ def annotate(gm: fx.GraphModule, num_layers: int) -> None:
             "the model's decoder layout is not supported"
         )
     first, last = annotated[0], annotated[-1]
-    current = -1
+    current, mlp_half = -1, False
     for i, n in enumerate(nodes):
         if layer_of[i] is not None:
-            current = layer_of[i]
+            if layer_of[i] != current:
+                current, mlp_half = layer_of[i], False
+            path = _innermost(n) or ""
+            mlp_half = mlp_half or "post_attention_layernorm" in path or ".mlp" in path
             layer = current
         elif i < first or n.op in ("placeholder", "get_attr"):
             layer = -1
@@ -76,6 +81,7 @@ def annotate(gm: fx.GraphModule, num_layers: int) -> None:
         else:
             layer = current
         n.meta["vt_layer"] = layer
+        n.meta["vt_pos"] = layer + 0.5 if (0 <= layer < num_layers and layer == current and mlp_half) else layer
         n.meta["vt_role"] = _role(n, _innermost(n))
     found = sorted({n.meta["vt_layer"] for n in nodes if 0 <= n.meta["vt_layer"] < num_layers})
     if found != list(range(num_layers)):
@@ -97,11 +103,11 @@ def sdpa_node(gm: fx.GraphModule, layer: int) -> fx.Node:
     return found[0]
 
 
-def live_ins(gm: fx.GraphModule, boundary: int) -> list[fx.Node]:
-    """Values produced before layer `boundary` and used by it or anything after it."""
+def live_ins(gm: fx.GraphModule, boundary: float) -> list[fx.Node]:
+    """Values produced before cut `boundary` (a layer, or layer + 0.5 for its MLP half) and used after it."""
     out = []
     for n in gm.graph.nodes:
-        if n.meta["vt_layer"] < boundary and any(u.meta["vt_layer"] >= boundary for u in n.users):
+        if n.meta["vt_pos"] < boundary and any(u.meta["vt_pos"] >= boundary for u in n.users):
             out.append(n)
     return out
 

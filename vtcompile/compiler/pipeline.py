@@ -2,6 +2,8 @@
 failing pass and the ones applied before it."""
 from __future__ import annotations
 
+import torch
+
 from ..errors import PassFailedError, VtcompileError
 from .graph import SDPA, count_ops, layer_nodes, same_size
 from .program import Captured, Program
@@ -23,6 +25,12 @@ def verify(program: Program, sdpa_count: int) -> None:
         expect = seq - (program.n_visual - program.schedule[layer])
         if not same_size(q_tokens, expect):
             raise AssertionError(f"layer {layer} attends over {q_tokens} tokens, the schedule says {expect}")
+        mlp = [n for n in layer_nodes(gm, layer, "mlp") if n.target is torch.ops.aten.linear.default]
+        if mlp:
+            mlp_tokens = mlp[0].meta["val"].shape[1]
+            expect = seq - (program.n_visual - program.mlp_schedule[layer])
+            if not same_size(mlp_tokens, expect):
+                raise AssertionError(f"layer {layer}'s MLP runs on {mlp_tokens} tokens, the schedule says {expect}")
 
 
 def build_program(captured: Captured, n_visual: int, passes: list, recipes: dict | None = None) -> Program:

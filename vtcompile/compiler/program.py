@@ -21,7 +21,7 @@ from .graph import FakeInputs, annotate, output_values, refresh_meta
 class Rewrite:
     """One token-removing rewrite: before layer `boundary`, visual tokens go from `before` to `after`."""
 
-    boundary: int
+    boundary: float
     before: int
     after: int
     by: str  # pass name
@@ -48,7 +48,8 @@ class Program:
     geometry: Geometry
     n_visual: int
     fake_inputs: FakeInputs
-    schedule: list[int]  # visual tokens at the input of each decoder layer
+    schedule: list[int]  # visual tokens in the attention of each decoder layer
+    mlp_schedule: list[int]  # visual tokens in the MLP of each decoder layer
     rewrites: list[Rewrite] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
 
@@ -57,7 +58,8 @@ class Program:
         # Shape hints must hold the program's visual tokens plus text, or topk's k would be negative.
         fake = cap.fake_inputs.with_min_seq(n_visual + cap.fake_inputs.examples[0].shape[1])
         return cls(gm=_copy_graph_module(cap.gm), geometry=cap.geometry, n_visual=n_visual,
-                   fake_inputs=fake, schedule=[n_visual] * cap.geometry.num_layers)
+                   fake_inputs=fake, schedule=[n_visual] * cap.geometry.num_layers,
+                   mlp_schedule=[n_visual] * cap.geometry.num_layers)
 
     # Output layout of the decoder stage: (logits, positions, visual_mask)
     @property
@@ -76,8 +78,10 @@ class Program:
     def last_boundary(self) -> int:
         return self.rewrites[-1].boundary if self.rewrites else 0
 
-    def visual_at(self, layer: int) -> int:
-        return self.schedule[layer] if layer < len(self.schedule) else self.schedule[-1]
+    def visual_at(self, cut: float) -> int:
+        """Visual tokens present at a cut (layer l, or l + 0.5 for its MLP half)."""
+        layer = min(int(cut), len(self.schedule) - 1)
+        return self.mlp_schedule[layer] if cut % 1 else self.schedule[layer]
 
     def __call__(self, *args):
         return self.gm(*args)

@@ -45,39 +45,31 @@ def masked_key_logits(adapter, inputs_embeds: torch.Tensor, attention_mask: torc
     return head(lm.norm(hidden))
 
 
-def key_masks_from_rewrites(kept_by_boundary: dict[int, torch.Tensor], num_layers: int,
+def key_masks_from_rewrites(kept_by_boundary: dict[float, torch.Tensor], num_layers: int,
                             seq: int) -> list[torch.Tensor | None]:
-    """Per-layer key masks from the sets of positions kept at each boundary ([B, k] original indices)."""
-    masks: list[torch.Tensor | None] = [None] * num_layers
-    current = None
+    """Per-layer key masks from the positions kept at each cut ([B, k] original indices).
+
+    A token removed at cut c (a layer, or layer + 0.5 after its attention) is masked as a key in every
+    layer >= c: a layer cut after its attention still sees the token as a key.
+    """
+    masks: list[torch.Tensor | None] = []
     for layer in range(num_layers):
-        if layer in kept_by_boundary:
-            kept = kept_by_boundary[layer]
-            m = torch.zeros(kept.shape[0], seq, dtype=torch.bool, device=kept.device)
-            m.scatter_(1, kept, True)
-            current = m if current is None else current & m
-        masks[layer] = current
+        current = None
+        for cut, kept in kept_by_boundary.items():
+            if cut <= layer:
+                m = torch.zeros(kept.shape[0], seq, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
+                current = m if current is None else current & m
+        masks.append(current)
     return masks
 
 
-@torch.no_grad()
-def kept_at_boundaries(program, *args) -> dict[int, torch.Tensor]:
-    """Run a Program and return, per rewrite boundary, the original positions kept from there on.
+def kept_at_boundaries(program, *args) -> dict[float, torch.Tensor]:
+    """Run a Program and return, per rewrite cut, the original positions kept from there on.
 
-    Reads the graph's own position bookkeeping with an FX Interpreter (no graph change), so multi-boundary
-    programs can be checked against :func:`masked_key_logits` boundary by boundary.
+    Reads the graph's own position bookkeeping through taps (no graph change), so multi-cut programs can
+    be checked against :func:`masked_key_logits` cut by cut.
     """
-    import torch.fx as fx
+    from .taps import run_with_taps
 
-    wanted = {r.positions: r.boundary for r in program.rewrites}
-    seen: dict[int, torch.Tensor] = {}
-
-    class Probe(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in wanted:
-                seen[wanted[n.name]] = out
-            return out
-
-    Probe(program.gm).run(*args)
-    return seen
+    _, seen = run_with_taps(program.gm, args, {r.positions for r in program.rewrites})
+    return {r.boundary: seen[r.positions] for r in program.rewrites}

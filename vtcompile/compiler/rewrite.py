@@ -10,6 +10,7 @@ live-ins equal to the token count are replaced by the new count.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Callable
 
@@ -24,16 +25,18 @@ aten = torch.ops.aten
 
 
 class Emitter:
-    """Appends aten calls to the graph at the current insertion point, tagged with layer and role."""
+    """Appends aten calls to the graph at the current insertion point, tagged with position and role."""
 
-    def __init__(self, graph: fx.Graph, layer: int, role: str):
-        self.graph, self.layer, self.role = graph, layer, role
+    def __init__(self, graph: fx.Graph, pos: float, role: str):
+        self.graph, self.pos, self.role = graph, pos, role
+        self.layer = math.floor(pos)
+
+    def tag(self, node: fx.Node) -> fx.Node:
+        node.meta.update(vt_layer=self.layer, vt_pos=self.pos, vt_role=self.role)
+        return node
 
     def __call__(self, target, *args, **kwargs) -> fx.Node:
-        node = self.graph.call_function(target, args, kwargs)
-        node.meta["vt_layer"] = self.layer
-        node.meta["vt_role"] = self.role
-        return node
+        return self.tag(self.graph.call_function(target, args, kwargs))
 
     def size(self, node: fx.Node, dim: int) -> fx.Node:
         return self(aten.sym_size.int, node, dim)
@@ -43,8 +46,11 @@ class Emitter:
 Scorer = Callable[[Emitter], fx.Node]
 
 
-def _first_node_of(gm: fx.GraphModule, boundary: int) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.meta["vt_layer"] >= boundary)
+AFTER_ATTENTION = 0.5  # boundary = layer + AFTER_ATTENTION cuts a layer between its attention and its MLP
+
+
+def _first_node_of(gm: fx.GraphModule, boundary: float) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.meta["vt_pos"] >= boundary)
 
 
 def _gather_token_axes(emit: Emitter, x: fx.Node, axes: list[int], keep: fx.Node, batch: fx.Node) -> fx.Node:
@@ -63,13 +69,17 @@ def _gather_token_axes(emit: Emitter, x: fx.Node, axes: list[int], keep: fx.Node
     return x
 
 
-def select_tokens(program: Program, boundary: int, scorer: Scorer | None, k_visual: int,
+def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_visual: int,
                   by: str = "?") -> Program:
-    """Keep k_visual visual tokens (by score) and all others from decoder layer `boundary` on."""
+    """Keep k_visual visual tokens (by score) and all others from cut `boundary` on.
+
+    boundary = l removes tokens before decoder layer l; boundary = l + AFTER_ATTENTION removes them after
+    layer l's attention (they were still keys there) and before its MLP.
+    """
     gm, geom = program.gm, program.geometry
-    if not 1 <= boundary <= geom.num_layers - 1:
-        raise PassConfigError(f"token selection before layer {boundary} is outside 1..{geom.num_layers - 1} "
-                              f"for a {geom.num_layers}-layer decoder")
+    if not (0.5 <= boundary <= geom.num_layers - 1) or (boundary * 2) % 1:
+        raise PassConfigError(f"token selection at cut {boundary} is outside 0.5..{geom.num_layers - 1} (whole or "
+                              f"half layers) for a {geom.num_layers}-layer decoder")
     if boundary < program.last_boundary:
         raise PassConfigError(
             f"pass {by!r} removes tokens before layer {boundary}, but an earlier pass already removed tokens "
@@ -83,7 +93,7 @@ def select_tokens(program: Program, boundary: int, scorer: Scorer | None, k_visu
     n_cur = program.token_count()
     inputs = live_ins(gm, boundary)
     graph = gm.graph
-    emit = Emitter(graph, boundary - 1, "select")
+    emit = Emitter(graph, boundary - 0.25, "select")
     with graph.inserting_before(_first_node_of(gm, boundary)):
         positions = program.positions_node
         vis = program.visual_mask_node
@@ -120,9 +130,11 @@ def select_tokens(program: Program, boundary: int, scorer: Scorer | None, k_visu
         for x in sym_liveins:
             replaced[x] = new_count
     for old, new in replaced.items():
-        old.replace_all_uses_with(new, delete_user_cb=lambda u: u.meta.get("vt_layer", -1) >= boundary)
+        old.replace_all_uses_with(new, delete_user_cb=lambda u: u.meta.get("vt_pos", -1) >= boundary)
     cleanup(gm, program.fake_inputs)
     program.schedule = [v if layer < boundary else k_visual for layer, v in enumerate(program.schedule)]
+    program.mlp_schedule = [v if layer + AFTER_ATTENTION < boundary else k_visual
+                            for layer, v in enumerate(program.mlp_schedule)]
     program.rewrites.append(Rewrite(boundary, visual_now, k_visual, by, new_positions.name))
     return program
 

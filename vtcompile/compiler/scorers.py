@@ -5,6 +5,7 @@ it uses) and emits the few ops a method needs - never the full attention map, ne
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -37,9 +38,7 @@ def clone_cone(e: Emitter, gm: fx.GraphModule, targets: list[fx.Node], layer: in
     env: dict[fx.Node, fx.Node] = {}
     for n in gm.graph.nodes:
         if n in needed:
-            new = e.graph.node_copy(n, lambda x: env.get(x, x))
-            new.meta = {"vt_layer": e.layer, "vt_role": e.role}
-            env[n] = new
+            env[n] = e.tag(e.graph.node_copy(n, lambda x: env.get(x, x)))
     return [env.get(t, t) for t in targets]
 
 
@@ -75,5 +74,82 @@ def last_query_attention(program: Program, layer: int, clone: bool = False) -> S
         probs = e(aten._softmax.default, logits, -1, False)
         mean = e(aten.mean.dim, probs, [1, 2])  # head mean -> [B, S]
         return mean
+
+    return emit
+
+
+def inline(e: Emitter, fn, args: list, **constants) -> fx.Node:
+    """Trace a plain torch function (constants bound) and copy its ops to the insertion point.
+
+    Lets a method's scoring math be written once as Python and used both in the graph and offline
+    (calibration), so the two cannot drift apart.
+    """
+    names = [p for p in inspect.signature(fn).parameters if p not in constants]
+    if len(names) != len(args):
+        raise TypeError(f"inline({fn.__name__}): {len(args)} graph values for parameters {names}")
+    namespace = {"fn": fn, "constants": constants}
+    exec(f"def bound({', '.join(names)}):\n    return fn({', '.join(names)}, **constants)", namespace)
+    traced = fx.symbolic_trace(namespace["bound"])
+    env: dict[fx.Node, object] = {}
+    inputs = iter(args)
+    result = None
+    for n in traced.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = next(inputs)
+        elif n.op == "output":
+            result = fx.node.map_arg(n.args[0], lambda x: env[x])
+        elif n.op == "get_attr":
+            raise ValueError("inline() takes functions without parameters")
+        else:
+            env[n] = e.tag(e.graph.node_copy(n, lambda x: env[x]))
+    return result
+
+
+def head_max_attention(q, k, mask, scale: float, groups: int, bool_mask: bool):
+    """Attention probabilities [B, S, S], the max over heads (FitPrune's statistic), computed explicitly.
+
+    Fully masked rows (padding) get a finite uniform row instead of NaN.
+    """
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        if bool_mask:
+            logits = torch.where(mask, logits, torch.finfo(torch.float32).min)
+        else:
+            logits = logits + mask.float()
+    return torch.softmax(logits, dim=-1).amax(dim=1)
+
+
+def cross_self_mass(attn, visual):
+    """Per key j: attention mass from the text rows after the image (cross) and from the visual rows
+    (self), each averaged over its rows. attn [B, S, S] head-max, visual [B, S] bool -> ([B, S], [B, S])."""
+    vis = visual.float()
+    seen = visual.long().cumsum(dim=1)
+    after = ((seen == seen[:, -1:]) & ~visual).float()
+    cross = (after.unsqueeze(-1) * attn).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp(min=1.0)
+    self_mass = (vis.unsqueeze(-1) * attn).sum(dim=1) / vis.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return cross, self_mass
+
+
+def _cross_times_self(q, k, mask, visual, scale: float, groups: int, bool_mask: bool):
+    cross, self_mass = cross_self_mass(head_max_attention(q, k, mask, scale, groups, bool_mask), visual)
+    return cross * self_mass
+
+
+def attention_mass(program: Program, layer: int) -> Scorer:
+    """FitPrune's inference score from `layer`'s attention: cross mass x self mass per token."""
+    node = sdpa_node(program.gm, layer)
+    q, k, mask, scale = _sdpa_inputs(node)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.meta["val"].shape[-1])
+    groups = q.meta["val"].shape[1] // k.meta["val"].shape[1]
+    bool_mask = mask is not None and mask.meta["val"].dtype == torch.bool
+
+    def emit(e: Emitter) -> fx.Node:
+        if mask is None:
+            return inline(e, _cross_times_self, [q, k, program.visual_mask_node], mask=None, scale=scale,
+                          groups=groups, bool_mask=False)
+        return inline(e, _cross_times_self, [q, k, mask, program.visual_mask_node], scale=scale, groups=groups,
+                      bool_mask=bool_mask)
 
     return emit

@@ -2,8 +2,9 @@
 registry that maps the paper's name to the pass.
 
 A pass is a module with a ``Config`` dataclass and functions
-``plan(config, geometry, n_visual) -> [(boundary, k_visual), ...]`` (its static token schedule, used for
-FLOPs without weights) and ``apply(program, config, recipe=None) -> Program``. Defaults live only in the
+``plan(config, geometry, n_visual, recipe=None) -> [(cut, k_visual), ...]`` (its static token schedule,
+used for FLOPs without weights) and ``apply(program, config, recipe=None) -> Program``; calibrating passes
+also ``calibrate(program, config, batches, progress) -> recipe`` (JSON-able dict). Defaults live only in the
 Config; CLI flags are derived from its fields.
 """
 from __future__ import annotations
@@ -126,6 +127,7 @@ class PassDef:
     apply: Callable
     families: tuple[str, ...] = ("llava",)
     min_layers: int = 1
+    calibrate: Callable | None = None  # (program, config, batches, progress) -> recipe dict
 
     def check_supports(self, geometry: Geometry) -> None:
         if geometry.family not in self.families:

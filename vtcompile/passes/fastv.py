@@ -35,7 +35,7 @@ def kept_visual(n_visual: int, r: float) -> int:
     return n_visual - int(round(r * n_visual))
 
 
-def plan(config: FastVConfig, geometry: Geometry, n_visual: int) -> list[tuple[int, int]]:
+def plan(config: FastVConfig, geometry: Geometry, n_visual: int, recipe=None) -> list[tuple[int, int]]:
     return [(config.k, kept_visual(n_visual, config.r))]
 
 

@@ -57,7 +57,7 @@ class PyramidDropConfig(PassConfig):
                 f"be distinct and in [1, {geometry.num_layers - 1}]")
 
 
-def plan(config: PyramidDropConfig, geometry: Geometry, n_visual: int) -> list[tuple[int, int]]:
+def plan(config: PyramidDropConfig, geometry: Geometry, n_visual: int, recipe=None) -> list[tuple[int, int]]:
     return [(b, int(round(r * n_visual))) for b, r in zip(config.cut_layers(geometry), config.ratios)]
 
 
