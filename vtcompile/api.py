@@ -43,7 +43,9 @@ class Report:
     def to_dict(self) -> dict:
         return {"model": self.model, "random_weights": self.random_weights, "passes": self.passes,
                 "target": self.target, "flops": self.flops.to_dict(), "rewrites": self.rewrites,
-                "recipes": self.recipes, "capture_seconds": self.capture_seconds,
+                "recipes": {name: {k: v for k, v in r.items() if not k.startswith("_")}
+                            for name, r in self.recipes.items()},
+                "capture_seconds": self.capture_seconds,
                 "calibration_seconds": self.calibration_seconds, "compile_seconds": self.compile_seconds}
 
     def summary_table(self) -> str:
@@ -77,6 +79,9 @@ def layer_table(flops: FlopsReport) -> str:
 
 
 def _fmt_recipe(r: dict) -> str:
+    if "exit_label_rate" in r:
+        rates = " ".join(f"L{k}:{v:.0%}" for k, v in r["exit_label_rate"].items())
+        return f"routers at layers {r['layers']}; exit-label rate {rates}; {r['samples']} prompts"
     removed = " ".join(f"L{k}:-{v}" for k, v in r.get("removed", {}).items()) or "removes nothing"
     extra = ""
     if "paper_ratio" in r:
@@ -149,7 +154,7 @@ class CompiledModel:
         from .compiler.pipeline import build_program
 
         for i, (p, config) in enumerate(self.passes):
-            if p.calibrate is None or p.name in self.runtime.recipes or getattr(config, "recipe", ""):
+            if p.calibrate is None or p.name in self.runtime.recipes or not config.needs_calibration():
                 continue
             if calibration is None:
                 raise VtcompileError(

@@ -26,6 +26,7 @@ class Rewrite:
     after: int
     by: str  # pass name
     positions: str = ""  # graph node holding the original positions kept from here on (for probes)
+    visual: str = ""  # graph node holding the visual mask of the tokens kept from here on
 
     def to_dict(self) -> dict:
         return {"boundary": self.boundary, "visual_before": self.before, "visual_after": self.after,
@@ -52,14 +53,35 @@ class Program:
     mlp_schedule: list[int]  # visual tokens in the MLP of each decoder layer
     rewrites: list[Rewrite] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
+    visual_origin: str = ""  # the visual-mask node before any rewrite
+    # Dynamic exits (DyVTE): exit after layer e -> the program with visual tokens dropped before e + 1,
+    # and the rule that decides per row from (layer, residual stream, visual mask).
+    exits: dict = field(default_factory=dict)
+    decide: object = None
 
     @classmethod
     def from_captured(cls, cap: Captured, n_visual: int) -> "Program":
         # Shape hints must hold the program's visual tokens plus text, or topk's k would be negative.
         fake = cap.fake_inputs.with_min_seq(n_visual + cap.fake_inputs.examples[0].shape[1])
-        return cls(gm=_copy_graph_module(cap.gm), geometry=cap.geometry, n_visual=n_visual,
+        gm = _copy_graph_module(cap.gm)
+        return cls(gm=gm, geometry=cap.geometry, n_visual=n_visual,
                    fake_inputs=fake, schedule=[n_visual] * cap.geometry.num_layers,
-                   mlp_schedule=[n_visual] * cap.geometry.num_layers)
+                   mlp_schedule=[n_visual] * cap.geometry.num_layers, visual_origin=output_values(gm)[2].name)
+
+    def clone(self) -> "Program":
+        """An independent copy of the graph and bookkeeping (parameters shared)."""
+        return Program(gm=_copy_graph_module(self.gm), geometry=self.geometry, n_visual=self.n_visual,
+                       fake_inputs=self.fake_inputs, schedule=list(self.schedule),
+                       mlp_schedule=list(self.mlp_schedule), rewrites=list(self.rewrites),
+                       applied=list(self.applied), visual_origin=self.visual_origin)
+
+    def visual_name_at(self, layer: int) -> str:
+        """Name of the visual-mask value live at the end of `layer`."""
+        name = self.visual_origin
+        for r in self.rewrites:
+            if r.boundary <= layer + 0.75:
+                name = r.visual
+        return name
 
     # Output layout of the decoder stage: (logits, positions, visual_mask)
     @property

@@ -135,7 +135,7 @@ def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_vi
     program.schedule = [v if layer < boundary else k_visual for layer, v in enumerate(program.schedule)]
     program.mlp_schedule = [v if layer + AFTER_ATTENTION < boundary else k_visual
                             for layer, v in enumerate(program.mlp_schedule)]
-    program.rewrites.append(Rewrite(boundary, visual_now, k_visual, by, new_positions.name))
+    program.rewrites.append(Rewrite(boundary, visual_now, k_visual, by, new_positions.name, replaced[vis].name))
     return program
 
 

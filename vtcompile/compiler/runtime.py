@@ -13,6 +13,7 @@ import torch
 
 from ..errors import InputError
 from .pipeline import build_program
+from .staged import exit_program
 from .program import Captured, Program
 from .reference import position_ids_from_mask
 
@@ -24,6 +25,9 @@ class PrunedOutput:
     logits: torch.Tensor  # [B, S_kept, V]
     kept_positions: torch.Tensor  # [B, S_kept], original indices
     kept_visual: torch.Tensor  # [B, S_kept], True where the kept position is an image token
+    # Dynamic exits: per row, the layer after which its visual tokens exited (-1: none). Rows that exit at
+    # different layers keep different numbers of positions; shorter rows are left-padded with position -1.
+    exit_layers: list[int] | None = None
 
 
 @dataclass
@@ -56,7 +60,8 @@ class StagedRuntime:
         if n_visual not in self.programs:
             program = build_program(self.captured, n_visual, self.passes, self.recipes)
             self.programs[n_visual] = program
-            self._lowered[n_visual] = self.lower(program)
+            # Programs with dynamic exits run staged (control flow between per-layer stages).
+            self._lowered[n_visual] = exit_program(program) if program.exits else self.lower(program)
         return self.programs[n_visual]
 
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -82,8 +87,10 @@ class StagedRuntime:
     @torch.no_grad()
     def run(self, prepared: PreparedInputs) -> PrunedOutput:
         self.program(prepared.n_visual)
-        logits, positions, visual = self._lowered[prepared.n_visual](*prepared.as_args())
-        return PrunedOutput(logits=logits, kept_positions=positions, kept_visual=visual)
+        lowered = self._lowered[prepared.n_visual]
+        logits, positions, visual = lowered(*prepared.as_args())
+        exits = getattr(lowered, "last_exit", None)
+        return PrunedOutput(logits=logits, kept_positions=positions, kept_visual=visual, exit_layers=exits)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> PrunedOutput:
         return self.run(self.prepare(input_ids, pixel_values, attention_mask))

@@ -80,6 +80,10 @@ class PassConfig:
     def check_model(self, geometry: Geometry) -> None:
         """Raise if this config does not fit the model (layer out of range...). Override per pass."""
 
+    def needs_calibration(self) -> bool:
+        """For passes that calibrate: whether this config still needs data (no recipe given)."""
+        return True
+
 
 def _bad():
     raise TypeError

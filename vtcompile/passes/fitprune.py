@@ -45,6 +45,9 @@ class FitPruneConfig(PassConfig):
         if self.recipe:
             load_recipe(self.recipe, geometry)
 
+    def needs_calibration(self) -> bool:
+        return not self.recipe
+
 
 # -- recipes ----------------------------------------------------------------------------------------
 def _validate_removed(removed: dict, geometry: Geometry, n_visual: int | None, where: str) -> dict[int, int]:

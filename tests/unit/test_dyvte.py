@@ -1,0 +1,134 @@
+"""DyVTE: static exit == masked-key reference, never-firing routers == original, batch == rows alone,
+routers file round trip, bad input."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vtcompile import compile_pruned
+from vtcompile.compiler.reference import masked_key_logits
+from vtcompile.errors import PassConfigError, VtcompileError
+from vtcompile.passes import parse_pass_spec
+from vtcompile.passes.dyvte import Routers
+from vtcompile.models import geometry_of, resolve_spec
+
+from .common import adapter, compiled, prompt
+
+
+@functools.lru_cache(maxsize=None)
+def trained(name: str):
+    return compile_pruned(adapter(name), "dyvte:samples=12,epochs=60", calibration="synthetic", progress=False)
+
+
+@pytest.mark.parametrize("exit_layer", [0, 2])
+def test_static_exit_matches_all_visual_keys_masked(geometry, prompt_kind, exit_layer):
+    cm = compiled(geometry, f"dyvte:exit_layer={exit_layer}")
+    assert cm.report.flops.schedule == [16] * (exit_layer + 1) + [0] * (3 - exit_layer)
+    ids, pixels, mask = prompt(geometry, prompt_kind)
+    out = cm(ids, pixels, mask)
+    prep = cm.runtime.prepare(ids, pixels, mask)
+    keys = [None] * (exit_layer + 1) + [~prep.visual_mask] * (3 - exit_layer)
+    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
+    ref = torch.gather(ref, 1, out.kept_positions[..., None].expand(-1, -1, ref.shape[-1]))
+    real = torch.gather(mask, 1, out.kept_positions).bool()
+    assert not out.kept_visual.any()
+    assert (ref - out.logits).abs().amax(-1)[real].max().item() <= 1e-4
+
+
+def _routers_file(tmp_path, name, fire: bool, layers=(0, 1, 2)):
+    geom = geometry_of(resolve_spec(name))
+    routers = Routers(list(layers), geom.hidden_size, 8)
+    state = routers.state_dict()
+    for e in layers:  # all-zero weights: keep and exit logits tie, so the router never fires
+        state[f"mlps.{e}.0.weight"] = torch.zeros_like(state[f"mlps.{e}.0.weight"])
+        state[f"mlps.{e}.2.weight"] = torch.zeros_like(state[f"mlps.{e}.2.weight"])
+    path = tmp_path / f"routers_{fire}.safetensors"
+    if fire:  # constant features after a zero first layer: make the second layer see a bias-like input
+        state = {k: v for k, v in state.items()}
+        for e in layers:
+            first = torch.zeros_like(state[f"mlps.{e}.0.weight"])
+            first[0, -1], first[1, -1] = 1.0, -1.0  # +x and -x of the last prompt token's last unit
+            state[f"mlps.{e}.0.weight"] = first
+            second = torch.zeros_like(state[f"mlps.{e}.2.weight"])
+            second[1, :2] = 1e3  # exit logit = 1e3 (gelu(x) + gelu(-x)) = 1e3 x (2 Phi(x) - 1) > 0 = keep logit
+            state[f"mlps.{e}.2.weight"] = second
+    save_file(state, str(path))
+    return path
+
+
+def test_never_firing_routers_equal_the_original(geometry, tmp_path):
+    path = _routers_file(tmp_path, geometry, fire=False)
+    cm = compile_pruned(adapter(geometry), f"dyvte:routers={path}")
+    for kind in ("mid_pad_b2", "two_images"):
+        ids, pixels, mask = prompt(geometry, kind)
+        out = cm(ids, pixels, mask)
+        assert out.exit_layers == [-1] * ids.shape[0]
+        ref = compiled(geometry, None)(ids, pixels, mask)
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.kept_positions, ref.kept_positions)
+
+
+def test_trained_routers_batch_equals_rows_alone(geometry):
+    cm = trained(geometry)
+    recipe = cm.recipes["dyvte"]
+    assert recipe["layers"] == [0, 1, 2] and set(recipe["exit_label_rate"]) == {"0", "1", "2"}
+    ids, pixels, mask = prompt(geometry, "mid_pad_b2", seed=5)
+    out = cm(ids, pixels, mask)
+    for b in range(ids.shape[0]):
+        real = mask[b].bool()
+        alone = cm(ids[b:b + 1, real], pixels[b:b + 1], mask[b:b + 1, real])
+        assert alone.exit_layers[0] == out.exit_layers[b]
+        n = alone.logits.shape[1]
+        assert (alone.logits[0] - out.logits[b, -n:]).abs().max().item() <= 1e-4
+        assert torch.equal(alone.kept_positions[0] + int((~real).sum()), out.kept_positions[b, -n:])
+
+
+def test_exit_rows_match_static_exit_reference(geometry):
+    """A row that exits after layer e equals the static program dyvte:exit_layer=e on that row."""
+    cm = trained(geometry)
+    ids, pixels, mask = prompt(geometry, "image_first", seed=7)
+    out = cm(ids, pixels, mask)
+    e = out.exit_layers[0]
+    ref = compiled(geometry, None if e < 0 else f"dyvte:exit_layer={e}")(ids, pixels, mask)
+    assert (ref.logits - out.logits).abs().max().item() <= 1e-4
+
+
+def test_routers_file_round_trip(tmp_path):
+    cm = trained("tiny")
+    path = tmp_path / "r.safetensors"
+    save_file(cm.recipes["dyvte"]["_tensors"], str(path))
+    again = compile_pruned(adapter("tiny"), f"dyvte:routers={path}")
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2", seed=5)
+    a, b = cm(ids, pixels, mask), again(ids, pixels, mask)
+    assert a.exit_layers == b.exit_layers and torch.equal(a.logits, b.logits)
+
+
+def test_always_firing_routers_exit_at_first_layer(tmp_path):
+    path = _routers_file(tmp_path, "tiny", fire=True)
+    cm = compile_pruned(adapter("tiny"), f"dyvte:routers={path}")
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2")
+    out = cm(ids, pixels, mask)
+    ref = compiled("tiny", "dyvte:exit_layer=0")(ids, pixels, mask)
+    assert out.exit_layers == [0, 0]
+    assert (ref.logits - out.logits).abs().max().item() <= 1e-4
+
+
+def test_bad_input(tmp_path):
+    geom = geometry_of(resolve_spec("tiny"))
+    with pytest.raises(PassConfigError, match="exit_layer=3 is out of range"):
+        parse_pass_spec("dyvte:exit_layer=3")[1].check_model(geom)
+    with pytest.raises(PassConfigError, match=r"candidate exit layers \[5\]"):
+        parse_pass_spec("dyvte:layers=5")[1].check_model(geom)
+    other = Routers([0], 32, 8)
+    path = tmp_path / "other.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(PassConfigError, match="width 32, this model has width 64"):
+        compile_pruned(adapter("tiny"), f"dyvte:routers={path}")
+    ids, pixels, mask = prompt("tiny", "image_first")
+    text_only = ids[ids != 127].unsqueeze(0)
+    with pytest.raises(VtcompileError, match="must hold one image"):
+        compile_pruned(adapter("tiny"), "dyvte", calibration=[(text_only, None, None)])
+    with pytest.raises(VtcompileError, match="needs calibration data"):
+        compile_pruned(adapter("tiny"), "dyvte")

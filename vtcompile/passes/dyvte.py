@@ -1,0 +1,190 @@
+"""DyVTE: dynamic visual-token exit decided by small routers (Zhang et al., 2024; DoubtedSteam/DyVTE).
+
+One router per candidate layer reads concat(mean hidden state of the text tokens after the image, hidden
+state of the last prompt token) -> Linear(2d, hidden, no bias) -> GELU -> Linear(hidden, 2, no bias) ->
+(keep, exit) logits. After each layer, the first router with exit > keep makes ALL visual tokens exit: later
+layers see text only, with their original position ids. The graph is staged per layer
+(compiler.staged) and each candidate exit has a continuation built with compiler.rewrite.drop_visual.
+Static form (no routers): exit_layer=K drops every visual token after layer K.
+
+Router training (calibrate; the MLLM is frozen): for each calibration prompt and candidate layer e, the
+prompt is run as is and with the visual tokens gone after layer e; the label is "exit" iff the greedy answer
+token agrees and the answer loss grows by less than `loss_ratio` (published rule: x1.03). The answer is the
+unpruned model's own greedy token, so calibration data need no labels. Routers train with cross-entropy on
+detached hidden states (full-batch AdamW; the published recipe samples one layer per step - equivalent in
+expectation on a fixed calibration set).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..compiler.geometry import Geometry
+from ..compiler.program import Program
+from ..compiler.rewrite import drop_visual
+from ..compiler.taps import run_with_taps
+from ..errors import PassConfigError
+from .base import PassConfig, PassDef, param, register
+
+
+@dataclass(frozen=True)
+class DyVTEConfig(PassConfig):
+    name = "dyvte"
+    exit_layer: int = param(-1, "static form: every visual token exits after this layer (-1: routers decide)",
+                            low=-1)
+    layers: tuple[int, ...] = param((), "candidate exit layers for the routers (empty: every layer but the last)")
+    hidden: int = param(0, "router hidden width (0: 2048, or 2 x the model width when that is smaller)", low=0)
+    samples: int = param(64, "calibration prompts for router training", low=1)
+    epochs: int = param(300, "router training epochs over the calibration features", low=1)
+    lr: float = param(1e-3, "router learning rate (AdamW)", low=0.0, low_open=True)
+    loss_ratio: float = param(1.03, "exit label: answer loss with exit < ratio x loss without", low=1.0)
+    routers: str = param("", "a routers .safetensors file (from a saved artifact) to use instead of training")
+
+    def check_model(self, geometry: Geometry) -> None:
+        last = geometry.num_layers - 2
+        if self.exit_layer > last:
+            raise PassConfigError(f"dyvte: exit_layer={self.exit_layer} is out of range; tokens can exit after "
+                                  f"layers 0..{last} of this {geometry.num_layers}-layer model")
+        bad = [e for e in self.layers if not 0 <= e <= last]
+        if bad:
+            raise PassConfigError(f"dyvte: candidate exit layers {bad} are out of range 0..{last}")
+
+    def needs_calibration(self) -> bool:
+        return self.exit_layer < 0 and not self.routers
+
+    def width(self, geometry: Geometry) -> int:
+        return self.hidden or min(2048, 2 * geometry.hidden_size)
+
+    def candidates(self, program: Program) -> list[int]:
+        first = max(0, int(program.last_boundary + 0.5) - 1)  # exits must follow earlier rewrites
+        layers = self.layers or tuple(range(program.geometry.num_layers - 1))
+        return [e for e in layers if e >= first]
+
+
+def router_features(hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """concat(mean of text states after the image, last prompt token state): [B, S, D] -> [B, 2D]."""
+    seen = visual.long().cumsum(1)
+    after = ((seen == seen[:, -1:]) & ~visual).float()
+    mean = (after.unsqueeze(-1) * hidden.float()).sum(1) / after.sum(1, keepdim=True).clamp(min=1.0)
+    return torch.cat([mean, hidden[:, -1].float()], dim=-1)
+
+
+class Routers(nn.Module):
+    def __init__(self, layers: list[int], dim: int, width: int):
+        super().__init__()
+        self.layers = list(layers)
+        self.mlps = nn.ModuleDict({
+            str(e): nn.Sequential(nn.Linear(2 * dim, width, bias=False), nn.GELU(), nn.Linear(width, 2, bias=False))
+            for e in layers})
+        for p in self.parameters():
+            nn.init.xavier_uniform_(p)
+
+    def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.mlps[str(layer)](features)
+
+    @torch.no_grad()
+    def decide(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """True for rows whose router says exit (exit logit > keep logit)."""
+        logit = self.logits(layer, router_features(hidden, visual).to(self.mlps[str(layer)][0].weight.dtype))
+        return (logit[:, 1] > logit[:, 0]).cpu()
+
+
+def _continuation(program: Program, exit_after: int) -> Program:
+    return drop_visual(program.clone(), exit_after + 1, by="dyvte")
+
+
+def plan(config: DyVTEConfig, geometry: Geometry, n_visual: int, recipe=None):
+    if config.exit_layer >= 0:
+        return [(config.exit_layer + 1, 0)]
+    return []  # dynamic: the schedule without an exit; the exits taken are reported per prompt
+
+
+def apply(program: Program, config: DyVTEConfig, recipe: dict | None = None) -> Program:
+    config.check_model(program.geometry)
+    if config.exit_layer >= 0:
+        return drop_visual(program, config.exit_layer + 1, by="dyvte")
+    routers = load_routers(config, program, recipe)
+    program.exits = {e: _continuation(program, e) for e in routers.layers}
+    program.decide = routers.decide
+    return program
+
+
+def load_routers(config: DyVTEConfig, program: Program, recipe: dict | None) -> Routers:
+    if recipe is None and config.routers:
+        from safetensors.torch import load_file
+
+        path = Path(config.routers)
+        if not path.is_file():
+            raise PassConfigError(f"dyvte: routers file {path} does not exist")
+        state = load_file(str(path))
+        layers = sorted({int(k.split(".")[1]) for k in state})
+        recipe = {"layers": layers, "hidden": state[f"mlps.{layers[0]}.0.weight"].shape[0], "_tensors": state}
+    if recipe is None:
+        raise PassConfigError("dyvte with routers needs trained routers: calibrate them (--calibration DATA), give "
+                              "dyvte:routers=FILE.safetensors, or use the static form dyvte:exit_layer=K")
+    state = recipe["_tensors"]
+    dim = program.geometry.hidden_size
+    for key, t in state.items():
+        if key.endswith(".0.weight") and t.shape[1] != 2 * dim:
+            raise PassConfigError(f"dyvte: the routers were trained for a model of width {t.shape[1] // 2}, this "
+                                  f"model has width {dim}; retrain them for this model")
+    routers = Routers(recipe["layers"], dim, recipe["hidden"])
+    routers.load_state_dict(state)
+    return routers.eval()
+
+
+def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = True) -> dict:
+    """Train the routers on labels the frozen model gives itself (see the module docstring)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    layers = config.candidates(program)
+    if not layers:
+        raise PassConfigError("dyvte: no candidate exit layer follows the earlier passes' rewrites")
+    continuations = {e: _continuation(program, e) for e in layers}
+    from ..compiler.staged import StagedGraph
+
+    staged = StagedGraph.from_program(program)
+    names = {staged.residual[e] for e in layers} | {program.visual_name_at(e) for e in layers}
+    feats = {e: [] for e in layers}
+    labels = {e: [] for e in layers}
+    for args in tqdm(batches, desc="dyvte: router labels", unit="batch", disable=not progress):
+        outputs, seen = run_with_taps(program.gm, args, names)
+        last = outputs[0][:, -1].float()
+        answer = last.argmax(-1)
+        full_loss = nn.functional.cross_entropy(last, answer, reduction="none")
+        for e in layers:
+            with torch.no_grad():
+                cut = continuations[e].gm(*args)[0][:, -1].float()
+            loss = nn.functional.cross_entropy(cut, answer, reduction="none")
+            labels[e].append(((cut.argmax(-1) == answer) & (loss < config.loss_ratio * full_loss + 1e-6)).long())
+            feats[e].append(router_features(seen[staged.residual[e]], seen[program.visual_name_at(e)]))
+    if not any(feats.values()) or not feats[layers[0]]:
+        raise PassConfigError("dyvte: the calibration set is empty; give at least one prompt with an image")
+    routers = Routers(layers, program.geometry.hidden_size, config.width(program.geometry))
+    x = {e: torch.cat(feats[e]).detach().cpu() for e in layers}
+    y = {e: torch.cat(labels[e]).cpu() for e in layers}
+    opt = torch.optim.AdamW(routers.parameters(), lr=config.lr)
+    for _ in tqdm(range(config.epochs), desc="dyvte: router training", unit="epoch", disable=not progress):
+        opt.zero_grad()
+        loss = sum(nn.functional.cross_entropy(routers.logits(e, x[e]), y[e]) for e in layers) / len(layers)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = {str(e): float((routers.logits(e, x[e]).argmax(-1) == y[e]).float().mean()) for e in layers}
+    return {"pass": "dyvte", "layers": layers, "hidden": config.width(program.geometry),
+            "exit_label_rate": {str(e): float(y[e].float().mean()) for e in layers},
+            "router_train_accuracy": acc, "samples": len(y[layers[0]]), "final_loss": loss.item(),
+            "calibration_seconds": time.perf_counter() - t0, "config_hash": program.geometry.config_hash(),
+            "_tensors": {k: v.detach().clone() for k, v in routers.state_dict().items()}}
+
+
+PASS = register(PassDef(
+    name="dyvte",
+    summary="visual-token exit: all visual tokens leave after the layer where a trained router fires (DyVTE); "
+            "static form exit_layer=K",
+    config=DyVTEConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate))
