@@ -96,11 +96,17 @@ def calibration_batches(runtime, calibration, samples: int, n_visual: int) -> li
 
     if isinstance(calibration, str) and calibration == "synthetic":
         items = [example_inputs(runtime.adapter, batch=1, seed=1000 + i) for i in range(samples)]
+    elif isinstance(calibration, str):  # 'testbed' (its train split) or a JSONL file, through the processor
+        from .evaluate import PROMPT_TEMPLATE, PromptEncoder, load_data, open_image
+
+        data, _ = load_data(calibration, limit=samples, split="train")
+        enc = PromptEncoder(runtime.adapter.processor, PROMPT_TEMPLATE)
+        items = [enc.batch([s], [open_image(s)]) for s in data]
     elif isinstance(calibration, (list, tuple)):
         items = list(calibration)[:samples]
     else:
-        raise VtcompileError(f"calibration data {calibration!r} is not understood; give a list of (input_ids, "
-                             "pixel_values, attention_mask) tuples or 'synthetic'")
+        raise VtcompileError(f"calibration data {calibration!r} is not understood; give 'testbed', a JSONL file, "
+                             "a list of (input_ids, pixel_values, attention_mask) tuples, or 'synthetic'")
     batches = []
     for item in items:
         if isinstance(item, dict):

@@ -73,13 +73,14 @@ def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_vi
                   by: str = "?") -> Program:
     """Keep k_visual visual tokens (by score) and all others from cut `boundary` on.
 
-    boundary = l removes tokens before decoder layer l; boundary = l + AFTER_ATTENTION removes them after
-    layer l's attention (they were still keys there) and before its MLP.
+    boundary = l removes tokens before decoder layer l (0: before the decoder, as pre-LLM selection does);
+    boundary = l + AFTER_ATTENTION removes them after layer l's attention (they were still keys there) and
+    before its MLP.
     """
     gm, geom = program.gm, program.geometry
-    if not (0.5 <= boundary <= geom.num_layers - 1) or (boundary * 2) % 1:
-        raise PassConfigError(f"token selection at cut {boundary} is outside 0.5..{geom.num_layers - 1} (whole or "
-                              f"half layers) for a {geom.num_layers}-layer decoder")
+    if not (0 <= boundary <= geom.num_layers - 1) or (boundary * 2) % 1:
+        raise PassConfigError(f"token selection at cut {boundary} is outside 0..{geom.num_layers - 1} (whole or "
+                              f"half layers; 0 = before the decoder) for a {geom.num_layers}-layer decoder")
     if boundary < program.last_boundary:
         raise PassConfigError(
             f"pass {by!r} removes tokens before layer {boundary}, but an earlier pass already removed tokens "
