@@ -75,3 +75,15 @@ def test_batch_rows_equal_single_rows(geometry):
         single = cm(ids[b:b + 1, real], pixels[b:b + 1], mask[b:b + 1, real])
         got = out.logits[b][mask[b].bool()[out.kept_positions[b]]]
         assert (single.logits[0] - got).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("spec", ["fastv:r=0", "pyramiddrop:ratios=1/1/1", "randomdrop:r=0", "fitprune:recipe={empty}"])
+def test_keep_all_configs_match_transformers(geometry, spec, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    from vtcompile import compile_pruned
+
+    cm = compile_pruned(adapter(geometry), spec.format(empty=empty))
+    assert not cm.program.rewrites and cm.report.flops.paper == cm.report.flops.baseline_paper
+    ids, pixels, mask = prompt(geometry, "mid_pad_b2")
+    assert (cm(ids, pixels, mask).logits - hf_logits(geometry, ids, pixels, mask)).abs().max().item() <= TOL
