@@ -113,7 +113,7 @@ def test_resolve_passes_forms():
     resolved = [resolve_passes(f)[0][1] for f in forms]
     assert all(r == FastVConfig() for r in resolved)
     assert len(resolve_passes(forms)) == 4
-    with pytest.raises(PassConfigError, match="unknown pass 'nope'; registered passes: fastv"):
+    with pytest.raises(PassConfigError, match="unknown pass 'nope'; registered passes: dyvte, fastv, fitprune"):
         resolve_passes("nope")
 
 
