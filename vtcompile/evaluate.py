@@ -89,7 +89,8 @@ def open_image(sample: Sample):
         with Image.open(sample.image) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as exc:
-        raise InputError(f"{sample.where}: image {sample.image} does not open ({exc}). Fix it or pass --skip-bad.")
+        raise InputError(f"{sample.where}: image {sample.image} does not open ({exc}). Fix it or pass "
+                         "--skip-bad.") from None
 
 
 class PromptEncoder:

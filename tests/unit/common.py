@@ -39,3 +39,23 @@ def hf_logits(name: str, ids, pixels, mask):
     with torch.no_grad():
         return adapter(name).model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
                                    position_ids=position_ids_from_mask(mask)).logits
+
+
+def masked_key_check(cm, geometry: str, kind: str, seed: int = 0) -> dict:
+    """Run a compiled model's program once (tapping the positions kept at every cut) and compare its
+    kept-position logits with the masked-key reference (DESIGN.md). Returns the max diff and what was seen."""
+    from vtcompile.compiler.reference import key_masks_from_rewrites, masked_key_logits
+    from vtcompile.compiler.taps import run_with_taps
+
+    ids, pixels, mask = prompt(geometry, kind, seed)
+    prep = cm.runtime.prepare(ids, pixels, mask)
+    program = cm.runtime.program(prep.n_visual)
+    (logits, positions, visual), seen = run_with_taps(program.gm, prep.as_args(),
+                                                      {r.positions for r in program.rewrites})
+    kept = {r.boundary: seen[r.positions] for r in program.rewrites}
+    keys = key_masks_from_rewrites(kept, program.geometry.num_layers, ids.shape[1])
+    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
+    ref = torch.gather(ref, 1, positions[..., None].expand(-1, -1, ref.shape[-1]))
+    real = torch.gather(mask, 1, positions).bool()  # padding rows are undefined in both
+    return {"diff": (ref - logits).abs().amax(-1)[real].max().item(), "kept": kept, "program": program,
+            "positions": positions, "visual": visual, "ids": ids, "mask": mask, "prep": prep}

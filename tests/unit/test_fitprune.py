@@ -10,7 +10,7 @@ import torch
 
 from vtcompile import compile_pruned
 from vtcompile.compiler.flops import report_from_plan
-from vtcompile.compiler.reference import key_masks_from_rewrites, kept_at_boundaries, masked_key_logits
+from vtcompile.compiler.reference import kept_at_boundaries
 from vtcompile.compiler.scorers import cross_self_mass, head_max_attention
 from vtcompile.compiler.taps import run_with_taps, sdpa_inputs
 from vtcompile.errors import PassConfigError, VtcompileError
@@ -18,7 +18,7 @@ from vtcompile.models import geometry_of, resolve_spec
 from vtcompile.passes import parse_pass_spec
 from vtcompile.passes.fitprune import FitPruneConfig, _SampleStats, plan, search
 
-from .common import adapter, prompt
+from .common import adapter, masked_key_check, prompt
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,16 +37,10 @@ def _run(cm, kind):
 
 
 def test_fitprune_matches_masked_key_reference(geometry, prompt_kind):
-    cm = fitted(geometry)
-    ids, mask, prep, program, logits, positions = _run(cm, prompt_kind)
-    cuts = [r.boundary for r in program.rewrites]
+    seen = masked_key_check(fitted(geometry), geometry, prompt_kind)
+    cuts = [r.boundary for r in seen["program"].rewrites]
     assert cuts and all(c % 1 == 0.5 for c in cuts)  # removal after a layer's attention
-    kept = kept_at_boundaries(program, *prep.as_args())
-    keys = key_masks_from_rewrites(kept, 4, ids.shape[1])
-    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
-    ref = torch.gather(ref, 1, positions[..., None].expand(-1, -1, ref.shape[-1]))
-    real = torch.gather(mask, 1, positions).bool()
-    assert (ref - logits).abs().amax(-1)[real].max().item() <= 1e-4
+    assert seen["diff"] <= 1e-4
 
 
 def test_fitprune_graph_score_equals_offline_statistic(geometry):

@@ -6,9 +6,8 @@ import copy
 import pytest
 import torch
 
-from vtcompile.compiler.reference import key_masks_from_rewrites, masked_key_logits
 
-from .common import adapter, compiled, hf_logits, prompt
+from .common import adapter, compiled, hf_logits, masked_key_check, prompt
 
 TOL = 1e-4
 
@@ -30,19 +29,14 @@ def _gather_rows(x, idx):
 @pytest.mark.parametrize("spec,k", [("fastv", 2), ("fastv:k=1,r=0.75", 1), ("fastv:k=3,r=0.25", 3)])
 def test_fastv_matches_masked_key_reference(geometry, prompt_kind, spec, k):
     cm = compiled(geometry, spec)
-    ids, pixels, mask = prompt(geometry, prompt_kind)
-    out = cm(ids, pixels, mask)
-    prep = cm.runtime.prepare(ids, pixels, mask)
-    n_layers = cm.adapter.geometry.num_layers
-    keys = key_masks_from_rewrites({k: out.kept_positions}, n_layers, ids.shape[1])
-    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
-    real = torch.gather(mask, 1, out.kept_positions).bool()  # padding rows are undefined in both
-    diff = (_gather_rows(ref, out.kept_positions) - out.logits).abs().amax(-1)[real].max().item()
-    assert diff <= TOL, diff
-    # and the pruning really happened: visual tokens kept per row match the schedule
-    expect = cm.program.visual_at(n_layers - 1) * ids.eq(cm.adapter.image_token_id).sum(1)[0] // \
-        cm.adapter.geometry.visual_tokens_per_image
-    assert out.kept_visual.sum(1).tolist() == [int(expect)] * ids.shape[0]
+    seen = masked_key_check(cm, geometry, prompt_kind)
+    assert [r.boundary for r in seen["program"].rewrites] == [k]
+    assert seen["diff"] <= TOL, seen["diff"]
+    # the pruning really happened: visual tokens kept per row match the schedule
+    per_image = cm.adapter.geometry.visual_tokens_per_image
+    images = int(seen["ids"].eq(cm.adapter.image_token_id).sum(1)[0]) // per_image
+    expect = cm.runtime.program(images * per_image).visual_at(3)
+    assert seen["visual"].sum(1).tolist() == [expect] * seen["ids"].shape[0]
 
 
 def test_fastv_selection_matches_eager_attention(geometry, prompt_kind):

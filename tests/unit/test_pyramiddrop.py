@@ -13,7 +13,7 @@ from vtcompile.models import geometry_of, resolve_spec
 from vtcompile.passes import parse_pass_spec
 from vtcompile.passes.pyramiddrop import PyramidDropConfig
 
-from .common import compiled, prompt
+from .common import compiled, masked_key_check, prompt
 
 SPECS = ["pyramiddrop", "pyramiddrop:layers=1/3,ratios=0.75/0.25"]
 
@@ -31,14 +31,10 @@ def _run(geometry, spec, kind):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_pyramiddrop_matches_masked_key_reference(geometry, prompt_kind, spec):
-    cm, ids, mask, prep, program, logits, positions, kept = _run(geometry, spec, prompt_kind)
-    assert sorted(kept) == [r.boundary for r in program.rewrites]
-    assert torch.equal(kept[max(kept)], positions)
-    keys = key_masks_from_rewrites(kept, 4, ids.shape[1])
-    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
-    ref = torch.gather(ref, 1, positions[..., None].expand(-1, -1, ref.shape[-1]))
-    real = torch.gather(mask, 1, positions).bool()
-    assert (ref - logits).abs().amax(-1)[real].max().item() <= 1e-4
+    seen = masked_key_check(compiled(geometry, spec), geometry, prompt_kind)
+    assert sorted(seen["kept"]) == [r.boundary for r in seen["program"].rewrites]
+    assert torch.equal(seen["kept"][max(seen["kept"])], seen["positions"])
+    assert seen["diff"] <= 1e-4
 
 
 def test_pyramiddrop_ranking_uses_next_layer_qk(geometry):

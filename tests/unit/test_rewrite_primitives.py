@@ -13,7 +13,7 @@ from vtcompile.passes import resolve_passes
 from vtcompile.passes.base import PassDef
 from vtcompile.passes.fastv import FastVConfig
 
-from .common import compiled, prompt
+from .common import compiled, masked_key_check, prompt
 
 
 @pytest.mark.parametrize("boundary", [1, 3])
@@ -58,20 +58,12 @@ def test_pass_manager_catches_a_pass_that_breaks_the_schedule():
 @pytest.mark.parametrize("spec,cut", [("randomdrop", 0), ("randomdrop:k=2,r=0.75", 2)])
 def test_randomdrop_matches_masked_key_reference(geometry, spec, cut):
     """Random selection (also before the decoder, cut 0) against the masked-key oracle."""
-    from vtcompile.compiler.reference import key_masks_from_rewrites
-
-    from .common import compiled as build
-
-    cm = build(geometry, spec)
-    ids, pixels, mask = prompt(geometry, "mid_pad_b2")
+    cm = compiled(geometry, spec)
     torch.manual_seed(0)
-    out = cm(ids, pixels, mask)
-    assert out.kept_visual.sum(1).tolist() == [cm.program.visual_at(3)] * 2
-    prep = cm.runtime.prepare(ids, pixels, mask)
-    keys = key_masks_from_rewrites({cut: out.kept_positions}, 4, ids.shape[1])
-    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
-    ref = torch.gather(ref, 1, out.kept_positions[..., None].expand(-1, -1, ref.shape[-1]))
-    real = torch.gather(mask, 1, out.kept_positions).bool()
-    assert (ref - out.logits).abs().amax(-1)[real].max().item() <= 1e-4
+    seen = masked_key_check(cm, geometry, "mid_pad_b2")
+    assert [r.boundary for r in seen["program"].rewrites] == [cut]
+    assert seen["visual"].sum(1).tolist() == [cm.program.visual_at(3)] * 2
+    assert seen["diff"] <= 1e-4
+    ids, pixels, mask = prompt(geometry, "mid_pad_b2")
     torch.manual_seed(1)
-    assert not torch.equal(cm(ids, pixels, mask).kept_positions, out.kept_positions)  # really random
+    assert not torch.equal(cm(ids, pixels, mask).kept_positions, seen["positions"])  # really random

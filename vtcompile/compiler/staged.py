@@ -35,32 +35,31 @@ class Stage:
 def _split(gm: fx.GraphModule, num_layers: int) -> list[Stage]:
     """One GraphModule per layer; values cross stages under their original node names."""
     stage_of = {n: _stage_of(n, num_layers) for n in gm.graph.nodes if n.op not in ("output", "placeholder")}
-    result_nodes = set(output_values(gm))
-    stages = []
-    for i in range(num_layers):
-        graph, env, inputs = fx.Graph(), {}, []
-        mine = [n for n in gm.graph.nodes if stage_of.get(n) == i]
+    results = set(output_values(gm))
+    return [_build_stage(gm, i, stage_of, results, num_layers) for i in range(num_layers)]
 
-        def read(x: fx.Node) -> fx.Node:
-            if x not in env:
-                if x.op == "get_attr":  # weights are read from the shared root module
-                    env[x] = graph.node_copy(x)
-                else:  # produced by an earlier stage, or a program input
-                    env[x] = graph.placeholder(x.name)
-                    inputs.append(x.name)
-            return env[x]
 
-        for n in mine:
-            if n.op == "get_attr":
-                continue
-            for x in n.all_input_nodes:
-                read(x) if stage_of.get(x) != i or x.op == "get_attr" else None
-            env[n] = graph.node_copy(n, lambda x: env[x] if x in env else read(x))
-        outputs = [n for n in mine if n.op != "get_attr"
-                   and (n in result_nodes or any(stage_of.get(u, num_layers) > i for u in n.users))]
-        graph.output(tuple(env[n] for n in outputs))
-        stages.append(Stage(fx.GraphModule(gm, graph), inputs, [n.name for n in outputs]))
-    return stages
+def _build_stage(gm: fx.GraphModule, i: int, stage_of: dict, results: set, num_layers: int) -> Stage:
+    graph, env, inputs = fx.Graph(), {}, []
+    mine = [n for n in gm.graph.nodes if stage_of.get(n) == i and n.op != "get_attr"]
+
+    def read(x: fx.Node) -> fx.Node:
+        if x not in env:
+            if x.op == "get_attr":  # weights are read from the shared root module
+                env[x] = graph.node_copy(x)
+            else:  # produced by an earlier stage, or a program input
+                env[x] = graph.placeholder(x.name)
+                inputs.append(x.name)
+        return env[x]
+
+    for n in mine:
+        for x in n.all_input_nodes:
+            if stage_of.get(x) != i or x.op == "get_attr":
+                read(x)
+        env[n] = graph.node_copy(n, lambda x: env[x] if x in env else read(x))
+    outputs = [n for n in mine if n in results or any(stage_of.get(u, num_layers) > i for u in n.users)]
+    graph.output(tuple(env[n] for n in outputs))
+    return Stage(fx.GraphModule(gm, graph), inputs, [n.name for n in outputs])
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..compiler.flops import report_from_plan
 from ..compiler.geometry import Geometry
 from ..compiler.program import Program
 from ..compiler.rewrite import AFTER_ATTENTION, select_tokens
-from ..compiler.scorers import attention_mass, cross_self_mass, head_max_attention
+from ..compiler.scorers import attention_mass, head_max_attention
 from ..compiler.taps import run_with_taps, sdpa_inputs
 from ..errors import PassConfigError
 from .base import PassConfig, PassDef, param, register
