@@ -1,10 +1,7 @@
 """Python entry points: compile_pruned() and load_compiled()."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +13,11 @@ from . import __version__
 from .compiler.flops import FlopsReport, fmt_flops
 from .compiler.program import capture_decoder
 from .compiler.runtime import PrunedOutput, StagedRuntime
-from .errors import ArtifactError, VtcompileError
-from .models import LlavaAdapter, ModelSpec, build_from_spec, load_model
-from .passes import PassConfig, get_pass, resolve_passes
+from .errors import VtcompileError
+from .models import LlavaAdapter, ModelSpec, load_model
+from .passes import PassConfig, resolve_passes
 from .targets import get_target
 
-ARTIFACT_FORMAT = 1
 DEFAULT_TEXT_TOKENS = 64
 
 
@@ -135,8 +131,7 @@ class CompiledModel:
         self.passes = passes
         self.target = target
         lower = get_target(target).lower
-        t0 = time.perf_counter()
-        captured = capture_decoder(adapter.decoder_stage(), adapter.geometry, adapter.device, adapter.dtype)
+        captured = _captured(adapter)
         self.runtime = StagedRuntime(adapter, captured, passes, lower, dict(recipes or {}))
         t1 = time.perf_counter()
         self._calibrate(calibration, progress)
@@ -148,7 +143,7 @@ class CompiledModel:
             passes=[{"pass": p.name, "config": c.to_dict()} for p, c in passes], target=target,
             flops=FlopsReport(adapter.geometry, program.n_visual, text_tokens, list(program.schedule),
                               list(program.mlp_schedule)),
-            capture_seconds=t1 - t0, compile_seconds=t2 - t_cal, calibration_seconds=t_cal - t1,
+            capture_seconds=captured.export_seconds, compile_seconds=t2 - t_cal, calibration_seconds=t_cal - t1,
             rewrites=[r.to_dict() for r in program.rewrites], recipes=dict(self.runtime.recipes))
 
     @property
@@ -186,7 +181,6 @@ class CompiledModel:
         import transformers
 
         return {
-            "format": ARTIFACT_FORMAT,
             "versions": {"vtcompile": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "model": self.adapter.spec.to_dict(),
@@ -202,32 +196,24 @@ class CompiledModel:
         }
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
-        """Write the artifact directory (manifest.json + what is needed to rebuild), atomically.
+        """Write the artifact directory atomically (temporary directory moved into place).
 
-        The eager target stores the model reference (preset + seed, or checkpoint path; an in-memory
-        model's weights are saved into the artifact) and rebuilds the rewritten graph on load.
+        Self-contained (vtcompile.artifacts): manifest.json with the sha256 of every file, the model config,
+        the token embeddings, the vision stage (.pt2), one decoder stage file per visual-token count built
+        (.pt2, or .onnx for the onnx target) and the processor files; it loads without the model files.
         """
-        out = Path(out_dir)
-        if out.exists() and not force:
-            raise ArtifactError(f"output directory {out} already exists; choose another --out or pass --force "
-                                "to replace it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            manifest = self.manifest()
-            if self.adapter.spec.source == "in-memory":
-                self.adapter.model.save_pretrained(tmp / "model")
-                if self.adapter.processor is not None:
-                    self.adapter.processor.save_pretrained(tmp / "model")
-                manifest["model"] = dict(manifest["model"], source="checkpoint", path="model")
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+        from .artifacts import write_artifact
+
+        return write_artifact(self, out_dir, force=force)
+
+
+def _captured(adapter: LlavaAdapter):
+    """The exported decoder stage of an adapter, captured once: it does not depend on the passes."""
+    cap = getattr(adapter, "_vt_captured", None)
+    if cap is None:
+        cap = capture_decoder(adapter.decoder_stage(), adapter.geometry, adapter.device, adapter.dtype)
+        adapter._vt_captured = cap
+    return cap
 
 
 def _as_adapter(model) -> LlavaAdapter:
@@ -263,36 +249,16 @@ def compile_pruned(model="tiny", passes=None, target: str = "eager", calibration
     return CompiledModel(_as_adapter(model), resolved, target, text_tokens, calibration, recipes, progress)
 
 
-def load_compiled(path: str | os.PathLike) -> CompiledModel:
-    """Load an artifact written by CompiledModel.save; refuses a manifest that does not match."""
-    path = Path(path)
-    mf = path / "manifest.json"
-    if not mf.is_file():
-        raise ArtifactError(f"{path} is not a vtcompile artifact: no manifest.json")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{mf} is corrupt ({exc}); re-create the artifact with vtcompile optimize") from None
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{path} has artifact format {manifest.get('format')!r}; this vtcompile reads format "
-                            f"{ARTIFACT_FORMAT}. Re-create it with this version.")
-    try:
-        spec = ModelSpec.from_dict(manifest["model"])
-        if spec.source == "checkpoint" and not Path(spec.path).is_absolute():
-            spec = ModelSpec.from_dict(dict(manifest["model"], path=str(path / spec.path)))
-        passes = [(get_pass(p["pass"]), get_pass(p["pass"]).config.from_dict(p["config"]))
-                  for p in manifest["passes"]]
-        target, expected_hash = manifest["target"], manifest["config_hash"]
-        recipes = manifest["report"].get("recipes", {})
-        text_tokens = manifest["report"]["flops"]["n_text"]
-    except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{mf} is missing or has a malformed field ({exc}); re-create the artifact") from None
-    adapter = build_from_spec(spec)
-    found = adapter.geometry.config_hash()
-    if found != expected_hash:
-        raise ArtifactError(f"the model rebuilt for {path} has config hash {found}, the manifest says "
-                            f"{expected_hash}: the checkpoint changed since the artifact was made")
-    return CompiledModel(adapter, passes, target, text_tokens, recipes=recipes)
+def load_compiled(path: str | os.PathLike):
+    """Load an artifact written by CompiledModel.save, in any process, without the original model files.
+
+    Refuses, with a message saying what to do, a format or vtcompile/torch version it does not read, a file
+    whose sha256 does not match the manifest, and a config whose hash does not match. Returns a
+    vtcompile.artifacts.LoadedModel: callable like CompiledModel, with .report, .manifest and .adapter.
+    """
+    from .artifacts import read_artifact
+
+    return read_artifact(path)
 
 
 __all__ = ["CompiledModel", "PassConfig", "Report", "compile_pruned", "load_compiled"]

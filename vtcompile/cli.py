@@ -7,6 +7,8 @@ import sys
 import time
 from dataclasses import fields
 
+from .errors import VtcompileError
+
 
 def _log(msg: str) -> None:
     print(f"[vtcompile] {msg}", file=sys.stderr, flush=True)
@@ -37,8 +39,9 @@ def _pass_args(p: argparse.ArgumentParser) -> None:
 
 def _calibration_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", metavar="DATA",
-                   help="calibration data for passes that fit a recipe (fitprune): 'synthetic' (random prompts, for "
-                        "random-weight smoke tests)")
+                   help="calibration data for passes that fit a recipe (fitprune, dyvte): 'testbed' (its train "
+                        "split), a JSONL file (as for eval), or 'synthetic' (random prompts, for random-weight smoke "
+                        "tests)")
 
 
 def _spec(args):
@@ -104,12 +107,25 @@ def cmd_calibrate(args) -> int:
     spec = _spec(args)
     _log(f"loading {spec.label} ...")
     cm = CompiledModel(build_from_spec(spec), passes, "eager", calibration=args.calibration)
-    recipe = cm.recipes[passes[0][0].name]
+    recipe = dict(cm.recipes[passes[0][0].name])
+    tensors = recipe.pop("_tensors", None)
+    written = [args.out]
+    if tensors is not None:  # trained weights (dyvte routers) go to safetensors beside the JSON
+        from safetensors.torch import save_file
+
+        weights = args.out.with_suffix(".safetensors")
+        tmp_w = weights.with_name(f".{weights.name}.tmp")
+        save_file(tensors, str(tmp_w))
+        tmp_w.replace(weights)
+        recipe["weights_file"] = weights.name
+        written.append(weights)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(json.dumps(recipe, indent=2))
     tmp.replace(args.out)
     print(cm.report.summary_table())
-    print(f"recipe written to {args.out}")
+    print("written: " + ", ".join(map(str, written)))
+    if tensors is not None:
+        print(f"reuse with --pass {passes[0][0].name}:routers={written[1]}")
     return 0
 
 
@@ -127,6 +143,30 @@ def _self_check(cm) -> dict:
         ref = cm.adapter.model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
                                position_ids=prep.position_ids).logits
     return dict(next_token_fidelity(ref[:, -1], out.logits[:, -1]), prompt="synthetic, 2 rows, left padding")
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .api import CompiledModel, load_compiled
+    from .evaluate import evaluate, result_table
+    from .models import build_from_spec
+    from .passes import resolve_passes
+
+    if args.data != "testbed" and not Path(args.data).is_file():
+        raise VtcompileError(f"data {args.data!r} is neither 'testbed' nor an existing JSONL file")
+    if args.artifact:
+        if args.passes:
+            raise VtcompileError("--artifact already holds its passes; drop --pass")
+        cm = load_compiled(args.artifact)
+    else:
+        passes = resolve_passes(args.passes)
+        spec = _spec(args)
+        _log(f"loading {spec.label} ...")
+        cm = CompiledModel(build_from_spec(spec), passes, "eager", calibration=args.calibration)
+    res = evaluate(cm, args.data, limit=args.limit, batch_size=args.batch_size, skip_bad=args.skip_bad)
+    print(json.dumps(res, indent=2) if args.json else result_table(res))
+    return 0
 
 
 def cmd_flops(args) -> int:
@@ -187,6 +227,11 @@ def cmd_models(args) -> int:
     for name, desc in known_models():
         if PRESETS[name].random_only:
             status = "random weights only"
+        elif PRESETS[name].shipped:
+            try:
+                status = f"shipped: {resolve_spec(name).path}"
+            except ModelNotFoundError:
+                status = "checkpoint missing from the package"
         else:
             try:
                 status = f"local weights: {resolve_spec(name).path}"
@@ -223,6 +268,41 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from tabulate import tabulate
+
+    from .api import load_compiled
+    from .artifacts import next_token, prompt_inputs
+
+    if args.max_new_tokens != 1:
+        raise VtcompileError(f"--max-new-tokens {args.max_new_tokens}: multi-token decoding is not implemented yet "
+                             "(it needs the per-layer KV-cache runtime); --max-new-tokens 1 gives the greedy next "
+                             "token after the pruned prefill")
+    ids = None
+    if args.input_ids is not None:
+        try:
+            ids = json.loads(args.input_ids)
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("not a list of ints")
+        except ValueError as exc:
+            raise VtcompileError(f"--input-ids must be a JSON list of token ids, e.g. '[5, 9, 127, 7]' "
+                                 f"({exc})") from None
+    model = load_compiled(args.dir)
+    res = next_token(model, *prompt_inputs(model, args.image, args.prompt, ids))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    shown = f"{res['token_id']}" + (f" {res['text']!r}" if res["text"] is not None else "")
+    print(tabulate([["next token (greedy)", shown],
+                    ["top-5", ", ".join(f"{t['token_id']}" + (f" {t['text']!r}" if t["text"] is not None else "")
+                                        + f" {t['prob']:.3f}" for t in res["top"])],
+                    ["prompt tokens -> kept", f"{res['prompt_tokens']} -> {res['kept_tokens']} "
+                                              f"({res['kept_visual']} visual kept)"],
+                    ["target", model.target], ["prefill s", f"{res['prefill_seconds']:.3f}"]],
+                   tablefmt="simple_outline"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
@@ -238,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write an artifact directory.")
     _model_args(p)
     _pass_args(p)
-    p.add_argument("--target", default="eager", help="backend: eager (default); inductor/onnx/tensorrt not built yet")
+    p.add_argument("--target", default="eager",
+                   help="backend: eager (default, the rewritten graphs in PyTorch), inductor (torch.compile, one "
+                        "compile for every prompt length), onnx (ONNX Runtime; float32 on CPU), tensorrt (CUDA + "
+                        "torch-tensorrt)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write the artifact here (refused if it exists)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs (default 64)")
@@ -247,9 +330,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_optimize)
 
-    p = sub.add_parser("calibrate", help="fit a calibrating pass's recipe (fitprune) and write it as JSON",
-                       description="Run the calibration of one pass (e.g. fitprune's attention statistics and "
-                                   "budget search) and write the recipe; reuse it with fitprune:recipe=FILE.json.")
+    p = sub.add_parser("eval", help="accuracy and fidelity on VQA data (the testbed test split or a JSONL file)",
+                       description="Exact-match accuracy per question kind and overall, fidelity against the "
+                                   "unpruned model (top-1 agreement, KL of the answer distribution), FLOPs ratios, "
+                                   "visual tokens kept, wall time. JSONL lines: {\"image\": path, \"question\": "
+                                   "str, \"answer\": single-token str, \"kind\": optional str}.")
+    _model_args(p)
+    _pass_args(p)
+    _calibration_arg(p)
+    p.add_argument("--artifact", type=Path, metavar="DIR", help="evaluate a saved artifact instead of --model/--pass")
+    p.add_argument("--data", default="testbed", help="'testbed' (default: its test split) or a JSONL file")
+    p.add_argument("--limit", type=int, help="evaluate at most N samples (testbed default 500)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward (default 16)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines, unreadable images, "
+                                                           "answers outside the vocabulary, instead of failing")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="fit a calibrating pass's recipe (fitprune, dyvte) and write it",
+                       description="Run the calibration of one pass and write the recipe: fitprune's attention "
+                                   "statistics and budget search (reuse with fitprune:recipe=FILE.json), or dyvte's "
+                                   "router training (weights in FILE.safetensors; reuse with "
+                                   "dyvte:routers=FILE.safetensors).")
     _model_args(p)
     _pass_args(p)
     _calibration_arg(p)
@@ -267,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_flops)
 
+    p = sub.add_parser("run", help="run a prompt through a saved artifact (no model files needed)",
+                       description="Load an artifact in this process and answer one prompt with a greedy prefill: "
+                                   "the next token after the prompt. Needs the artifact's processor for --prompt; "
+                                   "artifacts without one (tiny random models) take --input-ids.")
+    p.add_argument("dir", type=Path, help="artifact directory (vtcompile optimize ... --out DIR)")
+    p.add_argument("--image", type=Path, help="image file")
+    p.add_argument("--prompt", help="question text (needs the artifact's processor)")
+    p.add_argument("--input-ids", metavar="JSON", help="token ids as a JSON list; one image token id per --image")
+    p.add_argument("--max-new-tokens", type=int, default=1, help="only 1 for now (greedy next token)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("passes", help="list the registered passes and their fields")
     p.set_defaults(func=cmd_passes)
     p = sub.add_parser("models", help="list model presets and whether local weights were found")
@@ -280,7 +394,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import VtcompileError
 
     try:
         return args.func(args)

@@ -131,8 +131,9 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     from .api import CompiledModel, compile_pruned
     from .metrics import next_token_fidelity
 
-    cm = model if isinstance(model, CompiledModel) else compile_pruned(model)
-    reference = cm if not cm.passes else CompiledModel(cm.adapter, [], "eager", progress=False)
+    loaded = hasattr(model, "manifest")  # an artifact from load_compiled
+    cm = model if isinstance(model, CompiledModel) or loaded else compile_pruned(model)
+    reference = cm if not cm.passes else _unpruned(cm)
     samples, bad = (data, 0) if isinstance(data, list) else load_data(data, limit, skip_bad)
     enc = PromptEncoder(cm.adapter.processor, template)
     t0 = time.perf_counter()
@@ -191,6 +192,22 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         "visual_tokens_kept_mean": sum(kept_visual) / max(1, len(kept_visual)),
         "wall_seconds": seconds,
     }
+
+
+def _unpruned(cm):
+    """The unpruned model to measure fidelity against (for an artifact: rebuilt from its manifest)."""
+    from .api import CompiledModel
+    from .errors import VtcompileError
+    from .models import ModelSpec, build_from_spec
+
+    if isinstance(cm, CompiledModel):
+        return CompiledModel(cm.adapter, [], "eager", progress=False)
+    try:
+        adapter = build_from_spec(ModelSpec.from_dict(cm.manifest["model"]))
+    except VtcompileError as exc:
+        raise InputError(f"fidelity is measured against the unpruned model, which the artifact does not hold and "
+                         f"which cannot be rebuilt here: {exc}") from None
+    return CompiledModel(adapter, [], "eager", progress=False)
 
 
 def _exit_flops(flops, exits: list[int]) -> tuple[float, float]:

@@ -69,8 +69,8 @@ def test_in_memory_transformers_model_is_accepted(tmp_path):
     ids, pixels, mask = prompt("tiny", "image_first")
     ref = compiled("tiny", "fastv")(ids, pixels, mask)
     assert torch.equal(cm(ids, pixels, mask).logits, ref.logits)
-    path = cm.save(tmp_path / "mem")  # weights go into the artifact
-    assert (path / "model" / "config.json").is_file()
+    path = cm.save(tmp_path / "mem")  # weights go into the artifact (stages, embeddings, config)
+    assert (path / "config.json").is_file() and (path / "decoder-v16.pt2").is_file()
     assert torch.equal(load_compiled(path)(ids, pixels, mask).logits, ref.logits)
 
 

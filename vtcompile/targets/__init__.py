@@ -1,7 +1,9 @@
-"""Lowering targets. Each has ``is_available()`` and ``lower(program) -> callable``.
+"""Lowering targets: one module per backend, each with ``is_available()``, ``lower(program) -> callable``,
+``save_stage(program, lowered, dir) -> manifest entry`` and ``load_stage(dir, entry) -> callable``.
 
-Only ``eager`` is built so far; inductor, onnx and tensorrt are known names with a clear message (their
-lowering is tracked in the targets issue). Optional backends are imported lazily, never at package import.
+A lowered stage is called like the program: (inputs_embeds, attention_mask, position_ids, visual_mask) ->
+(logits, positions, visual). Optional backends (onnxruntime, torch_tensorrt) are imported lazily, inside
+the functions that need them, never at package import.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import TargetUnavailableError
-from . import eager
+from . import eager, inductor, onnx, tensorrt
 
 
 @dataclass(frozen=True)
@@ -19,27 +21,24 @@ class Target:
     lower: Callable | None
     is_available: Callable[[], bool]
     requirement: str = ""
+    save_stage: Callable | None = None
+    load_stage: Callable | None = None
+    stage_format: str = "pt2"
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _tensorrt() -> bool:
-    import importlib.util
-
-    return _cuda() and importlib.util.find_spec("torch_tensorrt") is not None
+def _target(module, name: str, summary: str, fmt: str = "pt2", requirement: str = "") -> Target:
+    return Target(name, summary, module.lower, module.is_available, requirement or getattr(module, "REQUIREMENT", ""),
+                  module.save_stage, module.load_stage, fmt)
 
 
 TARGETS: dict[str, Target] = {
-    "eager": Target("eager", "the rewritten FX GraphModules run by PyTorch (reference for parity)",
-                    eager.lower, lambda: True),
-    "inductor": Target("inductor", "torch.compile/Inductor of each stage (not built yet)", None, lambda: True),
-    "onnx": Target("onnx", "ONNX export + ONNX Runtime (not built yet)", None, lambda: True),
-    "tensorrt": Target("tensorrt", "torch-tensorrt dynamo compile of each stage (not built yet)", None, _tensorrt,
-                       requirement="a CUDA GPU and the torch-tensorrt package (pip install 'vtcompile[tensorrt]')"),
+    "eager": _target(eager, "eager", "the rewritten FX GraphModules run by PyTorch (reference for parity)"),
+    "inductor": _target(inductor, "inductor", "torch.compile/Inductor of each stage, symbolic batch and "
+                                              "sequence (compiles once, no recompilation per prompt length)"),
+    "onnx": _target(onnx, "onnx", "ONNX export (dynamo) of each stage run by ONNX Runtime (TensorRT/CUDA "
+                                  "providers when present, CPU otherwise)", fmt="onnx"),
+    "tensorrt": _target(tensorrt, "tensorrt", "torch-tensorrt dynamo compile of each stage (static-k selection, "
+                                              "index_select gathers); GPU only"),
 }
 
 
@@ -48,10 +47,15 @@ def get_target(name: str) -> Target:
     if target is None:
         raise TargetUnavailableError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}")
     if not target.is_available():
+        here = [n for n, t in TARGETS.items() if t.is_available()]
         raise TargetUnavailableError(
             f"target {name!r} is not available on this machine: it needs {target.requirement}. "
-            "Use --target eager here.")
+            f"Available here: {', '.join(here)}.")
     if target.lower is None:
         raise TargetUnavailableError(
             f"target {name!r} is not implemented in this version of vtcompile; available now: eager")
     return target
+
+
+def available_targets() -> list[str]:
+    return [n for n, t in TARGETS.items() if t.is_available()]

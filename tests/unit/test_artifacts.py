@@ -1,0 +1,186 @@
+"""Artifacts: self-contained directories that load in a new process without the model, refuse modified files,
+and answer prompts through `vtcompile run`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vtcompile import compile_pruned, load_compiled
+from vtcompile.artifacts import ARTIFACT_FORMAT, LoadedModel
+from vtcompile.errors import ArtifactError, InputError
+from vtcompile.models.llava import LlavaAdapter
+
+from .common import adapter, compiled, prompt
+from .test_targets import assert_parity, fast_inductor, lowered
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "vtcompile", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def eager_art(tmp_path_factory):
+    # lowered() holds the one-image program only, whatever other tests ran on the shared compiled model
+    return lowered("eager", "tiny-gqa", "fastv").save(tmp_path_factory.mktemp("a") / "art")
+
+
+def test_layout_and_manifest(eager_art):
+    m = json.loads((eager_art / "manifest.json").read_text())
+    assert m["format"] == ARTIFACT_FORMAT and m["target"] == "eager"
+    assert {"vtcompile", "torch", "transformers"} <= set(m["versions"])
+    assert m["passes"] == [{"pass": "fastv", "config": {"k": 2, "r": 0.5}}]
+    assert m["stages"][0]["files"] == ["decoder-v16.pt2"] and m["stages"][0]["n_visual"] == 16
+    assert set(m["files"]) == {"config.json", "embeddings.safetensors", "vision.pt2", "decoder-v16.pt2"}
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    assert "flops" in m["report"] and m["input_spec"]["visual_tokens_per_image"] == 16
+
+
+def test_loads_in_a_new_process_without_the_model(eager_art, tmp_path):
+    ids, pixels, mask = prompt("tiny-gqa", "mid_pad_b2")
+    expect = compiled("tiny-gqa", "fastv")(ids, pixels, mask)
+    torch.save({"ids": ids, "pixels": pixels, "mask": mask, "logits": expect.logits,
+                "kept": expect.kept_positions}, tmp_path / "io.pt")
+    code = f"""
+import torch, vtcompile.models as m
+def refuse(*a, **k):
+    raise AssertionError("load_compiled rebuilt the model")
+m.build_from_spec = m.load_model = refuse
+from vtcompile import load_compiled
+io = torch.load({str(tmp_path / 'io.pt')!r})
+out = load_compiled({str(eager_art)!r})(io["ids"], io["pixels"], io["mask"])
+assert torch.equal(out.kept_positions, io["kept"])
+print((out.logits - io["logits"]).abs().max().item())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.strip()) == 0.0
+
+
+def test_corrupt_stage_file_is_refused(eager_art, tmp_path):
+    import shutil
+
+    art = shutil.copytree(eager_art, tmp_path / "c")
+    stage = art / "decoder-v16.pt2"
+    data = bytearray(stage.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stage.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="decoder-v16.pt2 does not match the manifest .* corrupt or was modified"):
+        load_compiled(art)
+    stage.unlink()
+    with pytest.raises(ArtifactError, match="incomplete: decoder-v16.pt2 is listed"):
+        load_compiled(art)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("vtcompile", "0.0.9", "written by vtcompile 0.0.9; this is vtcompile"),
+    ("torch", "2.1.0", "written with torch 2.1.0"),
+])
+def test_version_mismatch_is_refused(eager_art, tmp_path, key, value, needle):
+    import shutil
+
+    art = shutil.copytree(eager_art, tmp_path / "v")
+    m = json.loads((art / "manifest.json").read_text())
+    m["versions"][key] = value
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=needle):
+        load_compiled(art)
+
+
+def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
+    lm = load_compiled(eager_art)
+    assert isinstance(lm, LoadedModel) and lm.target == "eager"
+    assert "fastv(k=2, r=0.5)" in lm.report.summary_table()
+    ids, pixels, mask = prompt("tiny-gqa", "two_images")
+    with pytest.raises(InputError, match="holds decoder stages for 16 .* this prompt has 32"):
+        lm(ids, pixels, mask)
+
+
+@pytest.mark.parametrize("target,geometry,family", [("onnx", "tiny", "fastv"), ("inductor", "tiny-gqa", "fastv")])
+def test_target_artifact_round_trip(target, geometry, family, tmp_path):
+    cm = lowered(target, geometry, family)
+    path = cm.save(tmp_path / target)
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["target"] == target and m["stages"][0]["format"] == ("onnx" if target == "onnx" else "pt2")
+    with fast_inductor():
+        lm = load_compiled(path)
+        for kind in ("mid_pad_b2", "image_first"):
+            ids, pixels, mask = prompt(geometry, kind)
+            assert_parity(lm(ids, pixels, mask), compiled(geometry, family)(ids, pixels, mask), mask)
+
+
+def test_dynamic_exit_programs_are_not_saved_silently(tmp_path):
+    cm = compiled("tiny", "fastv")
+    program = cm.runtime.programs[16]
+    program.exits = {1: object()}
+    try:
+        with pytest.raises(ArtifactError, match="dynamic exits"):
+            cm.save(tmp_path / "x")
+    finally:
+        program.exits = {}
+    assert not (tmp_path / "x").exists()
+
+
+def _tiny_processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in "USER ASSISTANT : what color is the shape ? red blue".split():
+        vocab.setdefault(w, len(vocab))
+    vocab["<image>"] = 127
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", additional_special_tokens=["<image>"])
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8, num_additional_image_tokens=1,
+                          vision_feature_select_strategy="default", image_token="<image>")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(path)
+    return path
+
+
+def test_cli_run_with_processor(image, tmp_path):
+    base = adapter("tiny")
+    with_proc = LlavaAdapter(base.model, base.spec, _tiny_processor())
+    path = compile_pruned(with_proc, "fastv").save(tmp_path / "p")
+    assert (path / "processor").is_dir()
+    r = _run("run", str(path), "--image", str(image), "--prompt", "what color is the shape ?", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["kept_visual"] == 8 and res["prompt_tokens"] > 16 and isinstance(res["text"], str)
+    assert res["token_id"] == res["top"][0]["token_id"]
+
+
+def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path):
+    out = tmp_path / "o"
+    r = _run("optimize", "--model", "tiny", "--pass", "fastv", "--target", "onnx", "--out", str(out), "--no-check")
+    assert r.returncode == 0, r.stderr
+    assert (out / "decoder-v16.onnx").is_file() and "target" in r.stdout and "onnx" in r.stdout
+    r = _run("run", str(out), "--image", str(image), "--input-ids", "[5, 9, 127, 7, 8]", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prompt_tokens"] == 20 and res["kept_tokens"] == 12 and res["text"] is None
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", "hi"], "has no processor"),
+    (["--input-ids", "[5, 7]"], "hold 0 image token(s)"),
+    (["--input-ids", "[5, 127]", "--max-new-tokens", "4"], "multi-token decoding is not"),
+    (["--input-ids", "five"], "must be a JSON list"),
+])
+def test_cli_run_bad_input_is_a_clear_error(eager_art, image, capsys, args, needle):
+    from vtcompile.cli import main
+
+    assert main(["run", str(eager_art), "--image", str(image), *args]) != 0
+    assert needle in capsys.readouterr().err

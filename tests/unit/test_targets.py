@@ -1,0 +1,163 @@
+"""Lowering targets: registry, parity with eager on every pass family, one compile per stage, TensorRT's
+graph transform (CPU).
+
+Parity matrix: by default every target runs every pass family (none, fastv, pyramiddrop), the two tiny
+geometries split between them so that each target sees both (a cold Inductor compile costs 15-70 s on two
+shared cores). VTCOMPILE_FULL_MATRIX=1 runs every (target, pass, geometry) combination. Inductor compiles
+scalar C++ kernels here (cpp.vec_isa_ok=False, half the cold compile time): what these tests guard is the
+graph-level lowering (dynamic sequence, unbacked batch, symbolic-k topk), not Inductor's vectorizer; the
+speed benchmark (bench/speed.py) checks the default vectorized kernels against eager on its geometry.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+
+import pytest
+import torch
+import torch._inductor.config
+
+from vtcompile import compile_pruned
+from vtcompile.compiler.runtime import StagedRuntime
+from vtcompile.errors import TargetUnavailableError
+from vtcompile.models.llava import example_inputs
+from vtcompile.targets import TARGETS, get_target, stage
+from vtcompile.targets.tensorrt import trt_friendly
+
+from .common import adapter, compiled, prompt
+
+TOL = 1e-4
+aten = torch.ops.aten
+PASSES = {"none": None, "fastv": "fastv", "pyramiddrop": "pyramiddrop"}
+_SPLIT = {("inductor", "none"): "tiny", ("inductor", "fastv"): "tiny-gqa", ("inductor", "pyramiddrop"): "tiny",
+          ("onnx", "none"): "tiny-gqa", ("onnx", "fastv"): "tiny", ("onnx", "pyramiddrop"): "tiny-gqa"}
+
+
+def _matrix():
+    full = os.environ.get("VTCOMPILE_FULL_MATRIX") == "1"
+    for (target, family), geometry in _SPLIT.items():
+        for g in (("tiny", "tiny-gqa") if full else (geometry,)):
+            yield pytest.param(target, family, g, id=f"{target}-{family}-{g}")
+
+
+def fast_inductor():
+    """Inductor settings for tests: scalar kernels compile in half the time (see the module docstring)."""
+    return torch._inductor.config.patch({"cpp.vec_isa_ok": False})
+
+
+@functools.lru_cache(maxsize=None)
+def lowered(target: str, geometry: str, family: str):
+    """The eager compiled model of (geometry, family) with its one-image program lowered to `target`.
+
+    Shares the eager model's capture and rewritten program (what compile_pruned(..., target=target) would
+    build) so each test pays only the lowering; test_inductor_compiles_once and the CLI test go through
+    compile_pruned(target=...) end to end."""
+    eager = compiled(geometry, PASSES[family])
+    cm = copy.copy(eager)
+    cm.target = target
+    cm.report = dataclasses.replace(eager.report, target=target)
+    program = eager.runtime.programs[16]
+    cm.runtime = StagedRuntime(eager.adapter, eager.runtime.captured, eager.passes, get_target(target).lower,
+                               eager.runtime.recipes)
+    with fast_inductor():
+        cm.runtime.programs, cm.runtime._lowered = {16: program}, {16: get_target(target).lower(program)}
+    return cm
+
+
+def assert_parity(out, ref, mask) -> float:
+    assert torch.equal(out.kept_positions, ref.kept_positions)
+    assert torch.equal(out.kept_visual, ref.kept_visual)
+    real = torch.gather(mask, 1, out.kept_positions).bool()  # padding rows are undefined in both
+    diff = (out.logits.float() - ref.logits.float()).abs().amax(-1)[real].max().item()
+    assert diff <= TOL, diff
+    return diff
+
+
+def test_registry_is_complete():
+    assert set(TARGETS) == {"eager", "inductor", "onnx", "tensorrt"}
+    for t in TARGETS.values():
+        assert callable(t.lower) and callable(t.save_stage) and callable(t.load_stage) and callable(t.is_available)
+    with pytest.raises(TargetUnavailableError, match="unknown target 'tvm'; targets: eager, inductor, onnx"):
+        get_target("tvm")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_tensorrt_without_cuda_is_a_clear_error():
+    from vtcompile.targets import tensorrt
+
+    with pytest.raises(TargetUnavailableError, match="needs a CUDA GPU and the torch-tensorrt package"):
+        get_target("tensorrt")
+    with pytest.raises(TargetUnavailableError, match="needs a CUDA GPU and none is visible"):
+        tensorrt.lower(compiled("tiny", "fastv").program)
+
+
+@pytest.mark.parametrize("target,family,geometry", list(_matrix()))
+def test_target_matches_eager(target, family, geometry):
+    cm = lowered(target, geometry, family)
+    ref = compiled(geometry, PASSES[family])
+    for kind in ("mid_pad_b2", "image_first"):  # batch 2 with left padding, batch 1 with the image first
+        ids, pixels, mask = prompt(geometry, kind)
+        diff = assert_parity(cm(ids, pixels, mask), ref(ids, pixels, mask), mask)
+        print(f"{target} {family} {geometry} {kind}: max |logit diff| {diff:.2e}")
+
+
+def test_inductor_compiles_once_for_every_prompt_shape():
+    with fast_inductor():  # end to end through compile_pruned (the graph is in Inductor's cache by now)
+        cm = compile_pruned(adapter("tiny-gqa"), "fastv", target="inductor")
+    ref = compiled("tiny-gqa", "fastv")
+    stage_fn = cm.runtime._lowered[16]
+    assert stage_fn.compiles == 1 and stage_fn.compile_seconds > 0  # compiled at lowering, timed apart
+    assert cm.report.compile_seconds >= stage_fn.compile_seconds
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, before, after, pad in [(1, 3, 5, 0), (1, 9, 30, 0), (3, 2, 7, 4), (2, 11, 1, 6)]:
+            ids, pixels, mask = example_inputs(adapter("tiny-gqa"), batch=batch, text_before=before,
+                                               text_after=after, pad=pad, seed=batch + before)
+            assert_parity(cm(ids, pixels, mask), ref(ids, pixels, mask), mask)
+    assert stage_fn.compiles == 1
+
+
+def test_onnx_stage_has_dynamic_batch_and_sequence():
+    sess = lowered("onnx", "tiny", "fastv").runtime._lowered[16].session
+    dims = [i.shape[:2] for i in sess.get_inputs()]
+    assert all(isinstance(b, str) and isinstance(s, str) for b, s in dims), dims
+    assert [i.name for i in sess.get_inputs()] == list(stage.INPUT_NAMES)
+
+
+def test_onnx_refuses_bfloat16_with_a_clear_message():
+    program = compiled("tiny", "fastv").program
+    bf16 = type(program.fake_inputs)([t.to(torch.bfloat16) if t.is_floating_point() else t
+                                      for t in program.fake_inputs.examples], program.fake_inputs.dynamic_dims)
+    from vtcompile.targets import onnx
+
+    fake = type("P", (), {"fake_inputs": bf16})()
+    with pytest.raises(TargetUnavailableError, match="--dtype float32"):
+        onnx.lower(fake)
+
+
+@pytest.mark.parametrize("geometry,spec", [("tiny-gqa", "fastv"), ("tiny", "pyramiddrop")])
+def test_tensorrt_graph_transform_static_k_and_index_select(geometry, spec):
+    """The graph TensorRT gets: topk with constant k, no sort, index_select for the token-axis gathers."""
+    program = compiled(geometry, spec).program
+    gm = trt_friendly(program)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    topks = [n for n in calls if n.target is aten.topk.default]
+    assert [n.args[1] for n in topks] == [r.after for r in program.rewrites]  # static k = visual tokens kept
+    assert not any(n.target is aten.sort.default for n in calls)
+    assert sum(n.target is aten.index_select.default for n in calls) >= 5 * len(program.rewrites)
+    assert sum(n.target is aten.gather.default for n in calls) == 2 * len(program.rewrites)  # the 4-D mask only
+    for kind in ("mid_pad_b2", "two_images", "image_first"):
+        ids, pixels, mask = prompt(geometry, kind)
+        prep = compiled(geometry, spec).runtime.prepare(ids, pixels, mask)
+        if prep.n_visual != program.n_visual:
+            continue
+        with torch.no_grad():
+            ref, out = program.gm(*prep.as_args()), gm(*prep.as_args())
+        assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
+        assert (out[0] - ref[0]).abs().max().item() <= 1e-6
+    ep = stage.export_program(program, gm)  # and it re-exports with dynamic batch/sequence
+    ids, pixels, mask = example_inputs(adapter(geometry), batch=3, text_before=7, text_after=20, seed=3)
+    args = compiled(geometry, spec).runtime.prepare(ids, pixels, mask).as_args()
+    with torch.no_grad():
+        assert torch.equal(ep.module()(*args)[1], program.gm(*args)[1])

@@ -1,0 +1,82 @@
+"""The inductor target: torch.compile (Inductor) of each decoder stage, one graph for every prompt shape.
+
+The stage compiled is the rewritten program re-exported with dynamic axes (the same graph an artifact
+stores, so loading an artifact compiles exactly what was tested). Every call marks the sequence axis dynamic
+and the batch axis unbacked (one symbol shared by the four inputs): Dynamo then never specialises on the
+prompt length nor on batch 1 vs >1, so a stage compiles once and never recompiles for a new shape.
+Compile time is measured apart from run time (`compile_seconds`, `compiles`). CPU kernels need a C++
+compiler; CUDA kernels need triton (shipped with CUDA builds of torch).
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import stage
+
+REQUIREMENT = "a C++ compiler (g++ or clang++) for CPU kernels, or CUDA with triton"
+
+
+def is_available() -> bool:
+    if torch.cuda.is_available():
+        return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+class InductorStage:
+    """A torch.compile'd decoder stage; call it like the program: (embeds, mask, positions, visual)."""
+
+    def __init__(self, module: torch.nn.Module, exported=None, warmup: tuple | None = None, label: str = ""):
+        self.module = module
+        self.exported = exported
+        self.label = label
+        self.compile_seconds = 0.0
+        self.compiles = 0
+        self._fn = torch.compile(module, fullgraph=True)
+        if warmup is not None:
+            self(*warmup)
+
+    def __call__(self, *args):
+        from torch._dynamo.decorators import mark_dynamic, mark_unbacked
+        from torch._dynamo.utils import counters
+
+        marked = []
+        for t in args:
+            t = t.detach()  # alias: the marks stay off the caller's tensors
+            mark_unbacked(t, 0, shape_id="vt_batch")
+            mark_dynamic(t, 1)
+            marked.append(t)
+        graphs = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self._fn(*marked)
+        if counters["stats"]["unique_graphs"] != graphs:
+            self.compiles += 1
+            self.compile_seconds += time.perf_counter() - t0
+            print(f"[vtcompile] inductor: compiled {self.label or 'stage'} in {time.perf_counter() - t0:.1f}s",
+                  file=sys.stderr, flush=True)
+        return out
+
+
+def lower(program) -> InductorStage:
+    """Re-export the program with dynamic axes and compile it now (compile time is reported apart)."""
+    ep = stage.export_program(program)
+    return InductorStage(stage.strip_guards(ep.module()), exported=ep, warmup=stage.example_args(program),
+                         label=stage.stem(program))
+
+
+def save_stage(program, lowered: InductorStage, directory: Path) -> dict:
+    ep = getattr(lowered, "exported", None) or stage.export_program(program)
+    return stage.stage_info(program, stage.save_pt2(ep, directory, stage.stem(program)), "pt2")
+
+
+def load_stage(directory: Path, info: dict) -> InductorStage:
+    """Compile the stored stage on first use (Inductor's cache makes a repeat load fast)."""
+    ep = stage.load_pt2(directory, info)
+    return InductorStage(stage.strip_guards(ep.module()), exported=ep,
+                         label=f"{Path(info['files'][0]).stem} (loaded)")
