@@ -73,6 +73,16 @@ def resolve_spec(name: str = DEFAULT_MODEL, weights: str | None = None, random_w
         return ModelSpec(name=str(path), source="checkpoint", path=str(path), layers=layers,
                          dtype=_check_dtype(dtype or "float32"))
     dtype = _check_dtype(dtype or preset.default_dtype)
+    if preset.shipped:
+        from ..testbed import CheckpointMissingError, checkpoint_dir
+
+        if random_weights or weights is not None:
+            raise VtcompileError(f"model {name!r} is the shipped checkpoint; --weights/--random-weights do not apply")
+        try:
+            path = checkpoint_dir()
+        except CheckpointMissingError as exc:
+            raise ModelNotFoundError(str(exc)) from None
+        return ModelSpec(name=name, source="checkpoint", path=str(path), layers=layers, dtype=dtype)
     if preset.random_only:
         if weights is not None:
             raise VtcompileError(f"model {name!r} exists only with random weights; --weights does not apply")

@@ -13,6 +13,7 @@ class Preset:
     text: dict = field(default_factory=dict)
     llava: dict = field(default_factory=dict)
     random_only: bool = False  # tiny presets exist only with random weights
+    shipped: bool = False  # the checkpoint ships inside the package (the testbed)
     default_dtype: str = "float32"
 
 
@@ -56,6 +57,12 @@ PRESETS: dict[str, Preset] = {
             text=dict(_llama(5120, 13824, 40, 40, 40, 32064, 4096), rms_norm_eps=1e-5),
             llava=_LLAVA15,
             default_dtype="bfloat16",
+        ),
+        Preset(
+            name="testbed",
+            description="the shipped testbed: a small LLaVA trained on synthetic scenes (real weights, processor)",
+            hf_repo=None,
+            shipped=True,
         ),
         Preset(
             name="tiny",

@@ -54,8 +54,41 @@ def evaluate(model, tokenizer, samples, batch_size: int = 64, image_processor=No
     }
 
 
-def _forward(model, ids, mask, pv):
-    """LlavaForConditionalGeneration.forward(..., logits_to_keep=1), also returning the selected vision features."""
+def _dialogue_batch(enc, dialogues):
+    """Right-padded multi-turn sequences and the positions whose next token is an answer.
+
+    Turn 1 is exactly the evaluation prompt ``USER: <image>\n{q} ASSISTANT:``; later turns follow the
+    LLaVA-1.5 conversation format ``... ASSISTANT: {a}</s>USER: {q} ASSISTANT:``.
+    """
+    import torch
+
+    tok = enc.tok
+    seqs, positions, targets = [], [], []
+    for b, (sample, qas) in enumerate(dialogues):
+        ids: list[int] = []
+        for j, (q, a, _kind) in enumerate(qas):
+            if j == 0:
+                ids = list(enc.ids(q))
+            else:
+                ids += [enc.answer_id(qas[j - 1][1]), tok.eos_token_id]
+                ids += tok(f"USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            positions.append((b, len(ids) - 1))
+            targets.append(enc.answer_id(a))
+        seqs.append(ids)
+    n = max(len(x) for x in seqs)
+    input_ids = torch.full((len(seqs), n), enc.pad_id, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        input_ids[i, : len(x)] = torch.tensor(x)
+    pos = torch.tensor(positions)
+    return input_ids, pos, torch.tensor(targets)
+
+
+def _forward(model, ids, pv, positions, vis_keep=None):
+    """Answer logits at ``positions`` (causal LM on right-padded ids) and the selected vision features.
+
+    ``vis_keep`` (training curriculum only): per row, the indices of the visual tokens to feed the decoder;
+    the others are removed from the sequence (kept tokens keep their original position ids).
+    """
     import torch
 
     m = model.model
@@ -65,9 +98,36 @@ def _forward(model, ids, mask, pv):
         sel = sel[:, 1:]
     feats = m.multi_modal_projector(sel)
     emb = m.get_input_embeddings()(ids)
-    image_mask = (ids == model.config.image_token_id).unsqueeze(-1)
-    emb = emb.masked_scatter(image_mask, feats.to(emb.dtype))
-    h = m.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state[:, -1]
+    image_mask = ids == model.config.image_token_id
+    emb = emb.masked_scatter(image_mask.unsqueeze(-1), feats.to(emb.dtype))
+    position_ids = attention_mask = None
+    if vis_keep is not None:
+        B, n = ids.shape
+        rows, keeps = [], []
+        for b in range(B):
+            vis_pos = image_mask[b].nonzero().squeeze(1)
+            drop = torch.ones(n, dtype=torch.bool)
+            drop[vis_pos] = False
+            keep_vis = torch.zeros(n, dtype=torch.bool)
+            keep_vis[vis_pos[vis_keep[b]]] = True
+            keeps.append((drop | keep_vis).nonzero().squeeze(1))
+        L = max(len(k) for k in keeps)
+        new = emb.new_zeros(B, L, emb.shape[-1])
+        position_ids = torch.zeros(B, L, dtype=torch.long)
+        attention_mask = torch.zeros(B, L, dtype=torch.long)
+        for b, k in enumerate(keeps):
+            new[b, : len(k)] = emb[b, k]
+            position_ids[b, : len(k)] = k
+            attention_mask[b, : len(k)] = 1
+        emb = new
+        remapped = [int(torch.searchsorted(keeps[b], p)) for b, p in positions.tolist()]
+        positions = torch.stack([positions[:, 0], torch.tensor(remapped)], 1)
+    # Right padding + causal attention: real tokens never see the padding, so no mask is needed - except
+    # with gapped position ids: without an explicit attention_mask transformers reads every gap as the start
+    # of a new packed sequence and makes the attention block-diagonal.
+    h = m.language_model(inputs_embeds=emb, position_ids=position_ids,
+                         attention_mask=attention_mask).last_hidden_state
+    h = h[positions[:, 0], positions[:, 1]]
     return model.lm_head(h), sel
 
 
@@ -90,6 +150,9 @@ def train(
     val_size: int = 1000,
     test_size: int = 0,
     eval_every: int = 500,
+    turns: int = 6,
+    bg_keep: float = 0.15,
+    curriculum_until: float = 0.4,
     aux_weight: float = 1.0,
     aux_until: float = 0.5,
     threads: int | None = None,
@@ -133,6 +196,7 @@ def train(
     )
     val = list(scenes.iter_samples("val", seed, val_size))
     history = []
+    bg_rng = np.random.default_rng([seed, 12345])
     t0 = time.time()
     bar = tqdm(range(steps), desc="testbed train", disable=not progress, dynamic_ncols=True)
     ema_loss = None
@@ -140,21 +204,32 @@ def train(
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warmup, final_lr_frac)
-        batch = [scenes.make_sample("train", seed, step * batch_size + j) for j in range(batch_size)]
-        ids, mask = enc.batch([s.question for s in batch])
+        dialogues = [scenes.make_dialogue("train", seed, step * batch_size + j, turns) for j in range(batch_size)]
+        batch = [d[0] for d in dialogues]
+        ids, positions, target = _dialogue_batch(enc, dialogues)
         pv = build.pixel_values([s.image for s in batch], ip)
-        target = torch.tensor([enc.answer_id(s.answer) for s in batch])
-        logits, vis_feats = _forward(model, ids, mask, pv)
+        labels = [scenes.patch_labels(s.objects, build.PATCH_SIZE) for s in batch]
+        bg_frac = bg_keep + (1.0 - bg_keep) * min(1.0, step / max(1.0, curriculum_until * steps))
+        vis_keep = None
+        if bg_frac < 1.0:
+            vis_keep = []
+            for c, _ in labels:
+                obj = np.flatnonzero(c > 0)
+                bg = np.flatnonzero(c == 0)
+                nb = int(round(bg_frac * len(bg)))
+                vis_keep.append(torch.from_numpy(np.sort(np.concatenate([obj, bg_rng.permutation(bg)[:nb]]))))
+        logits, vis_feats = _forward(model, ids, pv, positions, vis_keep)
         loss = torch.nn.functional.cross_entropy(logits, target)
         w_aux = aux_weight * max(0.0, 1.0 - step / max(1.0, aux_until * steps)) if aux_weight else 0.0
         if w_aux > 0:
-            labels = [scenes.patch_labels(s.objects, build.PATCH_SIZE) for s in batch]
             col = torch.from_numpy(np.stack([c for c, _ in labels]))
             shp = torch.from_numpy(np.stack([h for _, h in labels]))
             ce = torch.nn.functional.cross_entropy
-            aux = ce(aux_color(vis_feats).flatten(0, 1), col.flatten()) + ce(aux_shape(vis_feats).flatten(0, 1), shp.flatten())
+            aux = ce(aux_color(vis_feats).flatten(0, 1), col.flatten()) \
+                + ce(aux_shape(vis_feats).flatten(0, 1), shp.flatten())
             loss_total = loss + w_aux * aux
         else:
+            aux = torch.zeros(())
             loss_total = loss
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
@@ -163,7 +238,7 @@ def train(
         acc = (logits.argmax(-1) == target).float().mean().item()
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
-        bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}")
+        bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}", aux=f"{aux.item():.3f}", bg=f"{bg_frac:.2f}")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             r = evaluate(model, tok, val[:250], image_processor=ip)
             history.append({"step": step + 1, "val250": r["overall"], "per_kind": r["per_kind"],
@@ -186,10 +261,18 @@ def train(
         "aux_patch_loss": {"weight": aux_weight, "decays_to_zero_at_step": int(aux_until * steps),
                            "targets": "per-patch colour and shape class (0 = background) of the selected "
                                       "vision features, linear heads, not saved"},
-        "loss": "cross-entropy of the answer token (next token after 'ASSISTANT:'), full vocabulary",
+        "loss": "cross-entropy of the answer tokens (next token after each 'ASSISTANT:'), full vocabulary",
+        "turns": turns,
+        "curriculum": {"background_visual_tokens_kept_at_step_0": bg_keep,
+                       "all_visual_tokens_from_step": int(curriculum_until * steps),
+                       "what": "early steps drop a random part of the pure-background visual tokens from the "
+                               "decoder input (object tokens always kept, original position ids); the "
+                               "fraction grows linearly to 1"},
         "data": {
             "generator": "vtcompile.testbed.scenes",
-            "train_samples_seen": steps * batch_size,
+            "train_images_seen": steps * batch_size,
+            "train_dialogue": f"{turns} questions per image: the sample's own question, then up to "
+                              f"{turns - 1} more about the same scene (LLaVA-1.5 multi-turn format)",
             "train_split": f"train, seed {seed}, indices 0..{steps * batch_size - 1}",
             "val_size": val_size,
             "kinds": list(scenes.KINDS),
@@ -247,6 +330,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--turns", type=int, default=6, help="questions per training image (multi-turn dialogue)")
+    ap.add_argument("--bg-keep", type=float, default=0.15,
+                    help="curriculum: fraction of background visual tokens fed to the decoder at step 0")
+    ap.add_argument("--curriculum-until", type=float, default=0.4,
+                    help="fraction of steps after which all visual tokens are fed")
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary per-patch loss")
     ap.add_argument("--aux-until", type=float, default=0.5, help="fraction of steps over which it decays to 0")
     ap.add_argument("--val-size", type=int, default=1000)
@@ -258,7 +346,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     recipe = train(
         a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-        warmup=a.warmup, aux_weight=a.aux_weight, aux_until=a.aux_until, val_size=a.val_size, test_size=a.test_size, eval_every=a.eval_every,
+        warmup=a.warmup, turns=a.turns, bg_keep=a.bg_keep, curriculum_until=a.curriculum_until, aux_weight=a.aux_weight, aux_until=a.aux_until, val_size=a.val_size, test_size=a.test_size, eval_every=a.eval_every,
         threads=a.threads, overwrite=a.overwrite, progress=not a.no_progress,
     )
     print(json.dumps({"out": str(Path(a.out).resolve()), "val_accuracy": recipe["val_accuracy"],

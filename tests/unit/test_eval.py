@@ -1,0 +1,108 @@
+"""vtcompile eval / evaluate(): JSON schema, JSONL handling and every bad input, on a random-weight model of
+the testbed geometry with real processor files (fast; accuracy of the trained testbed is tested elsewhere)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vtcompile.errors import InputError
+from vtcompile.evaluate import evaluate, load_data
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import torch
+
+    from vtcompile.testbed.build import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model, processor = build_model(seed=0)
+    return save_checkpoint(model, processor, tmp_path_factory.mktemp("ckpt") / "random-testbed")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from vtcompile.testbed.scenes import write_split
+
+    return write_split(tmp_path_factory.mktemp("data"), "test", 6)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "vtcompile", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_eval_json_schema(checkpoint, data):
+    r = run("eval", "--model", str(checkpoint), "--pass", "fastv", "--data", str(data), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["n"] == 6 and res["skipped_bad"] == 0
+    assert set(res["accuracy_by_kind"]) == set(res["count_by_kind"]) and sum(res["count_by_kind"].values()) == 6
+    assert 0 <= res["accuracy"] <= 1 and 0 <= res["fidelity"]["top1_agreement"] <= 1 and res["fidelity"]["mean_kl"] >= 0
+    assert 0 < res["paper_flops_ratio"] < 1 and 0 < res["true_flops_ratio"] < 1
+    assert res["visual_tokens"] == 144 and res["visual_tokens_kept_mean"] == 72
+    assert res["wall_seconds"] > 0 and res["passes"][0]["pass"] == "fastv"
+    table = run("eval", "--model", str(checkpoint), "--data", str(data), "--limit", "3")
+    assert table.returncode == 0 and "overall" in table.stdout and "top-1 agreement" in table.stdout
+
+
+def _write(tmp_path, lines):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_jsonl_lines_name_the_line(tmp_path, data, checkpoint):
+    good = data.read_text().splitlines()[0]
+    image = json.loads(good)["image"]
+    img = str(data.parent / image)
+    cases = [
+        ("{not json", "line 2 of .* is not valid JSON"),
+        (json.dumps({"image": img, "question": "what?"}), "line 2 of .* lacks string field"),
+        ("[1, 2]", "line 2 of .* is not a JSON object"),
+    ]
+    for bad, needle in cases:
+        with pytest.raises(InputError, match=needle):
+            load_data(str(_write(tmp_path, [good.replace(image, img), bad])))
+    samples, skipped = load_data(str(_write(tmp_path, [good.replace(image, img), "{not json"])), skip_bad=True)
+    assert len(samples) == 1 and skipped == 1
+
+
+def test_unreadable_image_and_unknown_answer(tmp_path, checkpoint):
+    from vtcompile import compile_pruned
+
+    cm = compile_pruned(str(checkpoint))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    path = _write(tmp_path, [json.dumps({"image": str(broken), "question": "what color is the circle?",
+                                         "answer": "red"})])
+    with pytest.raises(InputError, match="does not open"):
+        evaluate(cm, str(path), progress=False)
+    ok_img = tmp_path / "ok.png"
+    from PIL import Image
+
+    Image.new("RGB", (96, 96)).save(ok_img)
+    path = _write(tmp_path, [json.dumps({"image": str(ok_img), "question": "what color is the circle?",
+                                         "answer": "magenta-ish"}),
+                             json.dumps({"image": str(ok_img), "question": "what color is the circle?",
+                                         "answer": "red"})])
+    with pytest.raises(InputError, match="not a single token"):
+        evaluate(cm, str(path), progress=False)
+    res = evaluate(cm, str(path), progress=False, skip_bad=True)
+    assert res["n"] == 1 and res["skipped_bad"] == 1
+
+
+def test_checkpoint_without_processor_is_refused(tmp_path, data):
+    from vtcompile.models import load_model
+
+    model = load_model("tiny").model
+    model.save_pretrained(tmp_path / "noproc")
+    r = run("eval", "--model", str(tmp_path / "noproc"), "--data", str(data))
+    assert r.returncode != 0 and "needs the model's processor files" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_data_file():
+    r = run("eval", "--model", "tiny", "--data", "/nonexistent.jsonl")
+    assert r.returncode != 0 and "neither 'testbed' nor an existing JSONL file" in r.stderr
