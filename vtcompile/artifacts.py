@@ -212,22 +212,6 @@ class ArtifactAdapter(LlavaAdapter):
         self.processor = processor
         self._original = None
 
-    @property
-    def geometry(self):
-        return geometry_from_config(self.config)
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.config.image_token_id)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed.weight.device
-
     @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision(pixel_values.to(device=self.device, dtype=self.dtype))

@@ -111,11 +111,11 @@ class LlavaAdapter:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.get_input_embeddings().weight.device
 
     # -- stages ------------------------------------------------------------------------------------
     def decoder_stage(self) -> DecoderStage:
