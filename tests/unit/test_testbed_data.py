@@ -1,0 +1,213 @@
+"""Testbed: scene generator, JSONL splits, and the shipped checkpoint (loads, tokens, accuracy)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vtcompile.testbed import scenes
+
+# ---------------------------------------------------------------------------------------------------
+# generator
+
+
+def test_same_seed_same_samples():
+    a = [scenes.make_sample("test", 7, i) for i in range(10)]
+    b = list(scenes.iter_samples("test", 7, 10))
+    for x, y in zip(a, b):
+        assert x.image.tobytes() == y.image.tobytes()
+        assert (x.question, x.answer, x.kind, x.objects) == (y.question, y.answer, y.kind, y.objects)
+
+
+def test_other_seed_or_split_gives_other_samples():
+    base = {scenes.image_digest(s.image) for s in scenes.iter_samples("train", 0, 40)}
+    for split, seed in (("val", 0), ("test", 0), ("train", 1)):
+        other = {scenes.image_digest(s.image) for s in scenes.iter_samples(split, seed, 40)}
+        assert not base & other, (split, seed)
+
+
+def test_splits_are_disjoint():
+    digests = {split: {scenes.image_digest(s.image) for s in scenes.iter_samples(split, 0, 60)}
+               for split in scenes.SPLITS}
+    assert all(len(d) == 60 for d in digests.values())
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+
+
+def test_unknown_split_or_kind_is_an_error():
+    with pytest.raises(ValueError, match="split"):
+        scenes.make_sample("dev", 0, 0)
+    with pytest.raises(ValueError, match="kind"):
+        scenes.make_sample("train", 0, 0, kind="size")
+
+
+def test_every_kind_present_and_answers_balanced():
+    samples = list(scenes.iter_samples("val", 0, 400))
+    by_kind = collections.Counter(s.kind for s in samples)
+    assert set(by_kind) == set(scenes.KINDS)
+    assert all(v == 400 // len(scenes.KINDS) for v in by_kind.values())
+    expected = {
+        "color": set(scenes.COLOR_NAMES),
+        "shape": set(scenes.SHAPES),
+        "count": set(scenes.NUMBER_WORDS[1:]),
+        "exist": {"yes", "no"},
+        "relpos": set(scenes.RELATIONS),
+    }
+    for kind, answers in expected.items():
+        got = collections.Counter(s.answer for s in samples if s.kind == kind)
+        assert set(got) == answers, kind
+        # no answer dominates: the question text alone cannot be answered
+        assert max(got.values()) / sum(got.values()) < 2.5 / len(answers), (kind, got)
+
+
+def test_scenes_are_consistent_with_answers():
+    for s in scenes.iter_samples("train", 3, 150):
+        objs = s.objects
+        assert 1 <= len(objs) <= scenes.MAX_OBJECTS
+        assert s.image.size == (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE) and s.image.mode == "RGB"
+        for i, a in enumerate(objs):  # inside the image, non-overlapping
+            assert 0 <= a.x and a.x + a.side <= scenes.IMAGE_SIZE
+            assert 0 <= a.y and a.y + a.side <= scenes.IMAGE_SIZE
+            for b in objs[i + 1:]:
+                assert not scenes._overlaps((a.x, a.y, a.side), (b.x, b.y, b.side))
+        words = s.question.rstrip("?").split()
+        if s.kind == "color":
+            assert [o.color for o in objs if o.shape == words[-1]] == [s.answer]
+        elif s.kind == "shape":
+            assert [o.shape for o in objs if o.color == words[-2]] == [s.answer]
+        elif s.kind == "count":
+            attr = words[2]
+            n = sum(o.color == attr or scenes.SHAPE_PLURALS[o.shape] == attr for o in objs)
+            assert scenes.NUMBER_WORDS[n] == s.answer
+        elif s.kind == "exist":
+            color, shape = words[-2], words[-1]
+            assert any(o.color == color and o.shape == shape for o in objs) == (s.answer == "yes")
+        elif s.kind == "relpos":
+            (c1, s1), (c2, s2) = (words[3], words[4]), (words[-2], words[-1])
+            a = [o for o in objs if (o.color, o.shape) == (c1, s1)]
+            b = [o for o in objs if (o.color, o.shape) == (c2, s2)]
+            assert len(a) == len(b) == 1
+            assert scenes._relation(a[0], b[0]) == s.answer
+
+
+def test_jsonl_round_trip(tmp_path):
+    path = scenes.write_split(tmp_path, "val", 12, seed=5)
+    assert path == tmp_path / "val.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 12
+    raw = json.loads(lines[0])
+    assert set(raw) == {"image", "question", "answer", "kind"} and not raw["image"].startswith("/")
+    records = scenes.read_jsonl(path)
+    for rec, s in zip(records, scenes.iter_samples("val", 5, 12)):
+        assert (rec["question"], rec["answer"], rec["kind"]) == (s.question, s.answer, s.kind)
+        with Image.open(rec["image"]) as im:
+            assert im.size == (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
+            assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(s.image))
+
+
+# ---------------------------------------------------------------------------------------------------
+# shipped checkpoint
+
+torch = pytest.importorskip("torch")
+
+
+def _shipped() -> bool:
+    from vtcompile.testbed import CheckpointMissingError, checkpoint_dir
+
+    try:
+        checkpoint_dir()
+        return True
+    except CheckpointMissingError:
+        return False
+
+
+# The trained checkpoint has not met the quality bar yet (issue 3 open); these run as soon as it ships.
+pytestmark_checkpoint = pytest.mark.skipif(not _shipped(), reason="testbed checkpoint not shipped yet (issue 3)")
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vtcompile.testbed import checkpoint_dir
+
+    path = checkpoint_dir()
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+@pytestmark_checkpoint
+def test_checkpoint_is_small_and_complete():
+    from vtcompile.testbed import checkpoint_dir
+
+    path = checkpoint_dir()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 20 * 2**20
+    recipe = json.loads((path / "recipe.json").read_text())
+    assert {"seed", "steps", "batch_size", "lr", "train_time_s", "val_accuracy"} <= set(recipe)
+    assert set(scenes.KINDS) <= set(recipe["val_accuracy"])
+
+
+@pytestmark_checkpoint
+def test_checkpoint_loads_with_expected_geometry(testbed):
+    from vtcompile.testbed import build
+
+    model, processor = testbed
+    cfg = model.config
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.dtype == torch.float32
+    assert cfg.vision_config.model_type == "clip_vision_model" and cfg.text_config.model_type == "llama"
+    assert cfg.text_config.num_hidden_layers >= 6
+    assert cfg.vision_feature_select_strategy == "default"
+    assert (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 == build.NUM_VISUAL_TOKENS >= 144
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == cfg.image_token_id
+    for t in ("<pad>", "<s>", "</s>", "<unk>"):
+        assert processor.tokenizer.convert_tokens_to_ids(t) != processor.tokenizer.unk_token_id or t == "<unk>"
+
+
+@pytestmark_checkpoint
+def test_processor_expands_image_token(testbed):
+    from vtcompile.testbed import build
+
+    model, processor = testbed
+    s = scenes.make_sample("test", 0, 0)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == scenes.format_prompt(s.question)
+    enc = processor(images=s.image, text=prompt, return_tensors="pt")
+    ids = enc["input_ids"][0]
+    assert int((ids == model.config.image_token_id).sum()) == build.NUM_VISUAL_TOKENS
+    assert processor.tokenizer.unk_token_id not in ids.tolist()
+    assert enc["pixel_values"].shape == (1, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
+    # the fast path used by training/evaluation is the processor, bit for bit (ids) / to float eps (pixels)
+    fast_ids, _ = build.PromptEncoder(processor.tokenizer).batch([s.question])
+    assert torch.equal(fast_ids, enc["input_ids"])
+    assert torch.allclose(build.pixel_values([s.image], processor.image_processor), enc["pixel_values"], atol=1e-5)
+    for answer in scenes.answer_words():
+        assert len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"]) == 1
+
+
+# Quality bar of the shipped model is >= 90% on the test split (see recipe.json / the train report); on this
+# fixed 60-question slice we allow a 7-point margin for the small sample.
+SLICE_BAR = 0.83
+
+
+@pytestmark_checkpoint
+def test_accuracy_on_fixed_test_slice(testbed):
+    model, processor = testbed
+    samples = list(scenes.iter_samples("test", 0, 60))
+    prompts = [scenes.format_prompt(s.question) for s in samples]
+    enc = processor(images=[s.image for s in samples], text=prompts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**enc).logits[:, -1]
+    pred = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    right = [p == s.answer for p, s in zip(pred, samples)]
+    acc = sum(right) / len(right)
+    assert acc >= SLICE_BAR, f"accuracy {acc:.3f} on 60 test questions < {SLICE_BAR}"
