@@ -98,8 +98,10 @@ class PromptEncoder:
 
     def __init__(self, processor, template: str):
         if processor is None:
-            raise InputError("evaluation needs the model's processor files (tokenizer + image processor); the "
-                             "checkpoint has none. Save them next to the weights (processor.save_pretrained(DIR)).")
+            raise InputError("reading prompts from a data set (eval, calibration) needs the model's processor files "
+                             "(tokenizer + image processor); this model has none. Save them next to the weights "
+                             "(processor.save_pretrained(DIR)), or calibrate a random-weight model with "
+                             "--calibration synthetic.")
         self.processor = processor
         self.tok = processor.tokenizer
         self.tok.padding_side = "left"
