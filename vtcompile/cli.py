@@ -303,6 +303,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_testbed_data(args) -> int:
+    from .errors import InputError
+    from .testbed.scenes import write_split
+
+    if args.n < 1:
+        raise InputError(f"-n must be >= 1, found {args.n}")
+    for split in args.split:
+        path = write_split(args.out, split, args.n, args.seed)
+        _log(f"wrote {args.n} {split} samples: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
@@ -381,6 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("testbed", help="the shipped testbed model: train it from scratch, write its data as JSONL",
+                       description="The testbed is a small LLaVA (CLIP vision tower + Llama decoder) trained on "
+                                   "synthetic scenes; it ships with the package as the default --model.")
+    tsub = p.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", add_help=False, help="train a testbed checkpoint from scratch on the CPU "
+                                                      "(`vtcompile testbed train --help` lists its options)")
+    t = tsub.add_parser("data", help="write testbed splits as PNG images + JSONL (the format `vtcompile eval --data` "
+                                     "reads)")
+    t.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for <split>.jsonl and images/")
+    t.add_argument("--split", action="append", choices=["train", "val", "test"],
+                   help="split to write (repeatable; default: test)")
+    t.add_argument("-n", type=int, default=500, help="samples per split (default 500)")
+    t.add_argument("--seed", type=int, default=0, help="generator seed (default 0, the shipped model's)")
+    t.set_defaults(func=cmd_testbed_data, split=None)
+
     p = sub.add_parser("passes", help="list the registered passes and their fields")
     p.set_defaults(func=cmd_passes)
     p = sub.add_parser("models", help="list model presets and whether local weights were found")
@@ -393,7 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["testbed", "train"]:  # its own parser (argparse's REMAINDER would swallow no leading option)
+        from .testbed.train import main as train_main
+
+        return train_main(argv[2:])
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is cmd_testbed_data and not args.split:
+        args.split = ["test"]
 
     try:
         return args.func(args)

@@ -67,3 +67,21 @@ def test_existing_output_dir_is_refused_unless_force(tmp_path):
     r = run("optimize", "--out", str(out), "--no-check", "--force")
     assert r.returncode == 0, r.stderr
     assert (out / "manifest.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_testbed_data_writes_jsonl_that_eval_reads(tmp_path):
+    from vtcompile.evaluate import load_data
+
+    r = run("testbed", "data", "--out", str(tmp_path), "-n", "4", "--split", "val", "--split", "test")
+    assert r.returncode == 0, r.stderr
+    for split in ("val", "test"):
+        samples, bad = load_data(str(tmp_path / f"{split}.jsonl"))
+        assert len(samples) == 4 and bad == 0
+        assert {s.kind for s in samples} <= {"color", "shape", "count", "exist", "relpos"}
+    r = run("testbed", "data", "--out", str(tmp_path), "-n", "0")
+    assert r.returncode != 0 and "-n must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_testbed_train_help_lists_its_options():
+    r = run("testbed", "train", "--help")
+    assert r.returncode == 0 and "--out" in r.stdout and "--turn-weights" in r.stdout

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -139,11 +140,10 @@ def render(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> Image.
     return img
 
 
-def patch_labels(objects, patch: int = 8, min_pixels: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patch (colour, shape) class of the object covering most of the patch (0 = background).
+def patch_objects(objects, patch: int = 8, min_pixels: int = 6) -> np.ndarray:
+    """Per-patch index of the object covering most of the patch (at least ``min_pixels``), -1 = background.
 
-    Row-major over the (IMAGE_SIZE // patch)^2 grid; colour class i+1 = COLOR_NAMES[i], shape class
-    i+1 = SHAPES[i]. Used as an auxiliary training target for the vision tower.
+    Row-major over the (IMAGE_SIZE // patch)^2 grid.
     """
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(mask)
@@ -152,17 +152,71 @@ def patch_labels(objects, patch: int = 8, min_pixels: int = 6) -> tuple[np.ndarr
     m = np.asarray(mask)
     g = IMAGE_SIZE // patch
     blocks = m.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
-    colors = np.zeros(g * g, dtype=np.int64)
-    shapes = np.zeros(g * g, dtype=np.int64)
-    for i, obj in enumerate(objects):
-        cnt = (blocks == i + 1).sum(1)
-        own = cnt >= min_pixels
-        if i:  # the patch goes to the object covering most of it
-            best = np.stack([(blocks == j + 1).sum(1) for j in range(len(objects))]).argmax(0)
-            own &= best == i
-        colors[own] = COLOR_NAMES.index(obj.color) + 1
-        shapes[own] = SHAPES.index(obj.shape) + 1
-    return colors, shapes
+    owner = np.full(g * g, -1, dtype=np.int64)
+    if not objects:
+        return owner
+    counts = np.stack([(blocks == i + 1).sum(1) for i in range(len(objects))])  # [n_obj, patches]
+    best = counts.argmax(0)
+    own = counts.max(0) >= min_pixels
+    owner[own] = best[own]
+    return owner
+
+
+def patch_labels(objects, patch: int = 8, min_pixels: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch (colour, shape) class of the object covering most of the patch (0 = background).
+
+    Row-major over the (IMAGE_SIZE // patch)^2 grid; colour class i+1 = COLOR_NAMES[i], shape class
+    i+1 = SHAPES[i]. Used as an auxiliary training target for the vision tower.
+    """
+    owner = patch_objects(objects, patch, min_pixels)
+    color_of = np.array([0] + [COLOR_NAMES.index(o.color) + 1 for o in objects], dtype=np.int64)
+    shape_of = np.array([0] + [SHAPES.index(o.shape) + 1 for o in objects], dtype=np.int64)
+    return color_of[owner + 1], shape_of[owner + 1]
+
+
+def patch_anchors(objects, patch: int = 8, min_pixels: int = 6) -> np.ndarray:
+    """Per object, the index of its first patch in row-major order (-1 if it owns none): one token per object,
+    the unit a count is made of whatever the object's size."""
+    owner = patch_objects(objects, patch, min_pixels)
+    out = np.full(len(objects), -1, dtype=np.int64)
+    for i in range(len(objects)):
+        hits = np.flatnonzero(owner == i)
+        if len(hits):
+            out[i] = hits[0]
+    return out
+
+
+_Q_EVIDENCE = (
+    (re.compile(r"^what color is the (\w+)\?$"), lambda o, m: o.shape == m[1]),
+    (re.compile(r"^what shape is the (\w+) object\?$"), lambda o, m: o.color == m[1]),
+    (re.compile(r"^how many (\w+) objects are there\?$"), lambda o, m: o.color == m[1]),
+    (re.compile(r"^how many (\w+) are there\?$"), lambda o, m: SHAPE_PLURALS[o.shape] == m[1]),
+)
+_EXIST = re.compile(r"^is there a (\w+) (\w+)\?$")
+_RELPOS = re.compile(r"^where is the (\w+) (\w+) relative to the (\w+) (\w+)\?$")
+
+
+def evidence(objects, question: str) -> list[list[int]]:
+    """Indices of the objects a question is about (the image regions its answer depends on), in groups:
+    relative position gives [[first object], [second object]], every other kind a single group.
+
+    Existence: the matching objects if there are any, otherwise the objects that share the colour or the
+    shape (the near misses that have to be ruled out), otherwise every object.
+    """
+    m = _RELPOS.match(question)
+    if m:
+        return [[i for i, o in enumerate(objects) if (o.color, o.shape) == (m[1], m[2])],
+                [i for i, o in enumerate(objects) if (o.color, o.shape) == (m[3], m[4])]]
+    m = _EXIST.match(question)
+    if m:
+        both = [i for i, o in enumerate(objects) if (o.color, o.shape) == (m[1], m[2])]
+        either = [i for i, o in enumerate(objects) if o.color == m[1] or o.shape == m[2]]
+        return [both or either or list(range(len(objects)))]
+    for pat, pred in _Q_EVIDENCE:
+        m = pat.match(question)
+        if m:
+            return [[i for i, o in enumerate(objects) if pred(o, m)]]
+    raise ValueError(f"not a testbed question: {question!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,11 +415,13 @@ def make_sample(split: str, seed: int, index: int, kind: str | None = None) -> S
     return Sample(image=image, question=question, answer=answer, kind=kind, objects=objs, index=index)
 
 
-def scene_questions(objects, rng: np.random.Generator, n: int, exclude=()) -> list[tuple[str, str, str]]:
+def scene_questions(objects, rng: np.random.Generator, n: int, exclude=(),
+                    kind_weights: dict[str, int] | None = None) -> list[tuple[str, str, str]]:
     """Up to ``n`` further (question, answer, kind) about an existing scene, one kind after another.
 
     Used for multi-turn training dialogues (several answers per image); answers here are only as balanced
     as the scene allows, which is why evaluation uses the conditioned first question of each sample.
+    ``kind_weights`` (default 1 each) repeats a kind in the cycle, so the harder kinds get more answers per image.
     """
     objs = list(objects)
     shape_count = {s: sum(o.shape == s for o in objs) for s in SHAPES}
@@ -396,7 +452,12 @@ def scene_questions(objects, rng: np.random.Generator, n: int, exclude=()) -> li
             cands["exist"].append((f"is there a {c} {sh}?", "yes" if (c, sh) in pairs else "no"))
     asked = set(exclude)
     out = []
-    kinds = [KINDS[i] for i in rng.permutation(len(KINDS))]
+    weights = kind_weights or {}
+    unknown = set(weights) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown question kind(s) {sorted(unknown)}; expected some of {KINDS}")
+    cycle = [k for k in KINDS for _ in range(int(weights.get(k, 1)))]
+    kinds = [cycle[i] for i in rng.permutation(len(cycle))]
     for i in range(n):
         kind = kinds[i % len(kinds)]
         pool = [qa for qa in cands[kind] if qa[0] not in asked]
@@ -410,11 +471,13 @@ def scene_questions(objects, rng: np.random.Generator, n: int, exclude=()) -> li
     return out
 
 
-def make_dialogue(split: str, seed: int, index: int, turns: int) -> tuple[Sample, list[tuple[str, str, str]]]:
+def make_dialogue(split: str, seed: int, index: int, turns: int,
+                  kind_weights: dict[str, int] | None = None) -> tuple[Sample, list[tuple[str, str, str]]]:
     """Sample ``index`` plus up to ``turns - 1`` further questions about the same image (training only)."""
     s = make_sample(split, seed, index)
     rng = np.random.default_rng([SPLITS[split], int(seed), int(index), 1])
-    extra = scene_questions(s.objects, rng, turns - 1, exclude=(s.question,)) if turns > 1 else []
+    extra = (scene_questions(s.objects, rng, turns - 1, exclude=(s.question,), kind_weights=kind_weights)
+             if turns > 1 else [])
     return s, [(s.question, s.answer, s.kind)] + extra
 
 

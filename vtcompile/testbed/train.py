@@ -55,39 +55,71 @@ def evaluate(model, tokenizer, samples, batch_size: int = 64, image_processor=No
 
 
 def _dialogue_batch(enc, dialogues):
-    """Right-padded multi-turn sequences and the positions whose next token is an answer.
+    """Right-padded multi-turn sequences, the positions whose next token is an answer, the answers, per
+    answer four 0/1 masks over the sequence (the grounding targets of the first and second half of the
+    attention heads: in layers >= 1 the two objects of a relative-position question, the evidence tokens
+    twice otherwise, for a count one token per object; in layer 0 the words naming those two objects, the
+    whole question twice otherwise), and per row the mask of the visual tokens of any object.
 
     Turn 1 is exactly the evaluation prompt ``USER: <image>\n{q} ASSISTANT:``; later turns follow the
     LLaVA-1.5 conversation format ``... ASSISTANT: {a}</s>USER: {q} ASSISTANT:``.
     """
+    import numpy as np
     import torch
 
     tok = enc.tok
-    seqs, positions, targets = [], [], []
+    seqs, positions, targets, evidence, objects = [], [], [], [], []
     for b, (sample, qas) in enumerate(dialogues):
         ids: list[int] = []
-        for j, (q, a, _kind) in enumerate(qas):
+        owner = scenes.patch_objects(sample.objects, build.PATCH_SIZE)
+        anchors = scenes.patch_anchors(sample.objects, build.PATCH_SIZE)
+        first_visual = enc.ids(qas[0][0]).index(enc.image_id)
+        objects.append(first_visual + np.flatnonzero(owner >= 0))
+        for j, (q, a, kind) in enumerate(qas):
             if j == 0:
                 ids = list(enc.ids(q))
+                q_start = first_visual + build.NUM_VISUAL_TOKENS
             else:
                 ids += [enc.answer_id(qas[j - 1][1]), tok.eos_token_id]
+                q_start = len(ids) + 2  # after "USER:"
                 ids += tok(f"USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            question = np.arange(q_start, len(ids) - 2)  # the question's words, before "ASSISTANT:"
+            if kind == "relpos":  # "where is the C1 S1 relative to the C2 S2 ?": each half reads its object
+                words = [question[[3, 4]], question[[8, 9]]]
+            else:
+                words = [question, question]
             positions.append((b, len(ids) - 1))
             targets.append(enc.answer_id(a))
+            groups = scenes.evidence(sample.objects, q)
+            if kind == "count":  # one token per object: what a count is made of
+                cols = [anchors[np.asarray(g, dtype=np.int64)] for g in groups]
+                cols = [c[c >= 0] for c in cols]
+            else:
+                cols = [np.flatnonzero(np.isin(owner, g)) for g in groups]
+            evidence.append([first_visual + c for c in (cols if len(cols) == 2 else cols * 2)] + words)
         seqs.append(ids)
     n = max(len(x) for x in seqs)
     input_ids = torch.full((len(seqs), n), enc.pad_id, dtype=torch.long)
     for i, x in enumerate(seqs):
         input_ids[i, : len(x)] = torch.tensor(x)
+    ev = torch.zeros(len(evidence), 4, n)
+    for i, groups in enumerate(evidence):
+        for g, cols in enumerate(groups):
+            ev[i, g, torch.from_numpy(cols)] = 1.0
+    obj = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for i, cols in enumerate(objects):
+        obj[i, torch.from_numpy(cols)] = True
     pos = torch.tensor(positions)
-    return input_ids, pos, torch.tensor(targets)
+    return input_ids, pos, torch.tensor(targets), ev, obj
 
 
-def _forward(model, ids, pv, positions, vis_keep=None):
-    """Answer logits at ``positions`` (causal LM on right-padded ids) and the selected vision features.
+def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 1.0, rng=None):
+    """Answer logits at ``positions`` (causal LM on right-padded ids), the selected vision features, the
+    decoder's per-layer attention weights (eager attention: training only) and the sequence layout they
+    refer to: (ids, evidence) after the curriculum's removals.
 
-    ``vis_keep`` (training curriculum only): per row, the indices of the visual tokens to feed the decoder;
-    the others are removed from the sequence (kept tokens keep their original position ids).
+    ``bg_frac`` < 1 (curriculum): each row keeps only that fraction (random) of its background visual tokens
+    (tokens of no object); the removed tokens leave the sequence, the others keep their position ids.
     """
     import torch
 
@@ -101,34 +133,33 @@ def _forward(model, ids, pv, positions, vis_keep=None):
     image_mask = ids == model.config.image_token_id
     emb = emb.masked_scatter(image_mask.unsqueeze(-1), feats.to(emb.dtype))
     position_ids = attention_mask = None
-    if vis_keep is not None:
+    if bg_frac < 1.0:
         B, n = ids.shape
-        rows, keeps = [], []
+        q_row = positions[:, 0]
+        keeps = []
         for b in range(B):
-            vis_pos = image_mask[b].nonzero().squeeze(1)
-            drop = torch.ones(n, dtype=torch.bool)
-            drop[vis_pos] = False
-            keep_vis = torch.zeros(n, dtype=torch.bool)
-            keep_vis[vis_pos[vis_keep[b]]] = True
-            keeps.append((drop | keep_vis).nonzero().squeeze(1))
+            bg = (image_mask[b] & ~object_mask[b]).nonzero().squeeze(1)
+            drop = bg[torch.from_numpy(rng.permutation(len(bg))[int(round(bg_frac * len(bg))):]).long()]
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[drop] = False
+            keeps.append(keep.nonzero().squeeze(1))
         L = max(len(k) for k in keeps)
-        new = emb.new_zeros(B, L, emb.shape[-1])
-        position_ids = torch.zeros(B, L, dtype=torch.long)
-        attention_mask = torch.zeros(B, L, dtype=torch.long)
-        for b, k in enumerate(keeps):
-            new[b, : len(k)] = emb[b, k]
-            position_ids[b, : len(k)] = k
-            attention_mask[b, : len(k)] = 1
-        emb = new
-        remapped = [int(torch.searchsorted(keeps[b], p)) for b, p in positions.tolist()]
-        positions = torch.stack([positions[:, 0], torch.tensor(remapped)], 1)
+        index = torch.stack([torch.cat([k, k.new_full((L - len(k),), n - 1)]) for k in keeps])  # [B, L]
+        valid = torch.arange(L)[None] < torch.tensor([len(k) for k in keeps])[:, None]
+        emb = emb.gather(1, index[..., None].expand(-1, -1, emb.shape[-1]))
+        ids = torch.where(valid, ids.gather(1, index), ids.new_full((), -1))
+        position_ids = torch.where(valid, index, 0)
+        attention_mask = valid.long()
+        evidence = evidence.gather(2, index[q_row][:, None].expand(-1, evidence.shape[1], -1))
+        new_pos = torch.tensor([int(torch.searchsorted(keeps[b], p)) for b, p in positions.tolist()])
+        positions = torch.stack([q_row, new_pos], 1)
     # Right padding + causal attention: real tokens never see the padding, so no mask is needed - except
     # with gapped position ids: without an explicit attention_mask transformers reads every gap as the start
     # of a new packed sequence and makes the attention block-diagonal.
-    h = m.language_model(inputs_embeds=emb, position_ids=position_ids,
-                         attention_mask=attention_mask).last_hidden_state
-    h = h[positions[:, 0], positions[:, 1]]
-    return model.lm_head(h), sel
+    out = m.language_model(inputs_embeds=emb, position_ids=position_ids, attention_mask=attention_mask,
+                           output_attentions=True)
+    h = out.last_hidden_state[positions[:, 0], positions[:, 1]]
+    return model.lm_head(h), sel, out.attentions, ids, positions, evidence
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float) -> float:
@@ -138,23 +169,97 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float) -> 
     return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+class _PatchHeads:
+    """Linear probes on the selected vision features: colour / shape of the object under each patch
+    (0 = background), whether the patch is an object's first patch (one per object), and the patch's row and
+    column as numbers. Training aids only, never saved."""
+
+    def __init__(self, width: int):
+        import torch
+
+        self.grid = build.IMAGE_SIZE // build.PATCH_SIZE
+        self.color = torch.nn.Linear(width, len(scenes.COLOR_NAMES) + 1)
+        self.shape = torch.nn.Linear(width, len(scenes.SHAPES) + 1)
+        self.anchor = torch.nn.Linear(width, 2)
+        self.where = torch.nn.Linear(width, 2)
+
+    def named_parameters(self):
+        for name in ("color", "shape", "anchor", "where"):
+            for n, p in getattr(self, name).named_parameters():
+                yield f"aux_{name}.{n}", p
+
+    @staticmethod
+    def targets(objects):
+        colors, shapes = scenes.patch_labels(objects, build.PATCH_SIZE)
+        anchor = scenes.patch_anchors(objects, build.PATCH_SIZE)
+        return colors, shapes, anchor[anchor >= 0]
+
+    def loss(self, feats, targets):
+        import numpy as np
+        import torch
+
+        ce = torch.nn.functional.cross_entropy
+        B, N, _ = feats.shape
+        col = torch.from_numpy(np.stack([t[0] for t in targets])).flatten()
+        shp = torch.from_numpy(np.stack([t[1] for t in targets])).flatten()
+        anc = torch.zeros(B, N, dtype=torch.long)
+        for b, t in enumerate(targets):
+            anc[b, torch.from_numpy(t[2])] = 1
+        f = feats.flatten(0, 1)
+        idx = torch.arange(N)
+        where = torch.stack([idx // self.grid, idx % self.grid], -1).float() / (self.grid - 1) * 2 - 1
+        mse = torch.nn.functional.mse_loss(self.where(f), where.repeat(B, 1))
+        return ce(self.color(f), col) + ce(self.shape(f), shp) + ce(self.anchor(f), anc.flatten()) + mse
+
+
+def _attention_loss(attentions, layers, ids, image_id, positions, targets):
+    """Grounding loss: layer 0 - the answer position reads its question: -log(share of its attention, mean
+    over each half of the heads, on that half's words: the two named objects of a relative-position question,
+    the whole question otherwise); the layers in ``layers`` - it looks at the evidence: -log(share of its
+    visual attention, mean over each half of the heads, on that half's evidence tokens). Mean of the terms."""
+    import torch
+
+    b_idx, p_idx = positions[:, 0], positions[:, 1]
+    v = (ids == image_id)[b_idx]  # [Q, S]
+    att0 = attentions[0][b_idx, :, p_idx, :]
+    half = att0.shape[1] // 2
+    terms = [-torch.log((heads.mean(1) * targets[:, 2 + g]).sum(-1) + 1e-6).mean()
+             for g, heads in enumerate((att0[:, :half], att0[:, half:]))]
+    for layer in layers:
+        att = attentions[layer][b_idx, :, p_idx, :]  # [Q, H, S]
+        half = att.shape[1] // 2
+        for g, heads in enumerate((att[:, :half], att[:, half:])):
+            a = heads.mean(1)
+            mass_v = (a * v).sum(-1)
+            mass_e = (a * targets[:, g]).sum(-1)
+            terms.append(-torch.log(mass_e / mass_v.clamp_min(1e-9) + 1e-6).mean())
+    return sum(terms) / len(terms)
+
+
 def train(
     out_dir: str | os.PathLike,
     seed: int = 0,
-    steps: int = 3000,
-    batch_size: int = 32,
+    steps: int = 2000,
+    batch_size: int = 16,
     lr: float = 1e-3,
     weight_decay: float = 0.05,
     warmup: int = 100,
     final_lr_frac: float = 0.05,
+    vision_steps: int = 800,
+    vision_batch_size: int = 32,
+    vision_lr: float = 2e-3,
     val_size: int = 1000,
     test_size: int = 0,
-    eval_every: int = 500,
+    eval_every: int = 250,
     turns: int = 6,
-    bg_keep: float = 0.15,
-    curriculum_until: float = 0.4,
+    turn_weights: dict[str, int] | None = None,
     aux_weight: float = 1.0,
-    aux_until: float = 0.5,
+    attn_weight: float = 1.0,
+    attn_until: float = 0.7,
+    attn_layers: tuple[int, ...] | None = None,
+    bg_start: float = 0.0,
+    bg_from: float = 0.15,
+    bg_until: float = 0.45,
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -176,75 +281,94 @@ def train(
     tok = processor.tokenizer
     enc = build.PromptEncoder(tok)
     ip = processor.image_processor
+    image_id = model.config.image_token_id
+    n_layers = model.config.text_config.num_hidden_layers
+    attn_layers = list(attn_layers) if attn_layers else list(range(1, n_layers))
+    if any(not 0 <= i < n_layers for i in attn_layers):
+        raise ValueError(f"attn_layers {attn_layers} outside 0..{n_layers - 1}")
+    torch.manual_seed(seed)
+    heads = _PatchHeads(model.config.vision_config.hidden_size)
+    t0 = time.time()
+    history = []
 
-    # Auxiliary per-patch heads (colour / shape of the object under each patch) on the selected vision
-    # features: they ground the from-scratch vision tower early (the answer loss alone sits on the
-    # text-prior plateau for thousands of steps) and keep object evidence local to its patches. Their
-    # weight decays to 0 over the first ``aux_until`` of training; the heads are not saved.
-    vh = model.config.vision_config.hidden_size
-    aux_color = torch.nn.Linear(vh, len(scenes.COLOR_NAMES) + 1)
-    aux_shape = torch.nn.Linear(vh, len(scenes.SHAPES) + 1)
-    decay, no_decay = [], []
-    named = list(model.named_parameters()) + [(f"aux_color.{n}", p) for n, p in aux_color.named_parameters()] \
-        + [(f"aux_shape.{n}", p) for n, p in aux_shape.named_parameters()]
+    # Phase 1: the vision tower alone learns what is under each patch (colour, shape, row, column) - a
+    # from-scratch ViT behind an answer-only loss sits on the text-prior plateau for thousands of steps.
+    vt = model.model.vision_tower
+    opt_v = torch.optim.AdamW(list(vt.parameters()) + [p for _, p in heads.named_parameters()],
+                              lr=vision_lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    bar = tqdm(range(vision_steps), desc="testbed train (1/2 vision)", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for g in opt_v.param_groups:
+            g["lr"] = _lr_at(step, vision_steps, vision_lr, min(warmup, vision_steps // 5), 0.1)
+        batch = [scenes.make_sample("train", seed, 10_000_000 + step * vision_batch_size + j)
+                 for j in range(vision_batch_size)]
+        pv = build.pixel_values([s.image for s in batch], ip)
+        labels = [_PatchHeads.targets(s.objects) for s in batch]
+        feats = vt(pv, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+        loss = heads.loss(feats, labels)
+        opt_v.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_v.step()
+        bar.set_postfix(patch_loss=f"{loss.item():.3f}")
+    vision_time = time.time() - t0
+
+    # Phase 2: everything end to end on multi-turn dialogues; the answer loss, the patch probes (kept on so
+    # the evidence stays local to its patches) and a grounding loss that decays to 0: the answer position's
+    # attention (layers >= 1, head mean) should land on the visual tokens of the objects the question is
+    # about. It only gets the decoder past its needle-in-a-haystack plateau; the final model is trained by
+    # the answer loss alone for the last (1 - attn_until) of the steps.
+    named = list(model.named_parameters()) + list(heads.named_parameters())
+    decayed = [p.ndim >= 2 and "embed" not in n and "norm" not in n for n, p in named]
     params = [p for _, p in named]
-    for name, p in named:
-        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": [p for p, d in zip(params, decayed) if d], "weight_decay": weight_decay},
+         {"params": [p for p, d in zip(params, decayed) if not d], "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.98), eps=1e-8,
     )
+    text_cfg = model.config.text_config
+    attn_impl = text_cfg._attn_implementation
+    text_cfg._attn_implementation = "eager"  # attention weights for the grounding loss (training only)
     val = list(scenes.iter_samples("val", seed, val_size))
-    history = []
     bg_rng = np.random.default_rng([seed, 12345])
-    t0 = time.time()
-    bar = tqdm(range(steps), desc="testbed train", disable=not progress, dynamic_ncols=True)
-    ema_loss = None
-    ema_acc = None
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup, final_lr_frac)
-        dialogues = [scenes.make_dialogue("train", seed, step * batch_size + j, turns) for j in range(batch_size)]
-        batch = [d[0] for d in dialogues]
-        ids, positions, target = _dialogue_batch(enc, dialogues)
-        pv = build.pixel_values([s.image for s in batch], ip)
-        labels = [scenes.patch_labels(s.objects, build.PATCH_SIZE) for s in batch]
-        bg_frac = bg_keep + (1.0 - bg_keep) * min(1.0, step / max(1.0, curriculum_until * steps))
-        vis_keep = None
-        if bg_frac < 1.0:
-            vis_keep = []
-            for c, _ in labels:
-                obj = np.flatnonzero(c > 0)
-                bg = np.flatnonzero(c == 0)
-                nb = int(round(bg_frac * len(bg)))
-                vis_keep.append(torch.from_numpy(np.sort(np.concatenate([obj, bg_rng.permutation(bg)[:nb]]))))
-        logits, vis_feats = _forward(model, ids, pv, positions, vis_keep)
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        w_aux = aux_weight * max(0.0, 1.0 - step / max(1.0, aux_until * steps)) if aux_weight else 0.0
-        if w_aux > 0:
-            col = torch.from_numpy(np.stack([c for c, _ in labels]))
-            shp = torch.from_numpy(np.stack([h for _, h in labels]))
-            ce = torch.nn.functional.cross_entropy
-            aux = ce(aux_color(vis_feats).flatten(0, 1), col.flatten()) \
-                + ce(aux_shape(vis_feats).flatten(0, 1), shp.flatten())
-            loss_total = loss + w_aux * aux
-        else:
-            aux = torch.zeros(())
-            loss_total = loss
-        opt.zero_grad(set_to_none=True)
-        loss_total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        acc = (logits.argmax(-1) == target).float().mean().item()
-        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
-        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
-        bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}", aux=f"{aux.item():.3f}", bg=f"{bg_frac:.2f}")
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            r = evaluate(model, tok, val[:250], image_processor=ip)
-            history.append({"step": step + 1, "val250": r["overall"], "per_kind": r["per_kind"],
-                            "time_s": round(time.time() - t0, 1)})
-            tqdm.write(f"step {step + 1}: val(250) {r['overall']:.3f} "
-                       + " ".join(f"{k}={v:.2f}" for k, v in r["per_kind"].items()))
+    bar = tqdm(range(steps), desc="testbed train (2/2 end to end)", disable=not progress, dynamic_ncols=True)
+    ema: dict[str, float] = {}
+    try:
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, steps, lr, warmup, final_lr_frac)
+            dialogues = [scenes.make_dialogue("train", seed, step * batch_size + j, turns, turn_weights) for j in range(batch_size)]
+            ids, positions, target, evid, obj = _dialogue_batch(enc, dialogues)
+            pv = build.pixel_values([d[0].image for d in dialogues], ip)
+            labels = [_PatchHeads.targets(d[0].objects) for d in dialogues]
+            ramp = (step - bg_from * steps) / max(1.0, (bg_until - bg_from) * steps)
+            bg_frac = bg_start + (1.0 - bg_start) * min(1.0, max(0.0, ramp))
+            logits, feats, attentions, ids, positions, evid = _forward(
+                model, ids, pv, positions, evid, obj, bg_frac, bg_rng)
+            loss = torch.nn.functional.cross_entropy(logits, target)
+            aux = heads.loss(feats, labels)
+            a_loss = _attention_loss(attentions, attn_layers, ids, image_id, positions, evid)
+            w_attn = attn_weight * max(0.0, 1.0 - step / max(1.0, attn_until * steps))
+            total = loss + aux_weight * aux + (w_attn * a_loss if w_attn > 0 else 0.0)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            acc = (logits.argmax(-1) == target).float().mean().item()
+            for k, v in (("loss", loss.item()), ("acc", acc), ("patch", aux.item()), ("attn", a_loss.item()),
+                         ("bg", bg_frac)):
+                ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+            bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                text_cfg._attn_implementation = attn_impl
+                r = evaluate(model, tok, val[:250], image_processor=ip)
+                text_cfg._attn_implementation = "eager"
+                history.append({"step": step + 1, "val250": r["overall"], "per_kind": r["per_kind"],
+                                "time_s": round(time.time() - t0, 1)})
+                tqdm.write(f"step {step + 1}: val(250) {r['overall']:.3f} "
+                           + " ".join(f"{k}={v:.2f}" for k, v in r["per_kind"].items())
+                           + f" ({time.time() - t0:.0f} s)")
+    finally:
+        text_cfg._attn_implementation = attn_impl
     train_time = time.time() - t0
     model.eval()
     val_res = evaluate(model, tok, val, image_processor=ip)
@@ -252,31 +376,48 @@ def train(
                " ".join(f"{k}={v:.3f}" for k, v in val_res["per_kind"].items()))
     recipe = {
         "seed": seed,
-        "steps": steps,
         "batch_size": batch_size,
-        "lr": lr,
-        "lr_schedule": f"linear warmup {warmup} steps, cosine to {final_lr_frac} x lr",
-        "optimizer": "AdamW(betas=(0.9, 0.98), eps=1e-8), grad clip 1.0",
-        "weight_decay": weight_decay,
-        "aux_patch_loss": {"weight": aux_weight, "decays_to_zero_at_step": int(aux_until * steps),
-                           "targets": "per-patch colour and shape class (0 = background) of the selected "
-                                      "vision features, linear heads, not saved"},
-        "loss": "cross-entropy of the answer tokens (next token after each 'ASSISTANT:'), full vocabulary",
-        "turns": turns,
-        "curriculum": {"background_visual_tokens_kept_at_step_0": bg_keep,
-                       "all_visual_tokens_from_step": int(curriculum_until * steps),
-                       "what": "early steps drop a random part of the pure-background visual tokens from the "
-                               "decoder input (object tokens always kept, original position ids); the "
-                               "fraction grows linearly to 1"},
-        "data": {
-            "generator": "vtcompile.testbed.scenes",
-            "train_images_seen": steps * batch_size,
+        "phase_1_vision": {
+            "steps": vision_steps, "lr": vision_lr, "time_s": round(vision_time, 1),
+            "what": "vision tower + linear patch probes only: per-patch colour and shape class of the object "
+                    "under the patch (0 = background), first patch of an object, row and column (regression); images from train indices "
+                    f"10000000..{10_000_000 + vision_steps * vision_batch_size - 1}",
+            "batch_size": vision_batch_size,
+        },
+        "phase_2_end_to_end": {
+            "steps": steps,
+            "lr": lr,
+            "lr_schedule": f"linear warmup {warmup} steps, cosine to {final_lr_frac} x lr",
+            "optimizer": "AdamW(betas=(0.9, 0.98), eps=1e-8), grad clip 1.0",
+            "weight_decay": weight_decay,
+            "loss": "cross-entropy of the answer tokens (next token after each 'ASSISTANT:'), full vocabulary",
+            "patch_probe_loss_weight": aux_weight,
+            "grounding_loss": {
+                "weight_at_step_0": attn_weight, "zero_from_step": int(attn_until * steps),
+                "layers": attn_layers,
+                "what": "layer 0: -log(share of the answer position's attention (mean over the heads of each "
+                        "half) on its question's words: first half on the words naming the first object of a "
+                        "relative-position question, second half on the second, the whole question otherwise); "
+                        "the listed layers: -log(share of its visual attention (mean over the heads "
+                        "of each half) on the visual tokens of the objects the question is about "
+                        "(scenes.evidence): first half of the heads on the first object of a relative-position "
+                        "question, second half on the second; one token per object for counts); mean of the "
+                        "terms, weight decays linearly to 0",
+            },
+            "curriculum": {
+                "background_visual_tokens_kept_at_step_0": bg_start,
+                "ramp": [int(bg_from * steps), int(bg_until * steps)],
+                "what": "a random part of the background visual tokens (tokens of no object) is removed from "
+                        "the decoder input (object tokens always kept, original position ids); the kept "
+                        "fraction grows linearly to 1 over the ramp",
+            },
+            "turns": turns,
+            "turn_kind_weights": {k: int((turn_weights or {}).get(k, 1)) for k in scenes.KINDS},
             "train_dialogue": f"{turns} questions per image: the sample's own question, then up to "
                               f"{turns - 1} more about the same scene (LLaVA-1.5 multi-turn format)",
             "train_split": f"train, seed {seed}, indices 0..{steps * batch_size - 1}",
-            "val_size": val_size,
-            "kinds": list(scenes.KINDS),
         },
+        "data": {"generator": "vtcompile.testbed.scenes", "val_size": val_size, "kinds": list(scenes.KINDS)},
         "train_time_s": round(train_time, 1),
         "threads": torch.get_num_threads(),
         "val_accuracy": {"overall": val_res["overall"], **val_res["per_kind"]},
@@ -322,32 +463,45 @@ def train(
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vtcompile.testbed.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="vtcompile testbed train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="checkpoint directory to write")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=2000, help="end-to-end steps (phase 2)")
+    ap.add_argument("--vision-steps", type=int, default=800, help="vision-tower-only steps (phase 1)")
+    ap.add_argument("--batch-size", type=int, default=16, help="images per phase-2 step")
+    ap.add_argument("--vision-batch-size", type=int, default=32, help="images per phase-1 step")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vision-lr", type=float, default=2e-3, help="learning rate of phase 1")
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--turns", type=int, default=6, help="questions per training image (multi-turn dialogue)")
-    ap.add_argument("--bg-keep", type=float, default=0.15,
-                    help="curriculum: fraction of background visual tokens fed to the decoder at step 0")
-    ap.add_argument("--curriculum-until", type=float, default=0.4,
-                    help="fraction of steps after which all visual tokens are fed")
-    ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary per-patch loss")
-    ap.add_argument("--aux-until", type=float, default=0.5, help="fraction of steps over which it decays to 0")
+    ap.add_argument("--turn-weights", default="",
+                    help="how often each kind comes up in the extra turns, e.g. 'relpos=3,count=2' (default 1 each)")
+    ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss in phase 2")
+    ap.add_argument("--attn-weight", type=float, default=1.0, help="initial weight of the grounding loss")
+    ap.add_argument("--attn-until", type=float, default=0.7,
+                    help="fraction of phase-2 steps over which the grounding loss decays to 0")
+    ap.add_argument("--attn-layers", default=None,
+                    help="decoder layers whose attention the grounding loss supervises, e.g. '1,2' (default: 1..L-1)")
+    ap.add_argument("--bg-start", type=float, default=0.0,
+                    help="curriculum: fraction of background visual tokens fed to the decoder at first")
+    ap.add_argument("--bg-from", type=float, default=0.15, help="fraction of phase-2 steps where that fraction starts to grow")
+    ap.add_argument("--bg-until", type=float, default=0.45, help="fraction of phase-2 steps where it reaches 1")
     ap.add_argument("--val-size", type=int, default=1000)
     ap.add_argument("--test-size", type=int, default=0, help="also evaluate this many test questions")
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     recipe = train(
-        a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-        warmup=a.warmup, turns=a.turns, bg_keep=a.bg_keep, curriculum_until=a.curriculum_until, aux_weight=a.aux_weight, aux_until=a.aux_until, val_size=a.val_size, test_size=a.test_size, eval_every=a.eval_every,
-        threads=a.threads, overwrite=a.overwrite, progress=not a.no_progress,
+        a.out, seed=a.seed, steps=a.steps, vision_steps=a.vision_steps, vision_batch_size=a.vision_batch_size, batch_size=a.batch_size, lr=a.lr,
+        vision_lr=a.vision_lr, weight_decay=a.weight_decay, warmup=a.warmup, turns=a.turns,
+        turn_weights={k: int(v) for k, v in (x.split("=") for x in a.turn_weights.split(",") if x)},
+        aux_weight=a.aux_weight, attn_weight=a.attn_weight, attn_until=a.attn_until,
+        attn_layers=tuple(int(x) for x in a.attn_layers.split(",")) if a.attn_layers else None, bg_start=a.bg_start, bg_from=a.bg_from, bg_until=a.bg_until,
+        val_size=a.val_size,
+        test_size=a.test_size, eval_every=a.eval_every, threads=a.threads, overwrite=a.overwrite, progress=not a.no_progress,
     )
     print(json.dumps({"out": str(Path(a.out).resolve()), "val_accuracy": recipe["val_accuracy"],
                       "train_time_s": recipe["train_time_s"]}, indent=2))
