@@ -309,7 +309,7 @@ def cmd_testbed_data(args) -> int:
 
     if args.n < 1:
         raise InputError(f"-n must be >= 1, found {args.n}")
-    for split in args.split:
+    for split in args.split or ["test"]:
         path = write_split(args.out, split, args.n, args.seed)
         _log(f"wrote {args.n} {split} samples: {path}")
     return 0
@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("testbed", help="the shipped testbed model: train it from scratch, write its data as JSONL",
                        description="The testbed is a small LLaVA (CLIP vision tower + Llama decoder) trained on "
-                                   "synthetic scenes; it ships with the package as the default --model.")
+                                   "synthetic scenes (package data and `--model testbed` once a checkpoint that "
+                                   "meets its quality bar ships).")
     tsub = p.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
     t = tsub.add_parser("train", add_help=False, help="train a testbed checkpoint from scratch on the CPU "
                                                       "(`vtcompile testbed train --help` lists its options)")
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to write (repeatable; default: test)")
     t.add_argument("-n", type=int, default=500, help="samples per split (default 500)")
     t.add_argument("--seed", type=int, default=0, help="generator seed (default 0, the shipped model's)")
-    t.set_defaults(func=cmd_testbed_data, split=None)
+    t.set_defaults(func=cmd_testbed_data)
 
     p = sub.add_parser("passes", help="list the registered passes and their fields")
     p.set_defaults(func=cmd_passes)
@@ -426,8 +427,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[2:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "func", None) is cmd_testbed_data and not args.split:
-        args.split = ["test"]
 
     try:
         return args.func(args)
