@@ -14,7 +14,7 @@ from .compiler.flops import FlopsReport, fmt_flops
 from .compiler.program import capture_decoder
 from .compiler.runtime import PrunedOutput, StagedRuntime
 from .errors import VtcompileError
-from .models import LlavaAdapter, ModelSpec, load_model
+from .models import DEFAULT_MODEL, LlavaAdapter, ModelSpec, load_model
 from .passes import PassConfig, resolve_passes
 from .targets import get_target
 
@@ -229,7 +229,7 @@ def _as_adapter(model) -> LlavaAdapter:
                          f"adapter; found {type(model).__name__}")
 
 
-def compile_pruned(model="tiny", passes=None, target: str = "eager", calibration=None,
+def compile_pruned(model=DEFAULT_MODEL, passes=None, target: str = "eager", calibration=None,
                    text_tokens: int = DEFAULT_TEXT_TOKENS, recipes: dict | None = None,
                    progress: bool = True) -> CompiledModel:
     """Capture `model`, apply `passes` in order and lower to `target`.

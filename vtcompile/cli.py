@@ -395,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("testbed", help="the shipped testbed model: train it from scratch, write its data as JSONL",
                        description="The testbed is a small LLaVA (CLIP vision tower + Llama decoder) trained on "
-                                   "synthetic scenes (package data and `--model testbed` once a checkpoint that "
-                                   "meets its quality bar ships).")
+                                   "synthetic scenes; its checkpoint ships as package data and is the default "
+                                   "--model.")
     tsub = p.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
     t = tsub.add_parser("train", add_help=False, help="train a testbed checkpoint from scratch on the CPU "
                                                       "(`vtcompile testbed train --help` lists its options)")

@@ -14,7 +14,7 @@ from ..errors import ModelNotFoundError, VtcompileError
 from .llava import LlavaAdapter, ModelSpec, geometry_from_config
 from .presets import PRESETS, Preset
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "testbed"
 
 __all__ = ["DEFAULT_MODEL", "LlavaAdapter", "ModelSpec", "known_models", "load_model", "model_config",
            "resolve_spec", "build_from_spec"]
