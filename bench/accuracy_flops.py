@@ -49,14 +49,20 @@ def configs(geom, n, budget):
             break
     else:
         out["fastv"] = None
-    cuts = get_pass("pyramiddrop").config().cut_layers(geom)
-    best = None
-    for i in range(1, 200):  # ratios lam, lam^2, lam^3 (the published 0.5/0.25/0.125 is lam = 0.5)
-        lam = i / 200
-        steps = [(c, int(round(lam ** (j + 1) * n))) for j, c in enumerate(cuts)]
-        if paper_ratio(geom, n, steps) <= budget + 1e-9:
-            best = lam
-    out["pyramiddrop"] = (f"pyramiddrop:ratios={best:.3f}/{best ** 2:.4f}/{best ** 3:.5f}" if best else None)
+    # The published cuts (8/16/24 of 32, scaled); where they cannot reach the budget, the earliest three layers
+    # (as FastV falls back to K=1), named in the spec.
+    out["pyramiddrop"] = None
+    for cuts, named in ((get_pass("pyramiddrop").config().cut_layers(geom), False), ((1, 2, 3), True)):
+        best = None
+        for i in range(1, 200):  # ratios lam, lam^2, lam^3 (the published 0.5/0.25/0.125 is lam = 0.5)
+            lam = i / 200
+            steps = [(c, int(round(lam ** (j + 1) * n))) for j, c in enumerate(cuts)]
+            if paper_ratio(geom, n, steps) <= budget + 1e-9:
+                best = lam
+        if best:
+            layers = f"layers={'/'.join(map(str, cuts))}," if named else ""
+            out["pyramiddrop"] = f"pyramiddrop:{layers}ratios={best:.3f}/{best ** 2:.4f}/{best ** 3:.5f}"
+            break
     out["fitprune"] = f"fitprune:budget={budget}"
     keep = largest_meeting(geom, n, budget, lambda kv: [(0, kv)])
     out["random"] = f"randomdrop:k=0,r={(n - keep) / n:.6f}" if keep is not None else None
