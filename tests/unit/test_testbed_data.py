@@ -261,3 +261,17 @@ def test_random_pruning_hurts_fastv_much_less():
     fastv_drop = acc[None] - acc["fastv:k=2,r=0.75"]
     assert random_drop >= 0.08, acc
     assert fastv_drop <= random_drop / 2, acc
+
+
+def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path):
+    """A few steps of both phases: every loss term runs, the checkpoint + recipe land and load back."""
+    from vtcompile.testbed import build, train
+
+    out = tmp_path / "tb"
+    recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False)
+    assert recipe["phase_2_end_to_end"]["turn_kind_weights"]["relpos"] == train.DEFAULT_TURN_WEIGHTS["relpos"]
+    assert json.loads((out / "recipe.json").read_text())["phase_2_end_to_end"]["steps"] == 3
+    model, processor = build.load(out)
+    assert model.config.text_config.num_hidden_layers >= 6 and processor.tokenizer is not None
+    with pytest.raises(FileExistsError):
+        train.train(out, steps=1, vision_steps=1, val_size=5, eval_every=0, progress=False)

@@ -101,7 +101,7 @@ def _dialogue_batch(enc, dialogues):
             if kind == "count":  # first half: the sink (BOS) and one token per object, evenly
                 cols[0] = np.concatenate([[0], cols[0]])
             sink.append(kind == "count")
-            readout.append(_readout_target(sample.objects, groups, kind, a))
+            readout.append(_readout_target(sample.objects, groups, kind))
             evidence.append(cols + words)
         seqs.append(ids)
     n = max(len(x) for x in seqs)
@@ -122,10 +122,11 @@ def _dialogue_batch(enc, dialogues):
 READOUT_SCALE = 24.0  # px per unit of the relative-position readout (a relation needs >= 20 px)
 
 
-def _readout_target(objects, groups, kind, answer):
+def _readout_target(objects, groups, kind):
     """What the readout probe predicts at an answer position: (dx, dy, applies) - the centre offset of the two
     objects of a relative-position question (``READOUT_SCALE`` px units); other kinds have none (applies 0).
-    (A centred-count readout for count questions was tried too: count accuracy fell from 75% to 55%.)"""
+    (A run that also read out the centred count of count questions reached 55% on counts, against 59.5% for the
+    shipped run without it.)"""
     if kind == "relpos":
         (ax, ay), (bx, by) = objects[groups[0][0]].center, objects[groups[1][0]].center
         return [(ax - bx) / READOUT_SCALE, (ay - by) / READOUT_SCALE, 1.0]
