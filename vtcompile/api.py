@@ -133,6 +133,7 @@ class CompiledModel:
         lower = get_target(target).lower
         captured = _captured(adapter)
         self.runtime = StagedRuntime(adapter, captured, passes, lower, dict(recipes or {}))
+        self.runtime.target = target
         t1 = time.perf_counter()
         self._calibrate(calibration, progress)
         t_cal = time.perf_counter()

@@ -8,6 +8,9 @@ Layout (format 2):
     vision.pt2                vision tower + projector, torch.export'ed with a dynamic image count
     decoder-v<N>.pt2|.onnx    the rewritten decoder for N visual tokens per prompt, dynamic batch/sequence
                               (.pt2 for eager/inductor/tensorrt, .onnx [+ .onnx.data] for onnx)
+    decoder-v<N>-layer<i>.pt2, decoder-v<N>-exit<e>-layer<i>.pt2, decoder-v<N>-routers.safetensors
+                              a program with dynamic exits (dyvte with routers, eager target): one file per
+                              layer stage of the base graph and of each exit continuation, and the routers
     processor/                the model's processor files, when it has a processor
 
 Loading checks, in order: the format, the vtcompile and torch versions the files were written with, the
@@ -95,11 +98,11 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
                             "to replace it")
     programs = dict(cm.runtime.programs)
     dynamic = [n for n, p in programs.items() if getattr(p, "exits", None)]
-    if dynamic:
+    if dynamic and cm.target != "eager":
         raise ArtifactError(
             f"the program for {dynamic[0]} visual tokens has dynamic exits "
-            f"({', '.join(programs[dynamic[0]].applied)}); "
-            "its staged exit runtime has no single-file stage, so it cannot be saved as an artifact yet")
+            f"({', '.join(programs[dynamic[0]].applied)}), which run on the staged eager runtime; save it with "
+            f"target 'eager' (not {cm.target!r}), or use the static form dyvte:exit_layer=K")
     target = get_target(cm.target)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -115,7 +118,8 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
         torch.export.save(_export_vision(adapter), str(tmp / "vision.pt2"))
         if adapter.processor is not None:
             adapter.processor.save_pretrained(str(tmp / "processor"))
-        stages = [target.save_stage(program, cm.runtime._lowered[n], tmp) for n, program in sorted(programs.items())]
+        stages = [_save_staged(program, cm.runtime._lowered[n], tmp) if n in dynamic
+                  else target.save_stage(program, cm.runtime._lowered[n], tmp) for n, program in sorted(programs.items())]
         manifest.update({
             "config": "config.json",
             "embeddings": {"file": "embeddings.safetensors", "key": "weight"},
@@ -134,6 +138,95 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_staged(program, xp, directory: Path) -> dict:
+    """Write a program with dynamic exits (compiler.staged.ExitProgram): one .pt2 per layer stage of the base
+    graph, one per stage after the exit of each continuation (stages up to the exit are the base's), each
+    exported on its own with every axis free (torch.export Dim.AUTO: batch and lengths stay symbolic), and
+    the routers as safetensors. Example inputs for each stage come from running the stages before it."""
+    from safetensors.torch import save_file
+    from torch.export import Dim
+
+    from .targets import stage as st
+
+    base, layers, stem = xp.base, len(xp.base.stages), st.stem(program)
+
+    def export(graph_stage, env, name) -> dict:
+        args = tuple(env[n] for n in graph_stage.inputs)
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(graph_stage.module, args,
+                                         dynamic_shapes=tuple({d: Dim.AUTO for d in range(t.dim())} for t in args))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the stage that failed
+            raise ArtifactError(f"exporting stage {name} of the dynamic-exit program failed: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        return {"file": st.save_pt2(ep, directory, name)[0], "inputs": list(graph_stage.inputs),
+                "outputs": list(graph_stage.outputs)}
+
+    def graph_info(g, stages: list[dict]) -> dict:
+        return {"stages": stages, "placeholders": list(g.placeholders), "results": list(g.results),
+                "residual": list(g.residual), "batched": sorted(g.batched)}
+
+    env = dict(zip(base.placeholders, st.example_args(program)))
+    after, entries = {}, []
+    with torch.no_grad():
+        for i in range(layers):
+            entries.append(export(base.stages[i], env, f"{stem}-layer{i}"))
+            base.run_stage(i, env)
+            after[i] = dict(env)
+        exits = {}
+        for e, g in sorted(xp.exits.items()):
+            sub, cont = dict(after[e]), []
+            for i in range(e + 1, layers):
+                cont.append(export(g.stages[i], sub, f"{stem}-exit{e}-layer{i}"))
+                g.run_stage(i, sub)
+            exits[str(e)] = graph_info(g, cont)
+    routers = getattr(xp.decide, "__self__", None)
+    if not isinstance(routers, nn.Module):
+        raise ArtifactError("the dynamic-exit program's decision rule is not a module with weights; only "
+                            "DyVTE routers can be saved")
+    router_file = f"{stem}-routers.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in routers.state_dict().items()}, str(directory / router_file))
+    files = [e["file"] for e in entries] + [c["file"] for x in exits.values() for c in x["stages"]] + [router_file]
+    info = st.stage_info(program, files, "pt2-staged")
+    info["staged"] = {"base": graph_info(base, entries), "exits": exits,
+                      "visual": {str(e): n for e, n in xp.visual_names.items()},
+                      "decider": {"pass": "dyvte", "file": router_file}}
+    return info
+
+
+def _load_staged(path: Path, info: dict, geometry, passes: list):
+    """The ExitProgram stored by _save_staged, with the routers of the artifact's dyvte pass."""
+    from safetensors.torch import load_file
+
+    from .compiler.staged import ExitProgram, Stage, StagedGraph
+    from .passes.dyvte import load_routers, routers_recipe
+    from .targets import stage as st
+
+    sg = info["staged"]
+
+    def graph(g: dict, shared: list) -> StagedGraph:
+        stages = list(shared) + [
+            Stage(st.strip_guards(torch.export.load(str(path / s["file"])).module()), s["inputs"], s["outputs"])
+            for s in g["stages"]]
+        return StagedGraph(stages, g["placeholders"], g["results"], g["residual"], set(g["batched"]), set())
+
+    base = graph(sg["base"], [])
+    exits = {int(e): graph(g, base.stages[:int(e) + 1]) for e, g in sg["exits"].items()}
+    config = next((c for p, c in passes if p.name == sg["decider"]["pass"]), None)
+    if config is None:
+        raise ArtifactError(f"{path}: the stored routers belong to pass {sg['decider']['pass']!r}, which the "
+                            "manifest's passes do not list; re-create the artifact")
+    routers = load_routers(config, _GeometryOnly(geometry), routers_recipe(load_file(str(path / sg["decider"]["file"]))))
+    return ExitProgram(base, exits, routers.decide, {int(e): n for e, n in sg["visual"].items()})
+
+
+class _GeometryOnly:
+    """What load_routers reads of a Program: its geometry."""
+
+    def __init__(self, geometry):
+        self.geometry = geometry
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -368,7 +461,8 @@ def read_artifact(path: str | os.PathLike) -> LoadedModel:
     for info in stage_infos:
         st = _Stage(info)
         stages[st.n_visual] = st
-        lowered[st.n_visual] = target.load_stage(path, info)
+        lowered[st.n_visual] = (_load_staged(path, info, adapter.geometry, passes) if info.get("staged")
+                                else target.load_stage(path, info))
     runtime = _artifact_runtime(adapter, stages, lowered, path)
     return LoadedModel(path, manifest, adapter, runtime, passes, _report(manifest, adapter.geometry))
 
@@ -454,4 +548,5 @@ def next_token(model, input_ids, pixel_values, attention_mask, top: int = 5) -> 
     return {"token_id": int(ids[0]), "text": text(int(ids[0])), "prefill_seconds": seconds,
             "prompt_tokens": int(input_ids.shape[1]), "kept_tokens": int(out.kept_positions.shape[1]),
             "kept_visual": int(out.kept_visual[0].sum()),
+            "exit_layer": out.exit_layers[0] if out.exit_layers else None,  # dynamic exits: -1 = none
             "top": [{"token_id": int(i), "text": text(int(i)), "prob": float(q)} for q, i in zip(p, ids)]}

@@ -298,6 +298,8 @@ def cmd_run(args) -> int:
                                         + f" {t['prob']:.3f}" for t in res["top"])],
                     ["prompt tokens -> kept", f"{res['prompt_tokens']} -> {res['kept_tokens']} "
                                               f"({res['kept_visual']} visual kept)"],
+                    *([["visual tokens exited after layer", "none" if res["exit_layer"] < 0 else res["exit_layer"]]]
+                      if res["exit_layer"] is not None else []),
                     ["target", model.target], ["prefill s", f"{res['prefill_seconds']:.3f}"]],
                    tablefmt="simple_outline"))
     return 0

@@ -112,16 +112,49 @@ def test_target_artifact_round_trip(target, geometry, family, tmp_path):
             assert_parity(lm(ids, pixels, mask), compiled(geometry, family)(ids, pixels, mask), mask)
 
 
-def test_dynamic_exit_programs_are_not_saved_silently(tmp_path):
-    cm = compiled("tiny", "fastv")
-    program = cm.runtime.programs[16]
-    program.exits = {1: object()}
-    try:
-        with pytest.raises(ArtifactError, match="dynamic exits"):
-            cm.save(tmp_path / "x")
-    finally:
-        program.exits = {}
-    assert not (tmp_path / "x").exists()
+@pytest.mark.parametrize("routers", ["trained", "always"])
+def test_dyvte_routers_artifact_round_trip(routers, tmp_path):
+    """A program with dynamic exits saves as per-layer stages + routers and loads back to the same exits and
+    logits; the routers file is covered by the manifest's checksums."""
+    from .test_dyvte import _routers_file, trained
+
+    cm = trained("tiny") if routers == "trained" else \
+        compile_pruned(adapter("tiny"), f"dyvte:routers={_routers_file(tmp_path, 'tiny', fire=True)}")
+    path = cm.save(tmp_path / "dy")
+    m = json.loads((path / "manifest.json").read_text())
+    stage = m["stages"][0]
+    assert stage["format"] == "pt2-staged" and "decoder-v16-routers.safetensors" in stage["files"]
+    layers = 4
+    assert sum(f.startswith("decoder-v16-layer") for f in stage["files"]) == layers
+    assert sum("-exit" in f for f in stage["files"]) == sum(layers - 1 - e for e in (0, 1, 2))
+    lm = load_compiled(path)
+    seen = set()
+    for kind, seed in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11)):
+        ids, pixels, mask = prompt("tiny", kind, seed=seed)
+        out, ref = lm(ids, pixels, mask), cm(ids, pixels, mask)
+        assert out.exit_layers == ref.exit_layers
+        seen.update(out.exit_layers)
+        assert torch.equal(out.kept_positions, ref.kept_positions)
+        real = (out.kept_positions >= 0) & torch.gather(mask, 1, out.kept_positions.clamp_min(0)).bool()
+        assert (out.logits - ref.logits).abs().amax(-1)[real].max().item() <= 1e-4
+    if routers == "always":
+        assert seen == {0}
+    routers_file = path / "decoder-v16-routers.safetensors"
+    data = bytearray(routers_file.read_bytes())
+    data[-1] ^= 0xFF
+    routers_file.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="routers.safetensors does not match the manifest"):
+        load_compiled(path)
+
+
+def test_dynamic_exits_need_the_eager_target(tmp_path):
+    from vtcompile.errors import TargetUnavailableError
+
+    from .test_dyvte import _routers_file
+
+    path = _routers_file(tmp_path, "tiny", fire=False)
+    with pytest.raises(TargetUnavailableError, match="dynamic exits, which run on the staged eager runtime"):
+        compile_pruned(adapter("tiny"), f"dyvte:routers={path}", target="onnx")
 
 
 def _tiny_processor():

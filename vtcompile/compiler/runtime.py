@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, TargetUnavailableError
 from .pipeline import build_program
 from .staged import exit_program
 from .program import Captured, Program
@@ -55,10 +55,16 @@ class StagedRuntime:
         self.recipes = recipes or {}
         self.programs: dict[int, Program] = {}
         self._lowered: dict[int, Callable] = {}
+        self.target = "eager"  # the target's name (set by CompiledModel): dynamic exits need 'eager'
 
     def program(self, n_visual: int) -> Program:
         if n_visual not in self.programs:
             program = build_program(self.captured, n_visual, self.passes, self.recipes)
+            if program.exits and self.target != "eager":
+                raise TargetUnavailableError(
+                    f"{', '.join(program.applied)} makes dynamic exits, which run on the staged eager runtime "
+                    f"(one graph per layer, control flow between them); target {self.target!r} does not lower "
+                    "them yet. Use target 'eager', or the static form dyvte:exit_layer=K, which every target lowers")
             self.programs[n_visual] = program
             # Programs with dynamic exits run staged (control flow between per-layer stages).
             self._lowered[n_visual] = exit_program(program) if program.exits else self.lower(program)

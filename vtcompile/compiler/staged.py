@@ -33,33 +33,44 @@ class Stage:
 
 
 def _split(gm: fx.GraphModule, num_layers: int) -> list[Stage]:
-    """One GraphModule per layer; values cross stages under their original node names."""
+    """One GraphModule per layer; values cross stages under their original node names, tensors only."""
     stage_of = {n: _stage_of(n, num_layers) for n in gm.graph.nodes if n.op not in ("output", "placeholder")}
     results = set(output_values(gm))
     return [_build_stage(gm, i, stage_of, results, num_layers) for i in range(num_layers)]
 
 
+def _is_size(x: fx.Node) -> bool:
+    return isinstance(x.meta.get("val"), torch.SymInt)
+
+
 def _build_stage(gm: fx.GraphModule, i: int, stage_of: dict, results: set, num_layers: int) -> Stage:
-    graph, env, inputs = fx.Graph(), {}, []
+    """Stage i's GraphModule. A size (SymInt) made by an earlier stage is re-read from the shape of one of the
+    stage's tensor inputs, so a stage takes and returns tensors only and exports on its own."""
+    graph, env = fx.Graph(), {}
     mine = [n for n in gm.graph.nodes if stage_of.get(n) == i and n.op != "get_attr"]
-
-    def read(x: fx.Node) -> fx.Node:
-        if x not in env:
-            if x.op == "get_attr":  # weights are read from the shared root module
-                env[x] = graph.node_copy(x)
-            else:  # produced by an earlier stage, or a program input
-                env[x] = graph.placeholder(x.name)
-                inputs.append(x.name)
-        return env[x]
-
+    external = {x: None for n in mine for x in n.all_input_nodes  # an ordered set
+                if stage_of.get(x) != i or x.op == "get_attr"}
+    sizes = [x for x in external if x.op not in ("placeholder", "get_attr") and _is_size(x)]
+    tensors = [x for x in external if x.op != "get_attr" and x not in sizes]
+    for x in tensors:  # produced by an earlier stage, or a program input
+        env[x] = graph.placeholder(x.name)
+        env[x].meta = dict(x.meta)
+    for x in external:
+        if x.op == "get_attr":  # weights are read from the shared root module
+            env[x] = graph.node_copy(x)
+    for size in sizes:
+        src = next(((t, d) for t in tensors if isinstance(t.meta.get("val"), torch.Tensor)
+                    for d, s in enumerate(t.meta["val"].shape) if same_size(s, size.meta["val"])), None)
+        if src is None:
+            raise RuntimeError(f"stage {i} reads the size {size.name} but none of its tensor inputs has it")
+        env[size] = graph.call_function(torch.ops.aten.sym_size.int, (env[src[0]], src[1]))
+        env[size].meta = dict(size.meta)
     for n in mine:
-        for x in n.all_input_nodes:
-            if stage_of.get(x) != i or x.op == "get_attr":
-                read(x)
-        env[n] = graph.node_copy(n, lambda x: env[x] if x in env else read(x))
-    outputs = [n for n in mine if n in results or any(stage_of.get(u, num_layers) > i for u in n.users)]
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    outputs = [n for n in mine if n in results or (
+        not _is_size(n) and any(stage_of.get(u, num_layers) > i for u in n.users))]
     graph.output(tuple(env[n] for n in outputs))
-    return Stage(fx.GraphModule(gm, graph), inputs, [n.name for n in outputs])
+    return Stage(fx.GraphModule(gm, graph), [x.name for x in tensors], [n.name for n in outputs])
 
 
 @dataclass

@@ -113,6 +113,14 @@ def apply(program: Program, config: DyVTEConfig, recipe: dict | None = None) -> 
     return program
 
 
+def routers_recipe(state: dict) -> dict:
+    """The recipe form of a routers state dict read from a file (layers and width from the tensor names/shapes)."""
+    layers = sorted({int(k.split(".")[1]) for k in state})
+    if not layers:
+        raise PassConfigError("dyvte: the routers file holds no router weights (expected keys mlps.<layer>.*)")
+    return {"layers": layers, "hidden": state[f"mlps.{layers[0]}.0.weight"].shape[0], "_tensors": state}
+
+
 def load_routers(config: DyVTEConfig, program: Program, recipe: dict | None) -> Routers:
     if recipe is None and config.routers:
         from safetensors.torch import load_file
@@ -120,9 +128,7 @@ def load_routers(config: DyVTEConfig, program: Program, recipe: dict | None) -> 
         path = Path(config.routers)
         if not path.is_file():
             raise PassConfigError(f"dyvte: routers file {path} does not exist")
-        state = load_file(str(path))
-        layers = sorted({int(k.split(".")[1]) for k in state})
-        recipe = {"layers": layers, "hidden": state[f"mlps.{layers[0]}.0.weight"].shape[0], "_tensors": state}
+        recipe = routers_recipe(load_file(str(path)))
     if recipe is None:
         raise PassConfigError("dyvte with routers needs trained routers: calibrate them (--calibration DATA), give "
                               "dyvte:routers=FILE.safetensors, or use the static form dyvte:exit_layer=K")
