@@ -268,10 +268,59 @@ def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path):
     from vtcompile.testbed import build, train
 
     out = tmp_path / "tb"
-    recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False)
+    recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False,
+                         exit_after=2, count_sink=3)  # the optional loss terms run too
     assert recipe["phase_2_end_to_end"]["turn_kind_weights"]["relpos"] == train.DEFAULT_TURN_WEIGHTS["relpos"]
     assert json.loads((out / "recipe.json").read_text())["phase_2_end_to_end"]["steps"] == 3
     model, processor = build.load(out)
     assert model.config.text_config.num_hidden_layers >= 6 and processor.tokenizer is not None
     with pytest.raises(FileExistsError):
         train.train(out, steps=1, vision_steps=1, val_size=5, eval_every=0, progress=False)
+
+
+@pytestmark_checkpoint
+def test_visual_exit_training_equals_the_masked_key_reference():
+    """The trainer's visual exit (key masks via hooks on the eager decoder) is DyVTE's exit: exiting rows match
+    the oracle with every visual key masked after the exit layer; the other rows are untouched."""
+    from types import SimpleNamespace
+
+    from vtcompile.compiler.reference import masked_key_logits
+    from vtcompile.testbed import build, load, train
+
+    eager, processor = load(attn_implementation="eager")
+    sdpa, _ = load()
+    enc = build.PromptEncoder(processor.tokenizer)
+    dialogues = [scenes.make_dialogue("val", 0, i, 3) for i in range(4)]
+    ids, pos, _, ev, obj, _, _ = train._dialogue_batch(enc, dialogues)
+    pv = build.pixel_values([d[0].image for d in dialogues], processor.image_processor)
+    rows = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        full = train._forward(eager, ids, pv, pos, ev, obj)[0]
+        exited = train._forward(eager, ids, pv, pos, ev, obj, exit_after=2, exit_rows=rows, attentions=False)[0]
+        m = sdpa.model
+        feats = m.multi_modal_projector(m.vision_tower(pv, output_hidden_states=True).hidden_states[-1][:, 1:])
+        visual = ids == sdpa.config.image_token_id
+        emb = m.get_input_embeddings()(ids).masked_scatter(visual[..., None], feats)
+        keep = ~(visual & rows[:, None])
+        layers = sdpa.config.text_config.num_hidden_layers
+        seq = ids.shape[1]
+        ref = masked_key_logits(SimpleNamespace(model=sdpa), emb, torch.ones_like(ids),
+                                torch.arange(seq)[None].expand(4, -1), [None] * 3 + [keep] * (layers - 3))
+    ref = ref[pos[:, 0], pos[:, 1]]
+    assert torch.allclose(exited, ref, atol=1e-4)
+    still = ~rows[pos[:, 0]]
+    assert torch.equal(exited[still], full[still])
+    assert (exited[~still] - full[~still]).abs().amax() > 1e-2  # the exit really changed the exiting rows
+
+
+def test_trainer_rejects_inconsistent_exit_settings(tmp_path):
+    from vtcompile.testbed import train
+
+    with pytest.raises(ValueError, match="exit_after"):
+        train.train(tmp_path / "a", steps=1, vision_steps=1, exit_after=5, progress=False)
+    with pytest.raises(ValueError, match="attn_layers"):
+        train.train(tmp_path / "b", steps=1, vision_steps=1, exit_after=2, attn_layers=(1, 2, 3), progress=False)
+    with pytest.raises(ValueError, match="fraction"):
+        train.train(tmp_path / "c", steps=1, vision_steps=1, exit_after=2, exit_frac=1.5, progress=False)
+    with pytest.raises(ValueError, match="count_sink"):
+        train.train(tmp_path / "d", steps=1, vision_steps=1, count_sink=-1, progress=False)

@@ -54,12 +54,13 @@ def evaluate(model, tokenizer, samples, batch_size: int = 64, image_processor=No
     }
 
 
-def _dialogue_batch(enc, dialogues):
+def _dialogue_batch(enc, dialogues, count_sink: int = 0):
     """Right-padded multi-turn sequences, the positions whose next token is an answer, the answers, per
     answer four 0/1 masks over the sequence (the grounding targets of the first and second half of the
     attention heads: in layers >= 1 the two objects of a relative-position question, the evidence tokens
     twice otherwise, for a count one token per object; in layer 0 the words naming those two objects, the
-    whole question twice otherwise; for a count the first group also holds BOS, the sink), per row the mask
+    whole question twice otherwise; for a count the first group also holds BOS, its sink, and with
+    ``count_sink`` > 0 the second group the first ``count_sink`` tokens, its own sink), per row the mask
     of the visual tokens of any object, and per answer whether it is a count.
 
     Turn 1 is exactly the evaluation prompt ``USER: <image>\n{q} ASSISTANT:``; later turns follow the
@@ -98,9 +99,13 @@ def _dialogue_batch(enc, dialogues):
             else:
                 cols = [np.flatnonzero(np.isin(owner, g)) for g in groups]
             cols = [first_visual + c for c in (cols if len(cols) == 2 else cols * 2)]
-            if kind == "count":  # first half: the sink (BOS) and one token per object, evenly
+            if kind == "count":  # first half: a sink (BOS) and one token per object, evenly; with count_sink, the
+                # second half too, with the first count_sink tokens as its sink: two readings of the count whose
+                # steps are largest at small (1 / (c + 1)) and at larger counts (n / (c + n)) respectively
                 cols[0] = np.concatenate([[0], cols[0]])
-            sink.append(kind == "count")
+                if count_sink:
+                    cols[1] = np.concatenate([np.arange(min(count_sink, first_visual)), cols[1]])
+            sink.append((kind == "count", kind == "count" and count_sink > 0))
             readout.append(_readout_target(sample.objects, groups, kind))
             evidence.append(cols + words)
         seqs.append(ids)
@@ -133,13 +138,33 @@ def _readout_target(objects, groups, kind):
     return [0.0, 0.0, 0.0]
 
 
-def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 1.0, rng=None):
+def _visual_exit_hooks(layers, exit_after: int, drop_keys):
+    """Forward pre-hooks on the decoder layers after ``exit_after`` that mask the keys in ``drop_keys`` ([B, S]
+    bool; the visual tokens of the rows that exit) - DyVTE's exit, by the masked-key equivalence of DESIGN.md.
+    Every token still sees BOS, so no attention row is empty. Returns the hook handles."""
+    import torch
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dtype == torch.bool:
+            raise RuntimeError("visual-exit training needs the eager attention's additive float mask")
+        mask = mask.expand(drop_keys.shape[0], -1, -1, -1)
+        kwargs["attention_mask"] = mask.masked_fill(drop_keys[:, None, None, :], torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[exit_after + 1:]]
+
+
+def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 1.0, rng=None,
+             exit_after: int | None = None, exit_rows=None, attentions: bool = True):
     """Answer logits at ``positions`` (causal LM on right-padded ids), the selected vision features, the
     decoder's per-layer attention weights (eager attention: training only) and the sequence layout they
     refer to: (ids, evidence) after the curriculum's removals.
 
     ``bg_frac`` < 1 (curriculum): each row keeps only that fraction (random) of its background visual tokens
     (tokens of no object); the removed tokens leave the sequence, the others keep their position ids.
+    ``exit_rows`` ([B] bool): in those rows no token attends to a visual token in the layers after
+    ``exit_after`` (visual-exit training). ``attentions=False`` returns no attention weights (None).
     """
     import torch
 
@@ -176,11 +201,22 @@ def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 
     # Right padding + causal attention: real tokens never see the padding, so no mask is needed - except
     # with gapped position ids: without an explicit attention_mask transformers reads every gap as the start
     # of a new packed sequence and makes the attention block-diagonal.
-    out = m.language_model(inputs_embeds=emb, position_ids=position_ids, attention_mask=attention_mask,
-                           output_attentions=True, output_hidden_states=True)
+    hooks = []
+    if exit_rows is not None and bool(exit_rows.any()):
+        if attention_mask is None:  # an explicit mask makes transformers build the per-row 4-d mask the hooks edit
+            attention_mask = torch.ones_like(ids)
+            position_ids = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        drop = (ids == model.config.image_token_id) & exit_rows[:, None]
+        hooks = _visual_exit_hooks(m.language_model.layers, exit_after, drop)
+    try:
+        out = m.language_model(inputs_embeds=emb, position_ids=position_ids, attention_mask=attention_mask,
+                               output_attentions=attentions, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
     h = out.last_hidden_state[positions[:, 0], positions[:, 1]]
     mid = out.hidden_states[len(out.hidden_states) // 2][positions[:, 0], positions[:, 1]]
-    return model.lm_head(h), sel, out.attentions, ids, positions, evidence, mid
+    return model.lm_head(h), sel, out.attentions if attentions else None, ids, positions, evidence, mid
 
 
 DEFAULT_TURN_WEIGHTS = {"relpos": 2, "count": 2}  # the shipped checkpoint's setting
@@ -257,9 +293,10 @@ def _attention_loss(attentions, layers, ids, image_id, positions, targets, sink)
     """Grounding loss: layer 0 - the answer position reads its question: -log(share of its attention, mean
     over each half of the heads, on that half's words: the two named objects of a relative-position question,
     the whole question otherwise); the layers in ``layers`` - it looks at the evidence: -log(share of its
-    visual attention, mean over each half of the heads, on that half's evidence tokens), except for the first
-    half of a count (``sink`` rows): cross-entropy to the uniform distribution over BOS and one token per
-    counted object, so the BOS share of that attention is 1 / (count + 1). Mean of the terms."""
+    visual attention, mean over each half of the heads, on that half's evidence tokens), except on counts
+    (``sink`` [Q, 2]: per half): cross-entropy to the uniform distribution over that half's sink and one token
+    per counted object, so the sink's share of that attention is 1 / (count + 1) (first half, BOS) or
+    n / (count + n) (second half, with an n-token sink). Mean of the terms."""
     import torch
 
     b_idx, p_idx = positions[:, 0], positions[:, 1]
@@ -276,10 +313,8 @@ def _attention_loss(attentions, layers, ids, image_id, positions, targets, sink)
             mass_v = (a * v).sum(-1)
             mass_e = (a * targets[:, g]).sum(-1)
             share = -torch.log(mass_e / mass_v.clamp_min(1e-9) + 1e-6)
-            if g == 0:
-                uniform = -(targets[:, 0] * torch.log(a + 1e-6)).sum(-1) / targets[:, 0].sum(-1).clamp_min(1.0)
-                share = torch.where(sink, uniform, share)
-            terms.append(share.mean())
+            uniform = -(targets[:, g] * torch.log(a + 1e-6)).sum(-1) / targets[:, g].sum(-1).clamp_min(1.0)
+            terms.append(torch.where(sink[:, g], uniform, share).mean())
     return sum(terms) / len(terms)
 
 
@@ -307,6 +342,9 @@ def train(
     bg_start: float = 0.0,
     bg_from: float = 0.15,
     bg_until: float = 0.45,
+    exit_after: int | None = None,
+    exit_frac: float = 0.5,
+    count_sink: int = 0,
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -332,9 +370,20 @@ def train(
     ip = processor.image_processor
     image_id = model.config.image_token_id
     n_layers = model.config.text_config.num_hidden_layers
-    attn_layers = list(attn_layers) if attn_layers else list(range(1, n_layers))
+    exiting = exit_after is not None and exit_frac > 0
+    attn_layers = list(attn_layers) if attn_layers else list(range(1, (exit_after + 1) if exiting else n_layers))
     if any(not 0 <= i < n_layers for i in attn_layers):
         raise ValueError(f"attn_layers {attn_layers} outside 0..{n_layers - 1}")
+    if count_sink < 0:
+        raise ValueError(f"count_sink {count_sink} must be >= 0 (0: no second sink)")
+    if exit_after is not None:
+        if not 0 <= exit_after < n_layers - 1:
+            raise ValueError(f"exit_after {exit_after} outside 0..{n_layers - 2} (the last layer has no 'after')")
+        if not 0.0 <= exit_frac <= 1.0:
+            raise ValueError(f"exit_frac {exit_frac} is not a fraction in [0, 1]")
+        if exiting and any(i > exit_after for i in attn_layers):
+            raise ValueError(f"the grounding loss supervises visual attention in layers {attn_layers}, but rows with "
+                             f"a visual exit after layer {exit_after} have none there: pass attn_layers <= {exit_after}")
     torch.manual_seed(seed)
     heads = _PatchHeads(model.config.vision_config.hidden_size)
     t0 = time.time()
@@ -379,6 +428,7 @@ def train(
     text_cfg._attn_implementation = "eager"  # attention weights for the grounding loss (training only)
     val = list(scenes.iter_samples("val", seed, val_size))
     bg_rng = np.random.default_rng([seed, 12345])
+    exit_rng = np.random.default_rng([seed, 23456])
     bar = tqdm(range(steps), desc="testbed train (2/2 end to end)", disable=not progress, dynamic_ncols=True)
     ema: dict[str, float] = {}
     try:
@@ -386,17 +436,21 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, warmup, final_lr_frac)
             dialogues = [scenes.make_dialogue("train", seed, step * batch_size + j, turns, turn_weights) for j in range(batch_size)]
-            ids, positions, target, evid, obj, sink, readout = _dialogue_batch(enc, dialogues)
+            ids, positions, target, evid, obj, sink, readout = _dialogue_batch(enc, dialogues, count_sink)
             pv = build.pixel_values([d[0].image for d in dialogues], ip)
             labels = [_PatchHeads.targets(d[0].objects) for d in dialogues]
             ramp = (step - bg_from * steps) / max(1.0, (bg_until - bg_from) * steps)
             bg_frac = bg_start + (1.0 - bg_start) * min(1.0, max(0.0, ramp))
+            exit_rows = None
+            if exit_after is not None and exit_frac > 0:
+                exit_rows = torch.from_numpy(exit_rng.random(batch_size) < exit_frac)
+            w_attn = attn_weight * max(0.0, 1.0 - step / max(1.0, attn_until * steps))
             logits, feats, attentions, ids, positions, evid, mid = _forward(
-                model, ids, pv, positions, evid, obj, bg_frac, bg_rng)
+                model, ids, pv, positions, evid, obj, bg_frac, bg_rng, exit_after, exit_rows, attentions=w_attn > 0)
             loss = torch.nn.functional.cross_entropy(logits, target)
             aux = heads.loss(feats, labels) + heads.readout_loss(mid, readout)
-            a_loss = _attention_loss(attentions, attn_layers, ids, image_id, positions, evid, sink)
-            w_attn = attn_weight * max(0.0, 1.0 - step / max(1.0, attn_until * steps))
+            a_loss = (_attention_loss(attentions, attn_layers, ids, image_id, positions, evid, sink)
+                      if w_attn > 0 else torch.zeros(()))
             total = loss + aux_weight * aux + (w_attn * a_loss if w_attn > 0 else 0.0)
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -447,7 +501,7 @@ def train(
                              f"relative-position question ({READOUT_SCALE:g} px units)",
             "grounding_loss": {
                 "weight_at_step_0": attn_weight, "zero_from_step": int(attn_until * steps),
-                "layers": attn_layers,
+                "layers": attn_layers, "count_sink_tokens": count_sink,
                 "what": "layer 0: -log(share of the answer position's attention (mean over the heads of each "
                         "half) on its question's words: first half on the words naming the first object of a "
                         "relative-position question, second half on the second, the whole question otherwise); "
@@ -456,7 +510,9 @@ def train(
                         "(scenes.evidence): first half of the heads on the first object of a relative-position "
                         "question, second half on the second; one token per object for counts, where the first half "
                         "is instead pulled to the uniform distribution over BOS and those tokens, a sink whose share "
-                        "is 1 / (count + 1)); mean of the terms, weight decays linearly to 0",
+                        "is 1 / (count + 1)" + (f", and the second half likewise with the first {count_sink} tokens "
+                        f"as its sink (share {count_sink} / (count + {count_sink}))" if count_sink else "")
+                        + "); mean of the terms, weight decays linearly to 0",
             },
             "curriculum": {
                 "background_visual_tokens_kept_at_step_0": bg_start,
@@ -464,6 +520,13 @@ def train(
                 "what": "a random part of the background visual tokens (tokens of no object) is removed from "
                         "the decoder input (object tokens always kept, original position ids); the kept "
                         "fraction grows linearly to 1 over the ramp",
+            },
+            "visual_exit_training": None if not exiting else {
+                "exit_after_layer": exit_after, "rows": exit_frac,
+                "what": f"in a random {exit_frac:g} of the dialogues no token attends to a visual token in the layers "
+                        f"after layer {exit_after} (DyVTE's exit, as key masks); the other rows see them everywhere. "
+                        "This trains the model to gather what it needs from the image by that layer, as DyVTE "
+                        "reports LLaVA-1.5 does on its own; it favours visual-token exit after that layer",
             },
             "turns": turns,
             "turn_kind_weights": {k: int((turn_weights or {}).get(k, 1)) for k in scenes.KINDS},
@@ -547,11 +610,18 @@ def main(argv=None) -> int:
     ap.add_argument("--attn-until", type=float, default=0.7,
                     help="fraction of phase-2 steps over which the grounding loss decays to 0")
     ap.add_argument("--attn-layers", default=None,
-                    help="decoder layers whose attention the grounding loss supervises, e.g. '1,2' (default: 1..L-1)")
+                    help="decoder layers whose attention the grounding loss supervises, e.g. '1,2' (default: 1..EXIT_AFTER, or 1..L-1 without visual-exit training)")
     ap.add_argument("--bg-start", type=float, default=0.0,
                     help="curriculum: fraction of background visual tokens fed to the decoder at first")
     ap.add_argument("--bg-from", type=float, default=0.15, help="fraction of phase-2 steps where that fraction starts to grow")
     ap.add_argument("--bg-until", type=float, default=0.45, help="fraction of phase-2 steps where it reaches 1")
+    ap.add_argument("--exit-after", default="none",
+                    help="visual-exit training: layer after which some rows (--exit-frac) see no visual token, or "
+                         "'none' (default: none)")
+    ap.add_argument("--exit-frac", type=float, default=0.5, help="fraction of the dialogues that exit (default: 0.5)")
+    ap.add_argument("--count-sink", type=int, default=0,
+                    help="count questions: sink tokens of the second half of the heads (0: none, its grounding reads "
+                         "the counted objects' tokens; default: %(default)s)")
     ap.add_argument("--val-size", type=int, default=1000)
     ap.add_argument("--test-size", type=int, default=0, help="also evaluate this many test questions")
     ap.add_argument("--eval-every", type=int, default=250)
@@ -559,12 +629,16 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.exit_after.lower() != "none" and not a.exit_after.isdigit():
+        ap.error(f"--exit-after: expected a layer number or 'none', got {a.exit_after!r}")
     recipe = train(
         a.out, seed=a.seed, steps=a.steps, vision_steps=a.vision_steps, vision_batch_size=a.vision_batch_size, batch_size=a.batch_size, lr=a.lr,
         vision_lr=a.vision_lr, weight_decay=a.weight_decay, warmup=a.warmup, turns=a.turns,
         turn_weights=_parse_weights(ap, a.turn_weights),
         aux_weight=a.aux_weight, attn_weight=a.attn_weight, attn_until=a.attn_until,
         attn_layers=tuple(int(x) for x in a.attn_layers.split(",")) if a.attn_layers else None, bg_start=a.bg_start, bg_from=a.bg_from, bg_until=a.bg_until,
+        exit_after=None if a.exit_after.lower() == "none" else int(a.exit_after), exit_frac=a.exit_frac,
+        count_sink=a.count_sink,
         val_size=a.val_size,
         test_size=a.test_size, eval_every=a.eval_every, threads=a.threads, overwrite=a.overwrite, progress=not a.no_progress,
     )
