@@ -210,7 +210,7 @@ def _load_staged(path: Path, info: dict, geometry, passes: list):
         stages = list(shared) + [
             Stage(st.strip_guards(torch.export.load(str(path / s["file"])).module()), s["inputs"], s["outputs"])
             for s in g["stages"]]
-        return StagedGraph(stages, g["placeholders"], g["results"], g["residual"], set(g["batched"]), set())
+        return StagedGraph(stages, g["placeholders"], g["results"], g["residual"], set(g["batched"]))
 
     base = graph(sg["base"], [])
     exits = {int(e): graph(g, base.stages[:int(e) + 1]) for e, g in sg["exits"].items()}

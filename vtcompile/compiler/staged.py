@@ -82,7 +82,6 @@ class StagedGraph:
     results: list[str]  # (logits, positions, visual) node names
     residual: list[str]  # per layer: the node holding the residual stream after that layer
     batched: set[str]  # values with the batch on dim 0 (sliced when rows are regrouped)
-    batch_sizes: set[str]  # sym-int values equal to the batch size
 
     @classmethod
     def from_program(cls, program: Program) -> "StagedGraph":
@@ -94,15 +93,10 @@ class StagedGraph:
                     and n.target is torch.ops.aten.add.Tensor]
             residual.append(adds[-1].name)
         batch = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
-        batched, batch_sizes = set(), set()
-        for n in gm.graph.nodes:
-            val = n.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() and same_size(val.shape[0], batch):
-                batched.add(n.name)
-            elif isinstance(val, torch.SymInt) and same_size(val, batch):
-                batch_sizes.add(n.name)
+        batched = {n.name for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+                   and n.meta["val"].dim() and same_size(n.meta["val"].shape[0], batch)}
         return cls(stages, [n.name for n in gm.graph.nodes if n.op == "placeholder"],
-                   [n.name for n in output_values(gm)], residual, batched, batch_sizes)
+                   [n.name for n in output_values(gm)], residual, batched)
 
     def run_stage(self, i: int, env: dict) -> None:
         stage = self.stages[i]
@@ -111,16 +105,8 @@ class StagedGraph:
 
 
 def _rows(graph: StagedGraph, env: dict, rows: torch.Tensor) -> dict:
-    """The values of a subset of batch rows (sizes equal to the batch follow)."""
-    out = {}
-    for k, v in env.items():
-        if k in graph.batched:
-            out[k] = v[rows]
-        elif k in graph.batch_sizes:
-            out[k] = len(rows)
-        else:
-            out[k] = v
-    return out
+    """The values of a subset of batch rows (stages exchange tensors only; sizes are read from them)."""
+    return {k: v[rows] if k in graph.batched else v for k, v in env.items()}
 
 
 @dataclass
