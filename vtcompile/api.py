@@ -132,8 +132,7 @@ class CompiledModel:
         self.target = target
         lower = get_target(target).lower
         captured = _captured(adapter)
-        self.runtime = StagedRuntime(adapter, captured, passes, lower, dict(recipes or {}))
-        self.runtime.target = target
+        self.runtime = StagedRuntime(adapter, captured, passes, lower, dict(recipes or {}), target)
         t1 = time.perf_counter()
         self._calibrate(calibration, progress)
         t_cal = time.perf_counter()

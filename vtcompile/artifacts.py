@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -218,15 +219,9 @@ def _load_staged(path: Path, info: dict, geometry, passes: list):
     if config is None:
         raise ArtifactError(f"{path}: the stored routers belong to pass {sg['decider']['pass']!r}, which the "
                             "manifest's passes do not list; re-create the artifact")
-    routers = load_routers(config, _GeometryOnly(geometry), routers_recipe(load_file(str(path / sg["decider"]["file"]))))
+    program = SimpleNamespace(geometry=geometry)  # all load_routers reads of a Program
+    routers = load_routers(config, program, routers_recipe(load_file(str(path / sg["decider"]["file"]))))
     return ExitProgram(base, exits, routers.decide, {int(e): n for e, n in sg["visual"].items()})
-
-
-class _GeometryOnly:
-    """What load_routers reads of a Program: its geometry."""
-
-    def __init__(self, geometry):
-        self.geometry = geometry
 
 
 # -- reading ------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class PreparedInputs:
 
 class StagedRuntime:
     def __init__(self, adapter, captured: Captured, passes: list, lower: Callable[[Program], Callable],
-                 recipes: dict | None = None):
+                 recipes: dict | None = None, target: str = "eager"):
         self.adapter = adapter
         self.captured = captured
         self.passes = passes
@@ -55,7 +55,7 @@ class StagedRuntime:
         self.recipes = recipes or {}
         self.programs: dict[int, Program] = {}
         self._lowered: dict[int, Callable] = {}
-        self.target = "eager"  # the target's name (set by CompiledModel): dynamic exits need 'eager'
+        self.target = target  # the name of the target `lower` belongs to: dynamic exits need 'eager'
 
     def program(self, n_visual: int) -> Program:
         if n_visual not in self.programs:

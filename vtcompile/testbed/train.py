@@ -441,9 +441,7 @@ def train(
             labels = [_PatchHeads.targets(d[0].objects) for d in dialogues]
             ramp = (step - bg_from * steps) / max(1.0, (bg_until - bg_from) * steps)
             bg_frac = bg_start + (1.0 - bg_start) * min(1.0, max(0.0, ramp))
-            exit_rows = None
-            if exit_after is not None and exit_frac > 0:
-                exit_rows = torch.from_numpy(exit_rng.random(batch_size) < exit_frac)
+            exit_rows = torch.from_numpy(exit_rng.random(batch_size) < exit_frac) if exiting else None
             w_attn = attn_weight * max(0.0, 1.0 - step / max(1.0, attn_until * steps))
             logits, feats, attentions, ids, positions, evid, mid = _forward(
                 model, ids, pv, positions, evid, obj, bg_frac, bg_rng, exit_after, exit_rows, attentions=w_attn > 0)
