@@ -165,12 +165,28 @@ class FakeInputs:
             fakes.append(mode.from_tensor(t, symbolic_context=ctx))
         return fakes
 
+    def check_symbolic(self, fakes: list[torch.Tensor]) -> None:
+        """Raise if a dynamic dim came out of propagation as a constant (a guard specialised it)."""
+        for i, (f, dyn) in enumerate(zip(fakes, self.dynamic_dims)):
+            static = [d for d in dyn if not isinstance(f.shape[d], torch.SymInt) or f.shape[d].node.expr.is_number]
+            if static:
+                raise RuntimeError(
+                    f"shape propagation specialised dims {static} of decoder input {i} to {tuple(f.shape)} "
+                    f"(torch {torch.__version__}); node metadata would no longer follow the token count")
+
 
 def refresh_meta(gm: fx.GraphModule, inputs: FakeInputs) -> None:
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs.make(mode))
+    fakes = inputs.make(mode)
+    # The Python dispatcher routes composite ops (aten.linear, ...) through their symbolic-aware Python
+    # decompositions, as torch.export does; without it torch 2.11's C++ linear reads concrete sizes and
+    # specialises batch and sequence to the example's values.
+    with enable_python_dispatcher():
+        FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*fakes)
+    inputs.check_symbolic(fakes)
 
 
 def cleanup(gm: fx.GraphModule, inputs: FakeInputs) -> None:

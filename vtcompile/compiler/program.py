@@ -121,6 +121,20 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
+def dynamic_batch_and_seq(n_inputs: int, min_seq: int, max_seq: int, max_batch: int = 4096) -> tuple:
+    """torch.export dynamic_shapes for decoder-stage inputs: batch (dim 0) and sequence (dim 1) symbolic.
+
+    Dim.DYNAMIC hints, not named Dims: a named Dim turns every shape guard that sympy cannot prove over
+    its whole range into a ConstraintViolationError, and some kernels' fake implementations emit such
+    guards although they hold for every length (on CUDA, e.g. min(16*seq, 32*seq) == 16*seq from stride
+    checks, or the mask padded to a multiple of 8). A hint still fails if the axis gets specialised to
+    one value; the inputs' shared batch and sequence symbols are unified by the graph itself.
+    """
+    batch = torch.export.Dim.DYNAMIC(min=1, max=max_batch)
+    seq = torch.export.Dim.DYNAMIC(min=min_seq, max=max_seq)
+    return tuple({0: batch, 1: seq} for _ in range(n_inputs))
+
+
 def capture_decoder(stage: nn.Module, geometry: Geometry, device, dtype,
                     max_seq: int = 32768) -> Captured:
     """torch.export the decoder stage with symbolic batch and sequence length."""
@@ -136,9 +150,7 @@ def capture_decoder(stage: nn.Module, geometry: Geometry, device, dtype,
     pos = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq).contiguous()
     vis = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     examples = [emb, mask, pos, vis]
-    b = torch.export.Dim("batch", min=1, max=4096)
-    s = torch.export.Dim("seq", min=2, max=max_seq)
-    dyn = tuple({0: b, 1: s} for _ in examples)
+    dyn = dynamic_batch_and_seq(len(examples), min_seq=2, max_seq=max_seq)
     t0 = time.perf_counter()
     with torch.no_grad():
         ep = torch.export.export(stage, tuple(examples), dynamic_shapes=dyn)

@@ -136,19 +136,25 @@ def model_config(spec: ModelSpec):
     return config
 
 
-def build_from_spec(spec: ModelSpec) -> LlavaAdapter:
-    """Load (or build, for random weights) the model a spec names."""
+def build_from_spec(spec: ModelSpec, device: str | torch.device | None = None) -> LlavaAdapter:
+    """Load (or build, for random weights) the model a spec names, on `device` (default: the CPU).
+
+    Random weights are drawn on the device itself (a 7B model initialises in seconds on a GPU, minutes on
+    a CPU); the values depend on the device's random generator, so compare random-weight runs on one device.
+    """
     from transformers import LlavaForConditionalGeneration
 
     config = model_config(spec)
     dtype = _DTYPES[spec.dtype]
+    device = torch.device(device or "cpu")
     if spec.source == "random":
         torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config).to(dtype)
+        with device:
+            model = LlavaForConditionalGeneration(config).to(dtype)
         processor = None
     else:
         model = LlavaForConditionalGeneration.from_pretrained(
-            spec.path, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+            spec.path, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa").to(device)
         processor = _load_processor(spec.path)
     return LlavaAdapter(model.eval(), spec, processor)
 
@@ -163,9 +169,10 @@ def _load_processor(path: str):
 
 
 def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, random_weights: bool = False,
-               layers: int | None = None, dtype: str | None = None, seed: int = 0) -> LlavaAdapter:
-    """Resolve and load a model; see :func:`resolve_spec` for the rules."""
-    return build_from_spec(resolve_spec(name, weights, random_weights, layers, dtype, seed))
+               layers: int | None = None, dtype: str | None = None, seed: int = 0,
+               device: str | torch.device | None = None) -> LlavaAdapter:
+    """Resolve and load a model on `device` (default: the CPU); see :func:`resolve_spec` for the rules."""
+    return build_from_spec(resolve_spec(name, weights, random_weights, layers, dtype, seed), device)
 
 
 def geometry_of(spec: ModelSpec):

@@ -2,8 +2,10 @@
 
 The stage compiled is the rewritten program re-exported with dynamic axes (the same graph an artifact
 stores, so loading an artifact compiles exactly what was tested). Every call marks the sequence axis dynamic
-and the batch axis unbacked (one symbol shared by the four inputs): Dynamo then never specialises on the
-prompt length nor on batch 1 vs >1, so a stage compiles once and never recompiles for a new shape.
+and, on the CPU, the batch axis unbacked (one symbol shared by the four inputs): Dynamo then never
+specialises on the prompt length nor on batch 1 vs >1, so a stage compiles once and never recompiles for a
+new shape. On CUDA the batch stays a backed symbol (SDPA's kernel choice asks whether batch == 1), so
+batch 1 and batch > 1 may compile a graph each; the prompt length never recompiles.
 Compile time is measured apart from run time (`compile_seconds`, `compiles`). CPU kernels need a C++
 compiler; CUDA kernels need triton (shipped with CUDA builds of torch).
 """
@@ -42,14 +44,21 @@ class InductorStage:
             self(*warmup)
 
     def __call__(self, *args):
-        from torch._dynamo.decorators import mark_dynamic, mark_unbacked
+        from torch._dynamo.decorators import mark_dynamic, mark_unbacked, maybe_mark_dynamic
         from torch._dynamo.utils import counters
 
         marked = []
         for t in args:
             t = t.detach()  # alias: the marks stay off the caller's tensors
-            mark_unbacked(t, 0, shape_id="vt_batch")
-            mark_dynamic(t, 1)
+            if t.is_cuda:
+                # CUDA's SDPA kernel choice branches on the batch size (batch == 1), which an unbacked
+                # symbol cannot answer: there the batch stays a backed symbol, so batch 1 and batch > 1
+                # may compile one graph each; the sequence axis stays symbolic either way.
+                maybe_mark_dynamic(t, 0)
+                maybe_mark_dynamic(t, 1)
+            else:
+                mark_unbacked(t, 0, shape_id="vt_batch")
+                mark_dynamic(t, 1)
             marked.append(t)
         graphs = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()

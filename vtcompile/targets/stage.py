@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..compiler.program import dynamic_batch_and_seq
+
 INPUT_NAMES = ("inputs_embeds", "attention_mask", "position_ids", "visual_mask")
 OUTPUT_NAMES = ("logits", "positions", "visual")
 MAX_BATCH = 4096
@@ -36,12 +38,11 @@ def export_program(program, gm: torch.fx.GraphModule | None = None) -> torch.exp
     from ..errors import UnsupportedModelError
 
     gm = program.gm if gm is None else gm
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    seq = torch.export.Dim("seq", min=min_seq(program), max=MAX_SEQ)
     args = example_args(program)
     try:
         with torch.no_grad():
-            return torch.export.export(gm, args, dynamic_shapes=tuple({0: batch, 1: seq} for _ in args))
+            return torch.export.export(gm, args, dynamic_shapes=dynamic_batch_and_seq(
+                len(args), min_seq=min_seq(program), max_seq=MAX_SEQ, max_batch=MAX_BATCH))
     except Exception as exc:  # noqa: BLE001 - re-raised with what was being exported
         raise UnsupportedModelError(
             f"re-exporting the rewritten decoder ({', '.join(program.applied) or 'no passes'}, {program.n_visual} "
