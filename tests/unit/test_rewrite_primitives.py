@@ -13,7 +13,7 @@ from vtcompile.passes import resolve_passes
 from vtcompile.passes.base import PassDef
 from vtcompile.passes.fastv import FastVConfig
 
-from .common import compiled, masked_key_check, prompt
+from .common import adapter, compiled, masked_key_check, prompt
 
 
 @pytest.mark.parametrize("boundary", [1, 3])
@@ -67,3 +67,30 @@ def test_randomdrop_matches_masked_key_reference(geometry, spec, cut):
     ids, pixels, mask = prompt(geometry, "mid_pad_b2")
     torch.manual_seed(1)
     assert not torch.equal(cm(ids, pixels, mask).kept_positions, seen["positions"])  # really random
+
+
+def _graph_and_shapes(program):
+    return [(n.name, str(n.target), str(getattr(n.meta.get("val"), "shape", n.meta.get("val"))))
+            for n in program.gm.graph.nodes]
+
+
+@pytest.mark.parametrize("spec", ["pyramiddrop:layers=1/2/3,ratios=0.5/0.25/0.125", "fitprune:budget=0.5"])
+def test_series_of_rewrites_builds_the_per_rewrite_graph(geometry, spec, monkeypatch):
+    """Incremental metadata (one propagation per pass) gives the same graph, metadata and outputs as a
+    full refresh after every cut."""
+    import contextlib
+
+    from vtcompile import compile_pruned
+
+    calibration = "synthetic" if spec.startswith("fitprune") else None
+    rt = compile_pruned(adapter(geometry), spec, calibration=calibration, progress=False).runtime
+    fast = build_program(rt.captured, 16, rt.passes, rt.recipes)
+    assert len(fast.rewrites) >= 2  # a series, not a single cut
+    monkeypatch.setattr(Program, "series_of_rewrites", lambda self: contextlib.nullcontext(self))
+    slow = build_program(rt.captured, 16, rt.passes, rt.recipes)
+    assert _graph_and_shapes(fast) == _graph_and_shapes(slow)
+    assert "s" in str(fast.positions_node.meta["val"].shape[1])  # the kept count stays symbolic
+    args = rt.prepare(*prompt(geometry, "mid_pad_b2")).as_args()
+    with torch.no_grad():
+        a, b = fast.gm(*args), slow.gm(*args)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])

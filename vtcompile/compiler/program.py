@@ -7,6 +7,7 @@ token counts given the sequence length S: kept = S - n_visual + k_visual).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .geometry import Geometry
-from .graph import FakeInputs, annotate, output_values, refresh_meta
+from .graph import FakeInputs, IncrementalMeta, annotate, output_values, refresh_meta
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Program:
     # and the rule that decides per row from (layer, residual stream, visual mask).
     exits: dict = field(default_factory=dict)
     decide: object = None
+    # Set inside series_of_rewrites(): shape metadata refreshed incrementally, not after every rewrite.
+    meta: IncrementalMeta | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_captured(cls, cap: Captured, n_visual: int) -> "Program":
@@ -74,6 +77,20 @@ class Program:
                        fake_inputs=self.fake_inputs, schedule=list(self.schedule),
                        mlp_schedule=list(self.mlp_schedule), rewrites=list(self.rewrites),
                        applied=list(self.applied), visual_origin=self.visual_origin)
+
+    @contextmanager
+    def series_of_rewrites(self):
+        """Several token selections at increasing cuts: each refreshes shape metadata only up to its cut,
+        and the whole graph gets fresh metadata (a new ShapeEnv, as after any rewrite) once at the end."""
+        if self.meta is not None:  # nested: the outer series refreshes at its end
+            yield self
+            return
+        self.meta = IncrementalMeta(self.gm, self.fake_inputs)
+        try:
+            yield self
+        finally:
+            self.meta = None
+            refresh_meta(self.gm, self.fake_inputs)
 
     def visual_name_at(self, layer: int) -> str:
         """Name of the visual-mask value live at the end of `layer`."""

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import PassConfigError, UnsupportedModelError
-from .graph import cleanup, live_ins, same_size, token_axes
+from .graph import cleanup, live_ins, same_size, tidy, token_axes
 from .program import Program, Rewrite
 
 aten = torch.ops.aten
@@ -91,6 +91,9 @@ def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_vi
                               f"{visual_now} are present there")
     if k_visual == visual_now:
         return program  # nothing removed: the graph stays as it is
+    if program.meta is not None:
+        # Everything read below lies before the cut, or in the layer after it (a cloning scorer's q/k).
+        program.meta.refresh(upto=boundary + 1)
     n_cur = program.token_count()
     inputs = live_ins(gm, boundary)
     graph = gm.graph
@@ -132,7 +135,11 @@ def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_vi
             replaced[x] = new_count
     for old, new in replaced.items():
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u.meta.get("vt_pos", -1) >= boundary)
-    cleanup(gm, program.fake_inputs)
+    if program.meta is not None:
+        tidy(gm)
+        program.meta.invalidate_from(emit.pos)
+    else:
+        cleanup(gm, program.fake_inputs)
     program.schedule = [v if layer < boundary else k_visual for layer, v in enumerate(program.schedule)]
     program.mlp_schedule = [v if layer + AFTER_ATTENTION < boundary else k_visual
                             for layer, v in enumerate(program.mlp_schedule)]

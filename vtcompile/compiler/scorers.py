@@ -50,14 +50,14 @@ def last_query_attention(program: Program, layer: int, clone: bool = False) -> S
     clone=True scores with a layer at or after the boundary being rewritten (PyramidDrop's "next layer"):
     its q/k projections are copied in front of the boundary and fed the ungathered states.
     """
-    node = sdpa_node(program.gm, layer)
-    q_node, k_node, mask, scale = _sdpa_inputs(node)
-    head_dim = q_node.meta["val"].shape[-1]
-    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-    heads = q_node.meta["val"].shape[1]
-    kv_heads = k_node.meta["val"].shape[1]
 
     def emit(e: Emitter) -> fx.Node:
+        # The graph is read when the score is emitted (inside select_tokens, metadata fresh), not before.
+        q_node, k_node, mask, scale = _sdpa_inputs(sdpa_node(program.gm, layer))
+        head_dim = q_node.meta["val"].shape[-1]
+        scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        heads = q_node.meta["val"].shape[1]
+        kv_heads = k_node.meta["val"].shape[1]
         q, k = clone_cone(e, program.gm, [q_node, k_node], layer) if clone else (q_node, k_node)
         q_last = e(aten.slice.Tensor, q, 2, -1, _END)  # [B, H, 1, hd]
         keys = k
@@ -139,13 +139,12 @@ def _cross_times_self(q, k, mask, visual, scale: float, groups: int, bool_mask: 
 
 def attention_mass(program: Program, layer: int) -> Scorer:
     """FitPrune's inference score from `layer`'s attention: cross mass x self mass per token."""
-    node = sdpa_node(program.gm, layer)
-    q, k, mask, scale = _sdpa_inputs(node)
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.meta["val"].shape[-1])
-    groups = q.meta["val"].shape[1] // k.meta["val"].shape[1]
-    bool_mask = mask is not None and mask.meta["val"].dtype == torch.bool
 
     def emit(e: Emitter) -> fx.Node:
+        q, k, mask, scale = _sdpa_inputs(sdpa_node(program.gm, layer))
+        scale = scale if scale is not None else 1.0 / math.sqrt(q.meta["val"].shape[-1])
+        groups = q.meta["val"].shape[1] // k.meta["val"].shape[1]
+        bool_mask = mask is not None and mask.meta["val"].dtype == torch.bool
         if mask is None:
             return inline(e, _cross_times_self, [q, k, program.visual_mask_node], mask=None, scale=scale,
                           groups=groups, bool_mask=False)

@@ -108,8 +108,9 @@ def plan(config: FitPruneConfig, geometry: Geometry, n_visual: int, recipe: dict
 
 
 def apply(program: Program, config: FitPruneConfig, recipe: dict | None = None) -> Program:
-    for cut, keep in plan(config, program.geometry, program.n_visual, recipe):
-        select_tokens(program, cut, attention_mass(program, int(cut)), keep, by="fitprune")
+    with program.series_of_rewrites():
+        for cut, keep in plan(config, program.geometry, program.n_visual, recipe):
+            select_tokens(program, cut, attention_mass(program, int(cut)), keep, by="fitprune")
     return program
 
 

@@ -63,9 +63,10 @@ def plan(config: PyramidDropConfig, geometry: Geometry, n_visual: int, recipe=No
 
 def apply(program: Program, config: PyramidDropConfig, recipe=None) -> Program:
     config.check_model(program.geometry)
-    for boundary, keep in plan(config, program.geometry, program.n_visual):
-        scorer = last_query_attention(program, boundary, clone=True)
-        select_tokens(program, boundary, scorer, min(keep, program.visual_at(boundary)), by="pyramiddrop")
+    with program.series_of_rewrites():
+        for boundary, keep in plan(config, program.geometry, program.n_visual):
+            scorer = last_query_attention(program, boundary, clone=True)
+            select_tokens(program, boundary, scorer, min(keep, program.visual_at(boundary)), by="pyramiddrop")
     return program
 
 
