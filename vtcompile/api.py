@@ -130,9 +130,10 @@ class CompiledModel:
         self.adapter = adapter
         self.passes = passes
         self.target = target
-        lower = get_target(target).lower
+        tgt = get_target(target)
         captured = _captured(adapter)
-        self.runtime = StagedRuntime(adapter, captured, passes, lower, dict(recipes or {}), target)
+        self.runtime = StagedRuntime(adapter, captured, passes, tgt.lower, dict(recipes or {}), target,
+                                     tgt.lower_exits)
         t1 = time.perf_counter()
         self._calibrate(calibration, progress)
         t_cal = time.perf_counter()

@@ -1,6 +1,6 @@
 """Artifacts: a self-contained directory that runs in a new process without the original model files.
 
-Layout (format 2):
+Layout (format 3):
     manifest.json             versions, model id + config hash, passes + configs, target, input spec, FLOPs
                               report, the stages, and the sha256 of every other file
     config.json               the model's LlavaConfig (geometry, image token id, vision settings)
@@ -8,9 +8,10 @@ Layout (format 2):
     vision.pt2                vision tower + projector, torch.export'ed with a dynamic image count
     decoder-v<N>.pt2|.onnx    the rewritten decoder for N visual tokens per prompt, dynamic batch/sequence
                               (.pt2 for eager/inductor/tensorrt, .onnx [+ .onnx.data] for onnx)
-    decoder-v<N>-layer<i>.pt2, decoder-v<N>-exit<e>-layer<i>.pt2, decoder-v<N>-routers.safetensors
-                              a program with dynamic exits (dyvte with routers, eager target): one file per
-                              layer stage of the base graph and of each exit continuation, and the routers
+    decoder-v<N>-layer<i>.pt2|.onnx, decoder-v<N>-exit<e>-layer<i>.pt2|.onnx, decoder-v<N>-routers.safetensors
+                              a program with dynamic exits (dyvte with routers): one file per layer stage of
+                              the base graph and of each exit continuation (in the target's format), and the
+                              routers
     processor/                the model's processor files, when it has a processor
 
 Loading checks, in order: the format, the vtcompile and torch versions the files were written with, the
@@ -33,10 +34,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, InputError, UnsupportedModelError
 from .models.llava import LlavaAdapter, ModelSpec, geometry_from_config
 
-ARTIFACT_FORMAT = 2
+ARTIFACT_FORMAT = 3
 MANIFEST = "manifest.json"
 MAX_IMAGES = 64
 
@@ -99,11 +100,6 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
                             "to replace it")
     programs = dict(cm.runtime.programs)
     dynamic = [n for n, p in programs.items() if getattr(p, "exits", None)]
-    if dynamic and cm.target != "eager":
-        raise ArtifactError(
-            f"the program for {dynamic[0]} visual tokens has dynamic exits "
-            f"({', '.join(programs[dynamic[0]].applied)}), which run on the staged eager runtime; save it with "
-            f"target 'eager' (not {cm.target!r}), or use the static form dyvte:exit_layer=K")
     target = get_target(cm.target)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -119,7 +115,7 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
         torch.export.save(_export_vision(adapter), str(tmp / "vision.pt2"))
         if adapter.processor is not None:
             adapter.processor.save_pretrained(str(tmp / "processor"))
-        stages = [_save_staged(program, cm.runtime._lowered[n], tmp) if n in dynamic
+        stages = [_save_staged(program, cm.runtime._lowered[n], tmp, target) if n in dynamic
                   else target.save_stage(program, cm.runtime._lowered[n], tmp) for n, program in sorted(programs.items())]
         manifest.update({
             "config": "config.json",
@@ -141,87 +137,49 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
-def _save_staged(program, xp, directory: Path) -> dict:
-    """Write a program with dynamic exits (compiler.staged.ExitProgram): one .pt2 per layer stage of the base
-    graph, one per stage after the exit of each continuation (stages up to the exit are the base's), each
-    exported on its own with every axis free (torch.export Dim.AUTO: batch and lengths stay symbolic), and
-    the routers as safetensors. Example inputs for each stage come from running the stages before it."""
+def _save_staged(program, xp, directory: Path, target) -> dict:
+    """Write a program with dynamic exits (compiler.staged.ExitProgram): every per-layer stage in the target's
+    format (targets/staged.py: stages up to an exit are the base graph's and stored once) and the routers as
+    safetensors."""
     from safetensors.torch import save_file
-    from torch.export import Dim
 
     from .targets import stage as st
+    from .targets.staged import save_exit_program
 
-    base, layers, stem = xp.base, len(xp.base.stages), st.stem(program)
-
-    def export(graph_stage, env, name) -> dict:
-        args = tuple(env[n] for n in graph_stage.inputs)
-        try:
-            with torch.no_grad():
-                ep = torch.export.export(graph_stage.module, args,
-                                         dynamic_shapes=tuple({d: Dim.AUTO for d in range(t.dim())} for t in args))
-        except Exception as exc:  # noqa: BLE001 - re-raised with the stage that failed
-            raise ArtifactError(f"exporting stage {name} of the dynamic-exit program failed: "
-                                f"{type(exc).__name__}: {exc}") from exc
-        return {"file": st.save_pt2(ep, directory, name)[0], "inputs": list(graph_stage.inputs),
-                "outputs": list(graph_stage.outputs)}
-
-    def graph_info(g, stages: list[dict]) -> dict:
-        return {"stages": stages, "placeholders": list(g.placeholders), "results": list(g.results),
-                "residual": list(g.residual), "batched": sorted(g.batched)}
-
-    env = dict(zip(base.placeholders, st.example_args(program)))
-    after, entries = {}, []
-    with torch.no_grad():
-        for i in range(layers):
-            entries.append(export(base.stages[i], env, f"{stem}-layer{i}"))
-            base.run_stage(i, env)
-            after[i] = dict(env)
-        exits = {}
-        for e, g in sorted(xp.exits.items()):
-            sub, cont = dict(after[e]), []
-            for i in range(e + 1, layers):
-                cont.append(export(g.stages[i], sub, f"{stem}-exit{e}-layer{i}"))
-                g.run_stage(i, sub)
-            exits[str(e)] = graph_info(g, cont)
     routers = getattr(xp.decide, "__self__", None)
     if not isinstance(routers, nn.Module):
         raise ArtifactError("the dynamic-exit program's decision rule is not a module with weights; only "
                             "DyVTE routers can be saved")
-    router_file = f"{stem}-routers.safetensors"
+    try:
+        staged = save_exit_program(program, xp, directory, target)
+    except UnsupportedModelError as exc:
+        raise ArtifactError(str(exc)) from exc
+    router_file = f"{st.stem(program)}-routers.safetensors"
     save_file({k: v.detach().contiguous().cpu() for k, v in routers.state_dict().items()}, str(directory / router_file))
-    files = [e["file"] for e in entries] + [c["file"] for x in exits.values() for c in x["stages"]] + [router_file]
-    info = st.stage_info(program, files, "pt2-staged")
-    info["staged"] = {"base": graph_info(base, entries), "exits": exits,
-                      "visual": {str(e): n for e, n in xp.visual_names.items()},
-                      "decider": {"pass": "dyvte", "file": router_file}}
+    files = [f for g in (staged["base"], *staged["exits"].values()) for s in g["stages"] for f in s["files"]]
+    info = st.stage_info(program, files + [router_file], f"{target.stage_format}-staged")
+    info["staged"] = dict(staged, decider={"pass": "dyvte", "file": router_file})
     return info
 
 
-def _load_staged(path: Path, info: dict, geometry, passes: list):
-    """The ExitProgram stored by _save_staged, with the routers of the artifact's dyvte pass."""
+def _load_staged(path: Path, info: dict, geometry, passes: list, target):
+    """The ExitProgram stored by _save_staged, its stages loaded by the target, with the routers of the
+    artifact's dyvte pass."""
     from safetensors.torch import load_file
 
-    from .compiler.staged import ExitProgram, Stage, StagedGraph
+    from .compiler.staged import ExitProgram
     from .passes.dyvte import load_routers, routers_recipe
-    from .targets import stage as st
+    from .targets.staged import load_exit_graphs
 
     sg = info["staged"]
-
-    def graph(g: dict, shared: list) -> StagedGraph:
-        stages = list(shared) + [
-            Stage(st.strip_guards(torch.export.load(str(path / s["file"])).module()), s["inputs"], s["outputs"])
-            for s in g["stages"]]
-        return StagedGraph(stages, g["placeholders"], g["results"], g["residual"], set(g["batched"]))
-
-    base = graph(sg["base"], [])
-    exits = {int(e): graph(g, base.stages[:int(e) + 1]) for e, g in sg["exits"].items()}
+    base, exits, visual = load_exit_graphs(path, sg, target)
     config = next((c for p, c in passes if p.name == sg["decider"]["pass"]), None)
     if config is None:
         raise ArtifactError(f"{path}: the stored routers belong to pass {sg['decider']['pass']!r}, which the "
                             "manifest's passes do not list; re-create the artifact")
     program = SimpleNamespace(geometry=geometry)  # all load_routers reads of a Program
     routers = load_routers(config, program, routers_recipe(load_file(str(path / sg["decider"]["file"]))))
-    return ExitProgram(base, exits, routers.decide, {int(e): n for e, n in sg["visual"].items()})
+    return ExitProgram(base, exits, routers.decide, visual)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -456,7 +414,7 @@ def read_artifact(path: str | os.PathLike) -> LoadedModel:
     for info in stage_infos:
         st = _Stage(info)
         stages[st.n_visual] = st
-        lowered[st.n_visual] = (_load_staged(path, info, adapter.geometry, passes) if info.get("staged")
+        lowered[st.n_visual] = (_load_staged(path, info, adapter.geometry, passes, target) if info.get("staged")
                                 else target.load_stage(path, info))
     runtime = _artifact_runtime(adapter, stages, lowered, path)
     return LoadedModel(path, manifest, adapter, runtime, passes, _report(manifest, adapter.geometry))

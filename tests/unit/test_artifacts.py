@@ -147,14 +147,26 @@ def test_dyvte_routers_artifact_round_trip(routers, tmp_path):
         load_compiled(path)
 
 
-def test_dynamic_exits_need_the_eager_target(tmp_path):
-    from vtcompile.errors import TargetUnavailableError
+@pytest.mark.parametrize("target", ["inductor", "onnx"])
+def test_dynamic_exit_artifact_on_a_target(target, tmp_path):
+    """A program with dynamic exits lowered to inductor / onnx saves every stage in the target's format and
+    loads back to the same exits and logits."""
+    from .test_targets import EXIT_PROMPTS, assert_exit_parity, lowered_exits
 
-    from .test_dyvte import _routers_file
-
-    path = _routers_file(tmp_path, "tiny", fire=False)
-    with pytest.raises(TargetUnavailableError, match="dynamic exits, which run on the staged eager runtime"):
-        compile_pruned(adapter("tiny"), f"dyvte:routers={path}", target="onnx")
+    cm = lowered_exits(target)
+    with fast_inductor():
+        path = cm.save(tmp_path / target)
+        stage = json.loads((path / "manifest.json").read_text())["stages"][0]
+        ext = ".onnx" if target == "onnx" else ".pt2"
+        assert stage["format"] == ("onnx-staged" if target == "onnx" else "pt2-staged")
+        assert sum(f.endswith(ext) for f in stage["files"]) == 4 + 3 + 2 + 1
+        lm = load_compiled(path)
+        assert lm.target == target
+        for (kind, seed), exits in EXIT_PROMPTS.items():
+            ids, pixels, mask = prompt("tiny", kind, seed=seed)
+            out = lm(ids, pixels, mask)
+            assert out.exit_layers == exits
+            assert_exit_parity(out, cm(ids, pixels, mask), mask)
 
 
 def _tiny_processor():

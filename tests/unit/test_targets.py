@@ -66,6 +66,39 @@ def lowered(target: str, geometry: str, family: str):
     return cm
 
 
+@functools.lru_cache(maxsize=None)
+def lowered_exits(target: str):
+    """Trained DyVTE routers on `tiny` (test_dyvte's model), the program with exits lowered to `target`
+    stage by stage, sharing the eager model's capture and recipes."""
+    from .test_dyvte import trained
+
+    eager = trained("tiny")
+    cm = copy.copy(eager)
+    cm.target = target
+    cm.report = dataclasses.replace(eager.report, target=target)
+    tgt = get_target(target)
+    cm.runtime = StagedRuntime(eager.adapter, eager.runtime.captured, eager.passes, tgt.lower, eager.runtime.recipes,
+                               target, tgt.lower_exits)
+    program = eager.runtime.programs[16]
+    cm.runtime.programs, cm.runtime._lowered = {16: program}, {16: tgt.lower_exits(program)}
+    return cm
+
+
+# (prompt kind, seed) -> exit layer per row under the trained routers: every exit (0, 1, 2, none), a batch
+# whose rows exit at different layers (regrouped), and two prompt lengths (36 and 28 tokens).
+EXIT_PROMPTS = {("mid_pad_b2", 9): [2, -1], ("image_first", 7): [1], ("mid_pad_b2", 11): [0, 2],
+                ("image_first", 12): [-1]}
+
+
+def assert_exit_parity(out, ref, mask) -> float:
+    assert out.exit_layers == ref.exit_layers
+    assert torch.equal(out.kept_positions, ref.kept_positions)
+    real = (out.kept_positions >= 0) & torch.gather(mask, 1, out.kept_positions.clamp_min(0)).bool()
+    diff = (out.logits - ref.logits).abs().amax(-1)[real].max().item()
+    assert diff <= TOL, diff
+    return diff
+
+
 def assert_parity(out, ref, mask) -> float:
     assert torch.equal(out.kept_positions, ref.kept_positions)
     assert torch.equal(out.kept_visual, ref.kept_visual)
@@ -91,6 +124,8 @@ def test_tensorrt_without_cuda_is_a_clear_error():
         get_target("tensorrt")
     with pytest.raises(TargetUnavailableError, match="needs a CUDA GPU and none is visible"):
         tensorrt.lower(compiled("tiny", "fastv").program)
+    with pytest.raises(TargetUnavailableError, match="needs a CUDA GPU and none is visible"):
+        tensorrt.lower_exits(compiled("tiny", "dyvte:exit_layer=1").program)
 
 
 @pytest.mark.parametrize("target,family,geometry", list(_matrix()))
@@ -116,6 +151,33 @@ def test_inductor_compiles_once_for_every_prompt_shape():
                                                text_after=after, pad=pad, seed=batch + before)
             assert_parity(cm(ids, pixels, mask), ref(ids, pixels, mask), mask)
     assert stage_fn.compiles == 1
+
+
+@pytest.mark.parametrize("target", ["inductor", "onnx"])
+def test_dynamic_exits_lower_stage_by_stage(target):
+    """DyVTE with routers on a non-eager target: every per-layer stage lowered on its own, the same exits and
+    logits as the eager stages; on inductor each stage compiles once for every batch and prompt length."""
+    from vtcompile.targets.staged import LazyStage, compile_seconds
+
+    from .test_dyvte import trained
+
+    cm, ref = lowered_exits(target), trained("tiny")
+    with fast_inductor():
+        for (kind, seed), exits in EXIT_PROMPTS.items():
+            ids, pixels, mask = prompt("tiny", kind, seed=seed)
+            out = cm(ids, pixels, mask)
+            assert out.exit_layers == exits  # the routers still route as this test assumes
+            diff = assert_exit_parity(out, ref(ids, pixels, mask), mask)
+            print(f"{target} dyvte {kind} seed {seed} exits {exits}: max |logit diff| {diff:.2e}")
+    xp = cm.runtime._lowered[16]
+    stages = {id(s.module): s.module for g in (xp.base, *xp.exits.values()) for s in g.stages}
+    assert len(stages) == 4 + 3 + 2 + 1 and all(isinstance(m, LazyStage) for m in stages.values())
+    assert all(m.lowered is not None for m in stages.values())  # every stage ran, lowered to the target
+    assert compile_seconds(xp) > 0
+    if target == "inductor":
+        assert all(m.lowered.compiles == 1 for m in stages.values()), [m.lowered.compiles for m in stages.values()]
+    else:
+        assert all(type(m.lowered).__name__ == "OnnxStage" for m in stages.values())
 
 
 def test_onnx_stage_has_dynamic_batch_and_sequence():

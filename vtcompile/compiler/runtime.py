@@ -47,7 +47,8 @@ class PreparedInputs:
 
 class StagedRuntime:
     def __init__(self, adapter, captured: Captured, passes: list, lower: Callable[[Program], Callable],
-                 recipes: dict | None = None, target: str = "eager"):
+                 recipes: dict | None = None, target: str = "eager",
+                 lower_exits: Callable[[Program], Callable] | None = None):
         self.adapter = adapter
         self.captured = captured
         self.passes = passes
@@ -55,19 +56,20 @@ class StagedRuntime:
         self.recipes = recipes or {}
         self.programs: dict[int, Program] = {}
         self._lowered: dict[int, Callable] = {}
-        self.target = target  # the name of the target `lower` belongs to: dynamic exits need 'eager'
+        self.target = target  # the name of the target `lower` belongs to
+        # Programs with dynamic exits run staged (control flow between per-layer stages), each stage lowered
+        # by the target (targets/staged.py); without `lower_exits` only the eager stages can run.
+        self.lower_exits = lower_exits if lower_exits is not None else (exit_program if target == "eager" else None)
 
     def program(self, n_visual: int) -> Program:
         if n_visual not in self.programs:
             program = build_program(self.captured, n_visual, self.passes, self.recipes)
-            if program.exits and self.target != "eager":
+            if program.exits and self.lower_exits is None:
                 raise TargetUnavailableError(
-                    f"{', '.join(program.applied)} makes dynamic exits, which run on the staged eager runtime "
-                    f"(one graph per layer, control flow between them); target {self.target!r} does not lower "
-                    "them yet. Use target 'eager', or the static form dyvte:exit_layer=K, which every target lowers")
+                    f"{', '.join(program.applied)} makes dynamic exits (one graph per layer, control flow between "
+                    f"them), and this runtime was given no way to lower them for target {self.target!r}")
             self.programs[n_visual] = program
-            # Programs with dynamic exits run staged (control flow between per-layer stages).
-            self._lowered[n_visual] = exit_program(program) if program.exits else self.lower(program)
+            self._lowered[n_visual] = self.lower_exits(program) if program.exits else self.lower(program)
         return self.programs[n_visual]
 
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,

@@ -2,7 +2,8 @@
 ``save_stage(program, lowered, dir) -> manifest entry`` and ``load_stage(dir, entry) -> callable``.
 
 A lowered stage is called like the program: (inputs_embeds, attention_mask, position_ids, visual_mask) ->
-(logits, positions, visual). Optional backends (onnxruntime, torch_tensorrt) are imported lazily, inside
+(logits, positions, visual). Programs with dynamic exits are lowered one per-layer stage at a time
+(``lower_exits``, see targets/staged.py). Optional backends (onnxruntime, torch_tensorrt) are imported lazily, inside
 the functions that need them, never at package import.
 """
 from __future__ import annotations
@@ -24,11 +25,17 @@ class Target:
     save_stage: Callable | None = None
     load_stage: Callable | None = None
     stage_format: str = "pt2"
+    # Programs with dynamic exits (per-layer stages, targets/staged.py): lower_exits(program) -> ExitProgram,
+    # and the per-stage save/load an artifact uses.
+    lower_exits: Callable | None = None
+    save_graph_stage: Callable | None = None
+    load_graph_stage: Callable | None = None
 
 
 def _target(module, name: str, summary: str, fmt: str = "pt2", requirement: str = "") -> Target:
     return Target(name, summary, module.lower, module.is_available, requirement or getattr(module, "REQUIREMENT", ""),
-                  module.save_stage, module.load_stage, fmt)
+                  module.save_stage, module.load_stage, fmt, module.lower_exits,
+                  getattr(module, "save_graph_stage", None), getattr(module, "load_graph_stage", None))
 
 
 TARGETS: dict[str, Target] = {

@@ -30,35 +30,62 @@ def is_available() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
-class InductorStage:
-    """A torch.compile'd decoder stage; call it like the program: (embeds, mask, positions, visual)."""
+def _symbolic_dims(module: torch.fx.GraphModule) -> list[list[int]]:
+    """Per input of an exported stage: the dims whose size is symbolic in the export."""
+    dims = []
+    for n in module.graph.nodes:
+        if n.op == "placeholder":
+            val = n.meta.get("val")
+            shape = val.shape if isinstance(val, torch.Tensor) else ()
+            dims.append([d for d, s in enumerate(shape) if not isinstance(s, int)])
+    return dims
 
-    def __init__(self, module: torch.nn.Module, exported=None, warmup: tuple | None = None, label: str = ""):
+
+class InductorStage:
+    """A torch.compile'd decoder stage; call it like the program: (embeds, mask, positions, visual).
+
+    `batched` (one flag per input) describes a per-layer stage of a program with dynamic exits: there the
+    inputs are whatever values cross the layer boundary, and the axes kept symbolic are those the stage's
+    export left symbolic, the batch (dim 0 of the flagged inputs) marked as for a whole decoder."""
+
+    def __init__(self, module: torch.nn.Module, exported=None, warmup: tuple | None = None, label: str = "",
+                 batched: list[bool] | None = None):
         self.module = module
         self.exported = exported
         self.label = label
         self.compile_seconds = 0.0
         self.compiles = 0
+        self.batched = batched
+        self._dims = _symbolic_dims(module) if batched is not None else None
         self._fn = torch.compile(module, fullgraph=True)
         if warmup is not None:
             self(*warmup)
 
-    def __call__(self, *args):
+    def _mark(self, i: int, t: torch.Tensor) -> None:
         from torch._dynamo.decorators import mark_dynamic, mark_unbacked, maybe_mark_dynamic
-        from torch._dynamo.utils import counters
 
-        marked = []
-        for t in args:
-            t = t.detach()  # alias: the marks stay off the caller's tensors
+        batched = self.batched[i] if self.batched is not None else True
+        dynamic = self._dims[i] if self._dims is not None else [1]
+        for d in dynamic:
+            if d == 0 and batched:
+                continue
+            (maybe_mark_dynamic if self._dims is not None or t.is_cuda else mark_dynamic)(t, d)
+        if batched:
             if t.is_cuda:
                 # CUDA's SDPA kernel choice branches on the batch size (batch == 1), which an unbacked
                 # symbol cannot answer: there the batch stays a backed symbol, so batch 1 and batch > 1
                 # may compile one graph each; the sequence axis stays symbolic either way.
                 maybe_mark_dynamic(t, 0)
-                maybe_mark_dynamic(t, 1)
             else:
                 mark_unbacked(t, 0, shape_id="vt_batch")
-                mark_dynamic(t, 1)
+
+    def __call__(self, *args):
+        from torch._dynamo.utils import counters
+
+        marked = []
+        for i, t in enumerate(args):
+            t = t.detach()  # alias: the marks stay off the caller's tensors
+            self._mark(i, t)
             marked.append(t)
         graphs = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
@@ -93,3 +120,24 @@ def load_stage(directory: Path, info: dict) -> InductorStage:
     ep = stage.load_pt2(directory, info)
     return InductorStage(stage.strip_guards(ep.module()), exported=ep,
                          label=f"{Path(info['files'][0]).stem} (loaded)")
+
+
+# -- per-layer stages of programs with dynamic exits (targets/staged.py) ------------------------------------
+def lower_graph_stage(ep, label: str, inputs: list[str], outputs: list[str], batched: list[bool]) -> InductorStage:
+    return InductorStage(stage.strip_guards(ep.module()), exported=ep, label=label, batched=batched)
+
+
+save_graph_stage = stage.save_graph_pt2
+
+
+def load_graph_stage(directory: Path, files: list[str], label: str, inputs: list[str], outputs: list[str],
+                     batched: list[bool]) -> InductorStage:
+    return lower_graph_stage(torch.export.load(str(directory / files[0])), f"{label} (loaded)", inputs, outputs,
+                             batched)
+
+
+def lower_exits(program):
+    """A program with dynamic exits: every per-layer stage compiled at its first call."""
+    from .staged import lower_exit_program
+
+    return lower_exit_program(program, lower_graph_stage)

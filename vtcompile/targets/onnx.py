@@ -59,7 +59,7 @@ def _check_dtype(dtype: torch.dtype, chosen: list[str]) -> None:
 class OnnxStage:
     """An ONNX Runtime session over one decoder stage; call it like the program."""
 
-    def __init__(self, path: Path, exported=None, label: str = ""):
+    def __init__(self, path: Path, exported=None, label: str = "", inputs: list[str] | tuple = stage.INPUT_NAMES):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -78,54 +78,68 @@ class OnnxStage:
                                         f"{exc}") from exc
         self.session_seconds = time.perf_counter() - t0
         self.compile_seconds = self.session_seconds
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        if len(self.input_names) != len(stage.INPUT_NAMES):
-            raise UnsupportedModelError(f"{self.path.name} takes inputs {self.input_names}, expected "
-                                        f"{list(stage.INPUT_NAMES)}")
+        self.input_names = list(inputs)
+        # The exporter drops inputs the graph never reads (a stage may take a value only for its size).
+        taken = {i.name for i in self.session.get_inputs()}
+        if not taken <= set(self.input_names):
+            raise UnsupportedModelError(f"{self.path.name} takes inputs {sorted(taken)}, expected "
+                                        f"{self.input_names}")
+        self._fed = [name in taken for name in self.input_names]
 
     def __call__(self, *args):
         device = args[0].device
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, args)}
+        feeds = {name: t.detach().cpu().numpy() for name, t, fed in zip(self.input_names, args, self._fed) if fed}
         outs = self.session.run(None, feeds)
         return tuple(torch.from_numpy(o).to(device) for o in outs)
 
 
-def export_onnx(ep, path: Path) -> list[str]:
+def export_onnx(ep, path: Path, inputs=stage.INPUT_NAMES, outputs=stage.OUTPUT_NAMES) -> list[str]:
     """Translate an exported program to ONNX at `path`; returns the file names written (model, weights)."""
     try:
-        onnx_program = torch.onnx.export(ep, dynamo=True, input_names=list(stage.INPUT_NAMES),
-                                         output_names=list(stage.OUTPUT_NAMES), optimize=True, verbose=False)
+        onnx_program = torch.onnx.export(ep, dynamo=True, input_names=list(inputs), output_names=list(outputs),
+                                         optimize=True, verbose=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with what was exported
         raise UnsupportedModelError(f"torch.onnx.export of {path.stem} failed: {type(exc).__name__}: {exc}") from exc
     onnx_program.save(str(path))
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def lower(program) -> OnnxStage:
-    chosen = providers()
-    _check_dtype(program.fake_inputs.examples[0].dtype, chosen)
+def _session_in_temp(ep, label: str, inputs=stage.INPUT_NAMES, outputs=stage.OUTPUT_NAMES) -> OnnxStage:
+    """Translate `ep` to ONNX in a temporary directory (removed with the stage) and open a session on it."""
     t0 = time.perf_counter()
-    ep = stage.export_program(program)
     tmp = Path(tempfile.mkdtemp(prefix="vtcompile-onnx-"))
     try:
-        files = export_onnx(ep, tmp / f"{stage.stem(program)}.onnx")
-        lowered = OnnxStage(tmp / files[0], exported=ep, label=stage.stem(program))
+        files = export_onnx(ep, tmp / f"{label}.onnx", inputs, outputs)
+        lowered = OnnxStage(tmp / files[0], exported=ep, label=label, inputs=inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     lowered.files = files
-    lowered.compile_seconds = time.perf_counter() - t0  # export + translation + session
+    lowered.compile_seconds = time.perf_counter() - t0  # translation + session
     weakref.finalize(lowered, shutil.rmtree, str(tmp), True)
-    print(f"[vtcompile] onnx: exported {stage.stem(program)} and opened an ONNX Runtime session "
+    print(f"[vtcompile] onnx: exported {label} and opened an ONNX Runtime session "
           f"({', '.join(lowered.providers)}) in {lowered.compile_seconds:.1f}s", file=sys.stderr, flush=True)
     return lowered
 
 
+def lower(program) -> OnnxStage:
+    chosen = providers()
+    _check_dtype(program.fake_inputs.examples[0].dtype, chosen)
+    t0 = time.perf_counter()
+    lowered = _session_in_temp(stage.export_program(program), stage.stem(program))
+    lowered.compile_seconds = time.perf_counter() - t0  # export + translation + session
+    return lowered
+
+
+def _copy_files(lowered: OnnxStage, directory: Path) -> list[str]:
+    for name in lowered.files:
+        shutil.copyfile(lowered.path.parent / name, directory / name)
+    return list(lowered.files)
+
+
 def save_stage(program, lowered: OnnxStage, directory: Path) -> dict:
     if isinstance(lowered, OnnxStage):
-        files = list(lowered.files)
-        for name in files:
-            shutil.copyfile(lowered.path.parent / name, directory / name)
+        files = _copy_files(lowered, directory)
     else:
         files = export_onnx(stage.export_program(program), directory / f"{stage.stem(program)}.onnx")
     return stage.stage_info(program, files, "onnx")
@@ -133,3 +147,27 @@ def save_stage(program, lowered: OnnxStage, directory: Path) -> dict:
 
 def load_stage(directory: Path, info: dict) -> OnnxStage:
     return OnnxStage(directory / info["files"][0], label=Path(info["files"][0]).stem)
+
+
+# -- per-layer stages of programs with dynamic exits (targets/staged.py) ------------------------------------
+def lower_graph_stage(ep, label: str, inputs: list[str], outputs: list[str], batched: list[bool]) -> OnnxStage:
+    return _session_in_temp(ep, label, inputs, outputs)
+
+
+def save_graph_stage(ep, lowered, directory: Path, name: str, inputs: list[str], outputs: list[str]) -> list[str]:
+    if isinstance(lowered, OnnxStage):
+        return _copy_files(lowered, directory)
+    return export_onnx(ep, directory / f"{name}.onnx", inputs, outputs)
+
+
+def load_graph_stage(directory: Path, files: list[str], label: str, inputs: list[str], outputs: list[str],
+                     batched: list[bool]) -> OnnxStage:
+    return OnnxStage(directory / files[0], label=label, inputs=inputs)
+
+
+def lower_exits(program):
+    """A program with dynamic exits: every per-layer stage exported to ONNX at its first call."""
+    from .staged import lower_exit_program
+
+    _check_dtype(program.fake_inputs.examples[0].dtype, providers())
+    return lower_exit_program(program, lower_graph_stage)

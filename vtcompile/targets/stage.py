@@ -62,6 +62,11 @@ def save_pt2(ep: torch.export.ExportedProgram, directory: Path, name: str) -> li
     return [f"{name}.pt2"]
 
 
+def save_graph_pt2(ep, lowered, directory: Path, name: str, inputs: list[str], outputs: list[str]) -> list[str]:
+    """save_graph_stage of the targets that store a per-layer stage as its exported program."""
+    return save_pt2(ep, directory, name)
+
+
 def load_pt2(directory: Path, info: dict) -> torch.export.ExportedProgram:
     return torch.export.load(str(directory / info["files"][0]))
 

@@ -236,3 +236,12 @@ def load_stage(directory: Path, info: dict) -> TensorRTStage:
     _require()  # registers TensorRT's ops with torch before the program is deserialised
     ep = torch.export.load(str(directory / info["files"][0]))
     return TensorRTStage(ep.module(), exported=ep, label=Path(info["files"][0]).stem)
+
+
+def lower_exits(program):
+    """Programs with dynamic exits are not lowered to TensorRT (see the message)."""
+    _require()
+    raise TargetUnavailableError(
+        "target 'tensorrt' does not lower programs with dynamic exits (dyvte with routers) yet: its static-k "
+        "selection transform (trt_friendly) works on whole decoder graphs, not on per-layer stages. Use target "
+        "inductor or onnx for them, or the static form dyvte:exit_layer=K, which tensorrt lowers")
