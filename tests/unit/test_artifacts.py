@@ -150,7 +150,7 @@ def test_dyvte_routers_artifact_round_trip(routers, tmp_path):
 @pytest.mark.parametrize("target", ["inductor", "onnx"])
 def test_dynamic_exit_artifact_on_a_target(target, tmp_path):
     """A program with dynamic exits lowered to inductor / onnx saves every stage in the target's format and
-    loads back to the same exits and logits."""
+    loads back to the same exits and logits (inductor: one prompt, as each stage it runs compiles again)."""
     from .test_targets import EXIT_PROMPTS, assert_exit_parity, lowered_exits
 
     cm = lowered_exits(target)
@@ -162,7 +162,8 @@ def test_dynamic_exit_artifact_on_a_target(target, tmp_path):
         assert sum(f.endswith(ext) for f in stage["files"]) == 4 + 3 + 2 + 1
         lm = load_compiled(path)
         assert lm.target == target
-        for (kind, seed), exits in EXIT_PROMPTS.items():
+        prompts = EXIT_PROMPTS if target == "onnx" else {("mid_pad_b2", 9): [2, -1]}
+        for (kind, seed), exits in prompts.items():
             ids, pixels, mask = prompt("tiny", kind, seed=seed)
             out = lm(ids, pixels, mask)
             assert out.exit_layers == exits

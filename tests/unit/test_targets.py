@@ -30,9 +30,17 @@ from .common import adapter, compiled, prompt
 
 TOL = 1e-4
 aten = torch.ops.aten
-PASSES = {"none": None, "fastv": "fastv", "pyramiddrop": "pyramiddrop"}
+# Pass families: no pass, a cut scored inside the graph before a layer (fastv), several cuts with the next
+# layer's q/k cloned in (pyramiddrop), cuts after a layer's attention from a fitted recipe (fitprune), every
+# visual token dropped after a layer (dyvte's static exit; its routers are tested stage by stage below).
+# randomdrop draws from the backend's own generator, so no target can match eager's draws; its token
+# counts and the oracle are tested in test_rewrite_primitives.py.
+PASSES = {"none": None, "fastv": "fastv", "pyramiddrop": "pyramiddrop", "fitprune": "fitprune:budget=0.5,samples=6",
+          "dyvte": "dyvte:exit_layer=1"}
 _SPLIT = {("inductor", "none"): "tiny", ("inductor", "fastv"): "tiny-gqa", ("inductor", "pyramiddrop"): "tiny",
-          ("onnx", "none"): "tiny-gqa", ("onnx", "fastv"): "tiny", ("onnx", "pyramiddrop"): "tiny-gqa"}
+          ("inductor", "fitprune"): "tiny-gqa", ("inductor", "dyvte"): "tiny",
+          ("onnx", "none"): "tiny-gqa", ("onnx", "fastv"): "tiny", ("onnx", "pyramiddrop"): "tiny-gqa",
+          ("onnx", "fitprune"): "tiny", ("onnx", "dyvte"): "tiny-gqa"}
 
 
 def _matrix():
@@ -40,6 +48,15 @@ def _matrix():
     for (target, family), geometry in _SPLIT.items():
         for g in (("tiny", "tiny-gqa") if full else (geometry,)):
             yield pytest.param(target, family, g, id=f"{target}-{family}-{g}")
+
+
+def reference(geometry: str, family: str):
+    """The eager compiled model of a pass family (fitprune fitted on synthetic prompts, as in its own tests)."""
+    if family == "fitprune":
+        from .test_fitprune import fitted
+
+        return fitted(geometry)
+    return compiled(geometry, PASSES[family])
 
 
 def fast_inductor():
@@ -54,7 +71,7 @@ def lowered(target: str, geometry: str, family: str):
     Shares the eager model's capture and rewritten program (what compile_pruned(..., target=target) would
     build) so each test pays only the lowering; test_inductor_compiles_once and the CLI test go through
     compile_pruned(target=...) end to end."""
-    eager = compiled(geometry, PASSES[family])
+    eager = reference(geometry, family)
     cm = copy.copy(eager)
     cm.target = target
     cm.report = dataclasses.replace(eager.report, target=target)
@@ -131,7 +148,7 @@ def test_tensorrt_without_cuda_is_a_clear_error():
 @pytest.mark.parametrize("target,family,geometry", list(_matrix()))
 def test_target_matches_eager(target, family, geometry):
     cm = lowered(target, geometry, family)
-    ref = compiled(geometry, PASSES[family])
+    ref = reference(geometry, family)
     for kind in ("mid_pad_b2", "image_first"):  # batch 2 with left padding, batch 1 with the image first
         ids, pixels, mask = prompt(geometry, kind)
         diff = assert_parity(cm(ids, pixels, mask), ref(ids, pixels, mask), mask)
