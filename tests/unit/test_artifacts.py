@@ -112,14 +112,14 @@ def test_target_artifact_round_trip(target, geometry, family, tmp_path):
             assert_parity(lm(ids, pixels, mask), compiled(geometry, family)(ids, pixels, mask), mask)
 
 
-@pytest.mark.parametrize("routers", ["trained", "always"])
-def test_dyvte_routers_artifact_round_trip(routers, tmp_path):
+def test_dyvte_routers_artifact_round_trip(tmp_path):
     """A program with dynamic exits saves as per-layer stages + routers and loads back to the same exits and
-    logits; the routers file is covered by the manifest's checksums."""
-    from .test_dyvte import _routers_file, trained
+    logits (rows exiting after layers 0, 1 and 2, regrouped batches); the routers file is covered by the
+    manifest's checksums."""
+    from .test_dyvte import trained
+    from .test_targets import assert_exit_parity
 
-    cm = trained("tiny") if routers == "trained" else \
-        compile_pruned(adapter("tiny"), f"dyvte:routers={_routers_file(tmp_path, 'tiny', fire=True)}")
+    cm = trained("tiny")
     path = cm.save(tmp_path / "dy")
     m = json.loads((path / "manifest.json").read_text())
     stage = m["stages"][0]
@@ -131,14 +131,10 @@ def test_dyvte_routers_artifact_round_trip(routers, tmp_path):
     seen = set()
     for kind, seed in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11)):
         ids, pixels, mask = prompt("tiny", kind, seed=seed)
-        out, ref = lm(ids, pixels, mask), cm(ids, pixels, mask)
-        assert out.exit_layers == ref.exit_layers
+        out = lm(ids, pixels, mask)
+        assert_exit_parity(out, cm(ids, pixels, mask), mask)
         seen.update(out.exit_layers)
-        assert torch.equal(out.kept_positions, ref.kept_positions)
-        real = (out.kept_positions >= 0) & torch.gather(mask, 1, out.kept_positions.clamp_min(0)).bool()
-        assert (out.logits - ref.logits).abs().amax(-1)[real].max().item() <= 1e-4
-    if routers == "always":
-        assert seen == {0}
+    assert {0, 1, 2} <= seen  # the trained routers still route as this test assumes
     routers_file = path / "decoder-v16-routers.safetensors"
     data = bytearray(routers_file.read_bytes())
     data[-1] ^= 0xFF
@@ -154,7 +150,11 @@ def test_dynamic_exit_artifact_on_a_target(target, tmp_path):
     from .test_targets import EXIT_PROMPTS, assert_exit_parity, lowered_exits
 
     cm = lowered_exits(target)
+    prompts = EXIT_PROMPTS if target == "onnx" else {("mid_pad_b2", 9): [2, -1]}
     with fast_inductor():
+        # the lowered program runs first: the save then reuses the stages it lowered (onnx: their files)
+        refs = {key: (prompt("tiny", key[0], seed=key[1]), cm(*prompt("tiny", key[0], seed=key[1])))
+                for key in prompts}
         path = cm.save(tmp_path / target)
         stage = json.loads((path / "manifest.json").read_text())["stages"][0]
         ext = ".onnx" if target == "onnx" else ".pt2"
@@ -162,12 +162,11 @@ def test_dynamic_exit_artifact_on_a_target(target, tmp_path):
         assert sum(f.endswith(ext) for f in stage["files"]) == 4 + 3 + 2 + 1
         lm = load_compiled(path)
         assert lm.target == target
-        prompts = EXIT_PROMPTS if target == "onnx" else {("mid_pad_b2", 9): [2, -1]}
-        for (kind, seed), exits in prompts.items():
-            ids, pixels, mask = prompt("tiny", kind, seed=seed)
+        for key, exits in prompts.items():
+            (ids, pixels, mask), ref = refs[key]
             out = lm(ids, pixels, mask)
             assert out.exit_layers == exits
-            assert_exit_parity(out, cm(ids, pixels, mask), mask)
+            assert_exit_parity(out, ref, mask)
 
 
 def _tiny_processor():

@@ -74,7 +74,9 @@ def _graph_and_shapes(program):
             for n in program.gm.graph.nodes]
 
 
-@pytest.mark.parametrize("spec", ["pyramiddrop:layers=1/2/3,ratios=0.5/0.25/0.125", "fitprune:budget=0.5"])
+# One geometry per pass (MHA and GQA each once): the per-rewrite build this compares against is the slow path.
+@pytest.mark.parametrize("geometry,spec", [("tiny", "pyramiddrop:layers=1/2/3,ratios=0.5/0.25/0.125"),
+                                           ("tiny-gqa", "fitprune:budget=0.5")])
 def test_series_of_rewrites_builds_the_per_rewrite_graph(geometry, spec, monkeypatch):
     """Incremental metadata (one propagation per pass) gives the same graph, metadata and outputs as a
     full refresh after every cut."""
