@@ -72,10 +72,17 @@ def _run_eager(s: Stage, env: dict) -> None:
 
 
 def _stage_examples(xp: ExitProgram, examples: tuple, exit_layer: int | None, layer: int) -> tuple:
-    for e, i, _, args in walk(xp, examples):
-        if (e, i) == (exit_layer, layer):
-            return args
-    raise KeyError((exit_layer, layer))
+    """Example inputs of one stage: the eager stages before it run on `examples` (base graph up to the exit,
+    then the continuation)."""
+    env = dict(zip(xp.base.placeholders, examples))
+    with torch.no_grad():
+        for j in range(layer if exit_layer is None else exit_layer + 1):
+            _run_eager(xp.base.stages[j], env)
+        if exit_layer is not None:
+            for j in range(exit_layer + 1, layer):
+                _run_eager(xp.exits[exit_layer].stages[j], env)
+    graph = xp.base if exit_layer is None else xp.exits[exit_layer]
+    return tuple(env[n] for n in graph.stages[layer].inputs)
 
 
 class LazyStage:
