@@ -19,7 +19,7 @@ changes; the vision tower and the merge run once, outside the timing.
 
     python bench/speed.py --model llava-1.5-7b --random-weights --layers 4 --dtype bfloat16
     python bench/speed.py --model llava-1.5-7b --random-weights --dtype bfloat16 --device cuda \\
-        --variant fastv --variant fitprune:budget=0.5 --targets eager,inductor --runs 20 --warmup 3
+        --variant fastv --variant fitprune:budget=0.5 --targets eager,inductor --runs 20 --warmup 3 --batch 1 --batch 8
     python bench/speed.py --model tiny --targets eager,inductor,onnx     # smoke test
 """
 from __future__ import annotations
@@ -229,6 +229,9 @@ def main(argv=None) -> int:
                    help="calibration data for passes that fit a recipe (default: synthetic prompts)")
     p.add_argument("--targets", default="eager,inductor", help="comma list (default eager,inductor)")
     p.add_argument("--text-tokens", type=int, default=32, help="prompt text tokens around the image (default 32)")
+    p.add_argument("--batch", type=int, action="append",
+                   help="prompts per call; repeat to time several batch sizes with the same lowered programs "
+                        "(default 1; the published-style anchor runs batch 1 only)")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -236,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers (sdpa) unpruned baseline")
     p.add_argument("--out", type=Path, help="markdown file (default bench/results/speed-<model>-<dtype>.md)")
     args = p.parse_args(argv)
+    batches = args.batch or [1]
+    if any(b < 1 for b in batches) or len(set(batches)) != len(batches):
+        p.error(f"--batch takes distinct positive sizes, got {batches}")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ.setdefault("VTCOMPILE_ORT_THREADS", str(args.threads))  # ONNX Runtime gets the same threads
@@ -260,9 +266,10 @@ def main(argv=None) -> int:
     print(f"[bench] loaded {adapter.spec.label} ({adapter.dtype}, {device}) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr, flush=True)
     before = args.text_tokens // 4
-    ids, pixels, mask = example_inputs(adapter, batch=1, text_before=before, text_after=args.text_tokens - before,
-                                       pad=0)
-    n_text = int((ids != adapter.image_token_id).sum())
+    prompts = {b: example_inputs(adapter, batch=b, text_before=before, text_after=args.text_tokens - before, pad=0)
+               for b in batches}
+    ids = prompts[batches[0]][0]
+    n_text = int((ids[0] != adapter.image_token_id).sum())
     cms = {}
     for name, spec in variants.items():
         t0 = time.perf_counter()
@@ -270,26 +277,27 @@ def main(argv=None) -> int:
         cms[name] = compile_pruned(adapter, spec, target="eager", text_tokens=n_text,
                                    calibration=args.calibration if calibrates else None)
         print(f"[bench] captured + rewrote {name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-    prep = cms["unpruned"].runtime.prepare(ids, pixels, mask)
-    stage_args = prep.as_args()
+    stage_args = {b: cms["unpruned"].runtime.prepare(*prompts[b]).as_args() for b in batches}
     flops = {name: cm.report.flops for name, cm in cms.items()}
     ratio = {name: f.true / f.baseline_true for name, f in flops.items()}
     with torch.no_grad():
-        refs = {name: cm.program.gm(*stage_args) for name, cm in cms.items()}
+        refs = {(name, b): cm.program.gm(*stage_args[b]) for name, cm in cms.items() for b in batches}
     hf = None if args.no_hf else HFDecoder(adapter)
+    hf_diff = {}
     if hf is not None:
         with torch.no_grad():
-            out = hf(*stage_args)
-        hf_diff = (out[0].float() - refs["unpruned"][0].float()).abs().max().item()
+            for b in batches:
+                out = hf(*stage_args[b])
+                hf_diff[b] = (out[0].float() - refs["unpruned", b][0].float()).abs().max().item()
 
     rows, notes, summary = [], [], []
     base_median = {}
 
-    def row(target, name, times, peak, speedup, ratio_, hf_med, compile_s, diff, speedup_text=None):
+    def row(target, name, batch, times, peak, speedup, ratio_, hf_med, compile_s, diff, speedup_text=None):
         med = statistics.median(times)
         vs_hf = hf_med / med if hf_med else None
         pruned = ratio_ < 1.0
-        rows.append([target, name, f"{med * 1e3:.2f}", f"{_p90(times) * 1e3:.2f}", speedup_text or f"{speedup:.2f}x",
+        rows.append([target, name, batch, f"{med * 1e3:.2f}", f"{_p90(times) * 1e3:.2f}", speedup_text or f"{speedup:.2f}x",
                      f"{vs_hf:.2f}x" if vs_hf else "", f"{ratio_:.3f}", f"{speedup * ratio_:.2f}" if pruned else "",
                      f"{vs_hf * ratio_:.2f}" if vs_hf and pruned else "", f"{peak / 2**20:.0f}",
                      f"{compile_s:.1f}", diff if isinstance(diff, str) else f"{diff:.1e}"])
@@ -301,58 +309,69 @@ def main(argv=None) -> int:
             notes.append(f"{target}: skipped ({exc})")
             print(f"[bench] {notes[-1]}", file=sys.stderr, flush=True)
             continue
-        fns, compile_s, diffs = {}, {}, {}
+        fns, lower_s = {}, {}
         try:
             for name, cm in cms.items():
                 t0 = time.perf_counter()
                 fns[name] = cm.program.gm if target == "eager" else tgt.lower(cm.program)
-                with torch.no_grad():  # the first call at the timed shape: a lazy backend compiles here
-                    out = fns[name](*stage_args)
-                _sync(device)
-                compile_s[name] = time.perf_counter() - t0
-                diffs[name] = _max_diff(out, refs[name])
+                lower_s[name] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001
             notes.append(f"{target}: failed to lower ({type(exc).__name__}: {str(exc)[:300]})")
             print(f"[bench] {notes[-1]}", file=sys.stderr, flush=True)
             continue
-        if hf is not None:
-            fns[HF] = hf
-        print(f"[bench] timing {target} ({args.runs} runs each, interleaved) ...", file=sys.stderr, flush=True)
-        res = time_interleaved(fns, stage_args, args.runs, args.warmup, device)
-        med = {n: statistics.median(r["times"]) for n, r in res.items()}
-        base_median[target] = med["unpruned"]
-        hf_med = med.get(HF)
-        for name in variants:
-            row(target, name, res[name]["times"], res[name]["peak"], med["unpruned"] / med[name], ratio[name],
-                hf_med, compile_s[name], diffs[name])
-            if ratio[name] < 1.0 and hf_med:
-                need = 0.85 / ratio[name]
-                got = hf_med / med[name]
-                summary.append(f"{target} {name}: {got:.2f}x faster than unpruned transformers (sdpa); the target "
-                               f"(0.85 x FLOPs ratio {1 / ratio[name]:.2f}x) is {need:.2f}x: "
-                               f"{'met' if got >= need else 'NOT met'}")
-        if hf is not None:
-            row(target, HF, res[HF]["times"], res[HF]["peak"], med["unpruned"] / hf_med, 1.0, hf_med, 0.0, hf_diff)
+        for b in batches:
+            compile_s, diffs = {}, {}
+            try:
+                for name in cms:
+                    t0 = time.perf_counter()
+                    with torch.no_grad():  # the first call at the timed shape: a lazy backend compiles here
+                        out = fns[name](*stage_args[b])
+                    _sync(device)
+                    compile_s[name] = time.perf_counter() - t0 + lower_s.pop(name, 0.0)
+                    diffs[name] = _max_diff(out, refs[name, b])
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"{target}, batch {b}: failed at the first call ({type(exc).__name__}: {str(exc)[:300]})")
+                print(f"[bench] {notes[-1]}", file=sys.stderr, flush=True)
+                continue
+            timed = dict(fns, **({HF: hf} if hf is not None else {}))
+            print(f"[bench] timing {target}, batch {b} ({args.runs} runs each, interleaved) ...", file=sys.stderr,
+                  flush=True)
+            res = time_interleaved(timed, stage_args[b], args.runs, args.warmup, device)
+            med = {n: statistics.median(r["times"]) for n, r in res.items()}
+            base_median[target, b] = med["unpruned"]
+            hf_med = med.get(HF)
+            for name in variants:
+                row(target, name, b, res[name]["times"], res[name]["peak"], med["unpruned"] / med[name], ratio[name],
+                    hf_med, compile_s[name], diffs[name])
+                if ratio[name] < 1.0 and hf_med:
+                    need = 0.85 / ratio[name]
+                    got = hf_med / med[name]
+                    summary.append(f"{target} {name}, batch {b}: {got:.2f}x faster than unpruned transformers "
+                                   f"(sdpa); the target (0.85 x FLOPs ratio {1 / ratio[name]:.2f}x) is {need:.2f}x: "
+                                   f"{'met' if got >= need else 'NOT met'}")
+            if hf is not None:
+                row(target, HF, b, res[HF]["times"], res[HF]["peak"], med["unpruned"] / hf_med, 1.0, hf_med, 0.0,
+                    hf_diff[b])
         del fns
     fastv = [n for n, spec in variants.items() if spec and len(spec) == 1 and spec[0].split(":")[0] == "fastv"]
-    if not args.no_anchor and fastv:
+    if not args.no_anchor and fastv and 1 in batches:
         name = fastv[0]
         cfg = resolve_passes(variants[name])[0][1]
         anchor = FastVAnchor(adapter, cfg.k, cfg.r)
-        out = anchor(*stage_args)
-        diff = _max_diff(out, refs[name])
+        out = anchor(*stage_args[1])
+        diff = _max_diff(out, refs[name, 1])
         print(f"[bench] timing the published-style FastV anchor ({args.runs} runs) ...", file=sys.stderr, flush=True)
-        res = time_interleaved({"anchor": anchor}, stage_args, args.runs, args.warmup, device)["anchor"]
-        base = base_median.get("eager")
+        res = time_interleaved({"anchor": anchor}, stage_args[1], args.runs, args.warmup, device)["anchor"]
+        base = base_median.get(("eager", 1))
         speedup = base / statistics.median(res["times"]) if base else float("nan")
-        row("anchor: FastV as published (eager attention, hooks, gather)", name, res["times"], res["peak"], speedup,
-            ratio[name], None, 0.0, diff, speedup_text=f"{speedup:.2f}x (vs eager unpruned)")
+        row("anchor: FastV as published (eager attention, hooks, gather)", name, 1, res["times"], res["peak"],
+            speedup, ratio[name], None, 0.0, diff, speedup_text=f"{speedup:.2f}x (vs eager unpruned)")
         notes.append(f"anchor kept positions vs vtcompile's {name} pass: "
                      f"{diff if isinstance(diff, str) else 'identical'} (scores from eager attention in the model "
                      "dtype vs fp32 scores from the SDPA inputs); its |logit diff| vs the eager stage is in the last "
                      "column")
 
-    headers = ["target", "decoder", "median ms", "p90 ms", "speedup", "vs transformers", "true FLOPs ratio",
+    headers = ["target", "decoder", "batch", "median ms", "p90 ms", "speedup", "vs transformers", "true FLOPs ratio",
                "realization", "realization vs transformers", "peak mem MB", "compile s", "max |diff| vs eager"]
     print(tabulate(rows, headers=headers, tablefmt="simple_outline"))
     for n in summary + notes:
@@ -369,7 +388,8 @@ def main(argv=None) -> int:
         f"Command: `{command}`",
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {machine()}",
-        f"- prompt: batch 1, {seq} tokens ({f0.n_visual} visual + {n_text} text)",
+        f"- prompt: batch {', '.join(map(str, batches))}; {seq} tokens per row ({f0.n_visual} visual + {n_text} "
+        "text); FLOPs below are per row",
         *[f"- {name}: visual tokens per layer {flops[name].schedule}" for name in variants if name != "unpruned"],
         "- scope: decoder prefill (inputs_embeds -> logits of every kept position); vision tower and merge not timed",
         f"- {args.runs} timed runs per row after {args.warmup} warm-up, every program of a target interleaved; "
