@@ -269,9 +269,10 @@ def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path):
 
     out = tmp_path / "tb"
     recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False,
-                         exit_after=2, count_sink=3)  # the optional loss terms run too
+                         exit_after=2, count_sink=3, precision="bf16")  # the optional loss terms run too
     assert recipe["phase_2_end_to_end"]["turn_kind_weights"]["relpos"] == train.DEFAULT_TURN_WEIGHTS["relpos"]
-    assert json.loads((out / "recipe.json").read_text())["phase_2_end_to_end"]["steps"] == 3
+    saved = json.loads((out / "recipe.json").read_text())
+    assert saved["phase_2_end_to_end"]["steps"] == 3 and saved["precision"].startswith("bf16 autocast")
     model, processor = build.load(out)
     assert model.config.text_config.num_hidden_layers >= 6 and processor.tokenizer is not None
     with pytest.raises(FileExistsError):
@@ -324,3 +325,5 @@ def test_trainer_rejects_inconsistent_exit_settings(tmp_path):
         train.train(tmp_path / "c", steps=1, vision_steps=1, exit_after=2, exit_frac=1.5, progress=False)
     with pytest.raises(ValueError, match="count_sink"):
         train.train(tmp_path / "d", steps=1, vision_steps=1, count_sink=-1, progress=False)
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        train.train(tmp_path / "e", steps=1, vision_steps=1, precision="fp16", progress=False)
