@@ -222,8 +222,8 @@ def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 
 DEFAULT_TURN_WEIGHTS = {"relpos": 2, "count": 2}  # the shipped checkpoint's setting
 # Training forward passes: fp32, or bf16 autocast (weights, optimizer state and the losses stay fp32; on a CPU
 # with avx512_bf16 a step takes about 0.7x the time, so more steps fit the same budget: the shipped checkpoint,
-# bf16 with 3400 end-to-end steps, reached 76% on counts against 59.5% for fp32 with 2600 in about the same
-# time; a run with 4400 steps, the schedule stretched with it, reached only 79.2% overall and 72% on counts:
+# bf16 with 3400 end-to-end steps, reached 76% on counts in 1318 s against 59.5% for fp32 with 2600 in
+# 1685 s; a run with 4400 steps, the schedule stretched with it, reached only 79.2% overall and 72% on counts:
 # runs vary). Evaluation is fp32.
 PRECISIONS = ("fp32", "bf16")
 
