@@ -269,10 +269,14 @@ def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path):
 
     out = tmp_path / "tb"
     recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False,
-                         exit_after=2, count_sink=3, precision="bf16")  # the optional loss terms run too
+                         exit_after=2, count_sink=3, precision="bf16",  # the optional loss terms run too
+                         polish_steps=2, polish_exit_layers=(1, 2))
     assert recipe["phase_2_end_to_end"]["turn_kind_weights"]["relpos"] == train.DEFAULT_TURN_WEIGHTS["relpos"]
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["phase_2_end_to_end"]["steps"] == 3 and saved["precision"].startswith("bf16 autocast")
+    polish = saved["phase_3_polish"]
+    assert polish["steps"] == 2 and polish["visual_exit_training"]["exit_after_layers"] == [1, 2]
+    assert polish["train_split"] == "train, seed 0, indices 48..79"  # after phase 2's 3 x 16 dialogues
     model, processor = build.load(out)
     assert model.config.text_config.num_hidden_layers >= 6 and processor.tokenizer is not None
     with pytest.raises(FileExistsError):
@@ -294,19 +298,20 @@ def test_visual_exit_training_equals_the_masked_key_reference():
     dialogues = [scenes.make_dialogue("val", 0, i, 3) for i in range(4)]
     ids, pos, _, ev, obj, _, _ = train._dialogue_batch(enc, dialogues)
     pv = build.pixel_values([d[0].image for d in dialogues], processor.image_processor)
-    rows = torch.tensor([True, False, True, False])
+    layers = sdpa.config.text_config.num_hidden_layers
+    row_exit = torch.tensor([2, layers, 1, layers])  # rows 0 and 2 exit after layers 2 and 1, rows 1 and 3 never
+    rows = row_exit < layers
     with torch.no_grad():
         full = train._forward(eager, ids, pv, pos, ev, obj)[0]
-        exited = train._forward(eager, ids, pv, pos, ev, obj, exit_after=2, exit_rows=rows, attentions=False)[0]
+        exited = train._forward(eager, ids, pv, pos, ev, obj, row_exit=row_exit, attentions=False)[0]
         m = sdpa.model
         feats = m.multi_modal_projector(m.vision_tower(pv, output_hidden_states=True).hidden_states[-1][:, 1:])
         visual = ids == sdpa.config.image_token_id
         emb = m.get_input_embeddings()(ids).masked_scatter(visual[..., None], feats)
-        keep = ~(visual & rows[:, None])
-        layers = sdpa.config.text_config.num_hidden_layers
+        keeps = [~(visual & (row_exit < i)[:, None]) for i in range(layers)]
         seq = ids.shape[1]
         ref = masked_key_logits(SimpleNamespace(model=sdpa), emb, torch.ones_like(ids),
-                                torch.arange(seq)[None].expand(4, -1), [None] * 3 + [keep] * (layers - 3))
+                                torch.arange(seq)[None].expand(4, -1), keeps)
     ref = ref[pos[:, 0], pos[:, 1]]
     assert torch.allclose(exited, ref, atol=1e-4)
     still = ~rows[pos[:, 0]]
@@ -327,3 +332,7 @@ def test_trainer_rejects_inconsistent_exit_settings(tmp_path):
         train.train(tmp_path / "d", steps=1, vision_steps=1, count_sink=-1, progress=False)
     with pytest.raises(ValueError, match="precision 'fp16'"):
         train.train(tmp_path / "e", steps=1, vision_steps=1, precision="fp16", progress=False)
+    with pytest.raises(ValueError, match="polish_exit_layers"):
+        train.train(tmp_path / "f", steps=1, vision_steps=1, polish_exit_layers=(5,), progress=False)
+    with pytest.raises(ValueError, match="polish_steps"):
+        train.train(tmp_path / "g", steps=1, vision_steps=1, polish_steps=-1, progress=False)
