@@ -344,6 +344,21 @@ def _attention_loss(attentions, layers, ids, image_id, positions, targets, sink)
     return sum(terms) / len(terms)
 
 
+def _val_check(model, tok, ip, val, attn_impl: str, step, history: list, t0: float) -> None:
+    """Mid-training check on the first 250 val questions with the model's own attention (training runs eager):
+    appended to ``history`` and printed."""
+    from tqdm import tqdm
+
+    text_cfg = model.config.text_config
+    text_cfg._attn_implementation = attn_impl
+    r = evaluate(model, tok, val[:250], image_processor=ip)
+    text_cfg._attn_implementation = "eager"
+    history.append({"step": step, "val250": r["overall"], "per_kind": r["per_kind"],
+                    "time_s": round(time.time() - t0, 1)})
+    tqdm.write(f"step {step}: val(250) {r['overall']:.3f} "
+               + " ".join(f"{k}={v:.2f}" for k, v in r["per_kind"].items()) + f" ({time.time() - t0:.0f} s)")
+
+
 def _adamw(named, lr: float, weight_decay: float):
     """(parameters, AdamW) of the end-to-end phases: weight decay on matrices except embeddings and norms."""
     import torch
@@ -360,8 +375,7 @@ def _adamw(named, lr: float, weight_decay: float):
 
 def _polish(model, enc, ip, *, seed: int, steps: int, batch_size: int, lr: float, weight_decay: float,
             turns: int, turn_weights: dict[str, int], first_index: int, exit_layers: tuple[int, ...], exit_frac: float,
-            precision: str, val=None, eval_every: int = 0, history=None, t0: float | None = None,
-            progress: bool = True) -> None:
+            precision: str, val, eval_every: int, history: list, t0: float, progress: bool = True) -> None:
     """Phase 3: answer loss only, a fresh AdamW, warmup then cosine to 0; dialogues from train indices
     ``first_index`` on (after phase 2's); with ``exit_layers``, visual-exit training: a random ``exit_frac`` of
     the rows exit, each after one of those layers (uniform), the others see the visual tokens everywhere. It depends
@@ -377,7 +391,7 @@ def _polish(model, enc, ip, *, seed: int, steps: int, batch_size: int, lr: float
     text_cfg._attn_implementation = "eager"  # the visual-exit hooks edit eager attention's additive mask
     params, opt = _adamw(list(model.named_parameters()), lr, weight_decay)
     exiting = bool(exit_layers) and exit_frac > 0
-    n_layers = model.config.text_config.num_hidden_layers
+    n_layers = text_cfg.num_hidden_layers
     choices = torch.tensor(list(exit_layers) or [n_layers])
     exit_rng = np.random.default_rng([seed, 34567])
     warmup = max(1, steps // 20)
@@ -408,15 +422,8 @@ def _polish(model, enc, ip, *, seed: int, steps: int, batch_size: int, lr: float
             for k, v in (("loss", loss.item()), ("acc", acc)):
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
             bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
-            if val and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-                text_cfg._attn_implementation = attn_impl
-                r = evaluate(model, enc.tok, val[:250], image_processor=ip)
-                text_cfg._attn_implementation = "eager"
-                if history is not None:
-                    history.append({"step": f"polish {step + 1}", "val250": r["overall"], "per_kind": r["per_kind"],
-                                    "time_s": round(time.time() - (t0 or 0.0), 1)})
-                tqdm.write(f"polish step {step + 1}: val(250) {r['overall']:.3f} "
-                           + " ".join(f"{k}={v:.2f}" for k, v in r["per_kind"].items()))
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                _val_check(model, enc.tok, ip, val, attn_impl, f"polish {step + 1}", history, t0)
     finally:
         text_cfg._attn_implementation = attn_impl
     model.eval()
@@ -582,14 +589,7 @@ def train(
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
             bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-                text_cfg._attn_implementation = attn_impl
-                r = evaluate(model, tok, val[:250], image_processor=ip)
-                text_cfg._attn_implementation = "eager"
-                history.append({"step": step + 1, "val250": r["overall"], "per_kind": r["per_kind"],
-                                "time_s": round(time.time() - t0, 1)})
-                tqdm.write(f"step {step + 1}: val(250) {r['overall']:.3f} "
-                           + " ".join(f"{k}={v:.2f}" for k, v in r["per_kind"].items())
-                           + f" ({time.time() - t0:.0f} s)")
+                _val_check(model, tok, ip, val, attn_impl, step + 1, history, t0)
     finally:
         text_cfg._attn_implementation = attn_impl
     phase_2_time = time.time() - t0
