@@ -105,6 +105,20 @@ def test_routers_file_round_trip(tmp_path):
     assert a.exit_layers == b.exit_layers and torch.equal(a.logits, b.logits)
 
 
+def test_router_training_is_seeded():
+    """Same calibration data and seed -> the same routers, whatever the caller's random state; another seed
+    -> other initial weights."""
+    spec = "dyvte:samples=4,epochs=5"
+    torch.manual_seed(123)
+    a = compile_pruned(adapter("tiny"), spec, calibration="synthetic", progress=False).recipes["dyvte"]["_tensors"]
+    torch.manual_seed(7)
+    b = compile_pruned(adapter("tiny"), spec, calibration="synthetic", progress=False).recipes["dyvte"]["_tensors"]
+    c = compile_pruned(adapter("tiny"), spec + ",seed=1", calibration="synthetic",
+                       progress=False).recipes["dyvte"]["_tensors"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
 def test_always_firing_routers_exit_at_first_layer(tmp_path):
     path = _routers_file(tmp_path, "tiny", fire=True)
     cm = compile_pruned(adapter("tiny"), f"dyvte:routers={path}")

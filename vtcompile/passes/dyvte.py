@@ -43,6 +43,7 @@ class DyVTEConfig(PassConfig):
     lr: float = param(1e-3, "router learning rate (AdamW)", low=0.0, low_open=True)
     loss_ratio: float = param(1.03, "exit label: answer loss with exit < ratio x loss without", low=1.0)
     routers: str = param("", "a routers .safetensors file (from a saved artifact) to use instead of training")
+    seed: int = param(0, "seed of the routers' initialisation (the same data and seed give the same routers)", low=0)
 
     def check_model(self, geometry: Geometry) -> None:
         last = geometry.num_layers - 2
@@ -171,7 +172,9 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
             feats[e].append(router_features(seen[staged.residual[e]], seen[program.visual_name_at(e)]))
     if not any(feats.values()) or not feats[layers[0]]:
         raise PassConfigError("dyvte: the calibration set is empty; give at least one prompt with an image")
-    routers = Routers(layers, program.geometry.hidden_size, config.width(program.geometry))
+    with torch.random.fork_rng(devices=[]):  # seeded init, the caller's random state untouched
+        torch.manual_seed(config.seed)
+        routers = Routers(layers, program.geometry.hidden_size, config.width(program.geometry))
     x = {e: torch.cat(feats[e]).detach().cpu() for e in layers}
     y = {e: torch.cat(labels[e]).cpu() for e in layers}
     opt = torch.optim.AdamW(routers.parameters(), lr=config.lr)
