@@ -24,16 +24,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="testbed")
     ap.add_argument("--limit", type=int, default=300, help="test questions per row")
-    ap.add_argument("--samples", type=int, default=64, help="calibration prompts for router training")
+    ap.add_argument("--samples", type=int, default=512, help="calibration prompts for router training")
     ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--loss-ratios", default="1.03",
+                    help="exit-label loss ratios to train routers with, one row each (1.03: the published rule; "
+                         "fastv + dyvte uses the first)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/dyvte"))
     args = ap.parse_args(argv)
     adapter = load_model(args.model)
     layers = adapter.geometry.num_layers
-    dy = f"dyvte:samples={args.samples},epochs={args.epochs}"
+    ratios = [float(x) for x in args.loss_ratios.split(",")]
+    dy = [f"dyvte:samples={args.samples},epochs={args.epochs},loss_ratio={r:g}" for r in ratios]
     setups = [("unpruned", None), ("fastv (k=2, r=0.5)", "fastv")]
     setups += [(f"static exit after layer {e}", f"dyvte:exit_layer={e}") for e in range(layers - 1)]
-    setups += [("dyvte (routers)", dy), ("fastv + dyvte", ["fastv", dy])]
+    setups += [(f"dyvte (routers, loss ratio {r:g})", spec) for r, spec in zip(ratios, dy)]
+    setups += [(f"fastv + dyvte (loss ratio {ratios[0]:g})", ["fastv", dy[0]])]
     rows = []
     t0 = time.perf_counter()
     for label, spec in setups:
