@@ -264,19 +264,21 @@ def test_random_pruning_hurts_fastv_much_less():
 
 
 def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path):
-    """A few steps of both phases: every loss term runs, the checkpoint + recipe land and load back."""
+    """A few steps of every phase: every loss term runs, the checkpoint + recipe land and load back."""
     from vtcompile.testbed import build, train
 
     out = tmp_path / "tb"
     recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False,
                          exit_after=2, count_sink=3, precision="bf16",  # the optional loss terms run too
-                         polish_steps=2, polish_exit_layers=(1, 2))
+                         polish_steps=2, polish_exit_layers=(1, 2), finish_steps=2)
     assert recipe["phase_2_end_to_end"]["turn_kind_weights"]["relpos"] == train.DEFAULT_TURN_WEIGHTS["relpos"]
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["phase_2_end_to_end"]["steps"] == 3 and saved["precision"].startswith("bf16 autocast")
     polish = saved["phase_3_polish"]
     assert polish["steps"] == 2 and polish["visual_exit_training"]["exit_after_layers"] == [1, 2]
     assert polish["train_split"] == "train, seed 0, indices 48..79"  # after phase 2's 3 x 16 dialogues
+    finish = saved["phase_4_finish"]
+    assert finish["steps"] == 2 and finish["train_split"] == "train, seed 0, indices 80..111"  # after phase 3's
     model, processor = build.load(out)
     assert model.config.text_config.num_hidden_layers >= 6 and processor.tokenizer is not None
     with pytest.raises(FileExistsError):
@@ -336,3 +338,5 @@ def test_trainer_rejects_inconsistent_exit_settings(tmp_path):
         train.train(tmp_path / "f", steps=1, vision_steps=1, polish_exit_layers=(5,), progress=False)
     with pytest.raises(ValueError, match="polish_steps"):
         train.train(tmp_path / "g", steps=1, vision_steps=1, polish_steps=-1, progress=False)
+    with pytest.raises(ValueError, match="finish_steps"):
+        train.train(tmp_path / "h", steps=1, vision_steps=1, finish_steps=-1, progress=False)
