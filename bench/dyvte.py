@@ -33,7 +33,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     adapter = load_model(args.model)
     layers = adapter.geometry.num_layers
-    ratios = [float(x) for x in args.loss_ratios.split(",")]
+    try:
+        ratios = [float(x) for x in args.loss_ratios.split(",")]
+    except ValueError:
+        ap.error(f"--loss-ratios: expected numbers >= 1 like '1.03,1.5', got {args.loss_ratios!r}")
     dy = [f"dyvte:samples={args.samples},epochs={args.epochs},loss_ratio={r:g}" for r in ratios]
     setups = [("unpruned", None), ("fastv (k=2, r=0.5)", "fastv")]
     setups += [(f"static exit after layer {e}", f"dyvte:exit_layer={e}") for e in range(layers - 1)]

@@ -2,10 +2,10 @@
 
     python -m vtcompile.testbed.train --out DIR [--seed S] [--steps N] [--batch-size B] [--lr LR]
 
-Everything is trained (vision tower, projector, decoder) in three phases and an optional fourth: (1) the vision tower alone with
-per-patch probes, (2) end to end with the probes and a decaying grounding loss, (3) a polish with the answer
-loss alone on count-heavy dialogues, optionally with visual-exit training, (4) optionally, a finish: phase 3
-again with every visual token. The answer loss is the cross-entropy of the answer token (the next token
+Everything is trained (vision tower, projector, decoder) in three phases and an optional fourth: (1) the
+vision tower alone with per-patch probes, (2) end to end with the probes and a decaying grounding loss, (3) a
+polish with the answer loss alone on count-heavy dialogues, optionally with visual-exit training, (4) a
+finish: phase 3 again with every visual token (off by default). The answer loss is the cross-entropy of the answer token (the next token
 after "ASSISTANT:") over the full vocabulary. Data are generated in memory from the train
 split; a sample is a pure function of (split, seed, index), so a run is deterministic for a seed (on the
 same torch build and thread count). The checkpoint is written to a temporary directory next to ``--out``
@@ -619,8 +619,8 @@ def train(
                 label=f"3/{n_phases} polish")
     phase_3_time = time.time() - t0
     # Phase 4 (finish): the same loop again - a fresh optimizer and schedule, new dialogues - with every visual
-    # token in every row. After visual-exit training it brings the counts back (their answers need the visual
-    # tokens late) while the early exit stays nearly free for the other kinds; see DEFAULT_FINISH.
+    # token in every row, meant to win back after visual-exit training the counts that need the visual tokens
+    # late; DEFAULT_FINISH says what it did.
     if finish_steps:
         _polish(model, enc, ip, seed=seed, steps=finish_steps, batch_size=batch_size, lr=finish_lr,
                 weight_decay=weight_decay, turns=turns, turn_weights=polish_turn_weights,
