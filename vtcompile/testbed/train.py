@@ -438,6 +438,22 @@ def _polish(model, enc, ip, *, seed: int, steps: int, batch_size: int, lr: float
     model.eval()
 
 
+def _polish_recipe(seed: int, first_step: int, steps: int, batch_size: int, lr: float, weight_decay: float,
+                   turn_weights: dict[str, int], seconds: float, loss: str) -> dict:
+    """recipe.json's description of one _polish run (phase 3 or 4) starting at step ``first_step`` of the data."""
+    return {
+        "steps": steps,
+        "time_s": round(seconds, 1),
+        "lr": lr,
+        "lr_schedule": f"linear warmup {max(1, steps // 20)} steps, cosine to 0",
+        "optimizer": "a fresh AdamW(betas=(0.9, 0.98), eps=1e-8), grad clip 1.0",
+        "weight_decay": weight_decay,
+        "loss": loss,
+        "turn_kind_weights": {k: int(turn_weights.get(k, 1)) for k in scenes.KINDS},
+        "train_split": f"train, seed {seed}, indices {first_step * batch_size}..{(first_step + steps) * batch_size - 1}",
+    }
+
+
 def train(
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -692,14 +708,9 @@ def train(
             "train_split": f"train, seed {seed}, indices 0..{steps * batch_size - 1}",
         },
         "phase_3_polish": None if not polish_steps else {
-            "steps": polish_steps,
-            "time_s": round(phase_3_time - phase_2_time, 1),
-            "lr": polish_lr,
-            "lr_schedule": f"linear warmup {max(1, polish_steps // 20)} steps, cosine to 0",
-            "optimizer": "a fresh AdamW(betas=(0.9, 0.98), eps=1e-8), grad clip 1.0",
-            "weight_decay": weight_decay,
-            "loss": "cross-entropy of the answer tokens only (no probes, no grounding)",
-            "turn_kind_weights": {k: int(polish_turn_weights.get(k, 1)) for k in scenes.KINDS},
+            **_polish_recipe(seed, steps, polish_steps, batch_size, polish_lr, weight_decay, polish_turn_weights,
+                             phase_3_time - phase_2_time,
+                             "cross-entropy of the answer tokens only (no probes, no grounding)"),
             "visual_exit_training": None if not (polish_exit_layers and polish_exit_frac > 0) else {
                 "exit_after_layers": list(polish_exit_layers), "rows": polish_exit_frac,
                 "what": f"in a random {polish_exit_frac:g} of the dialogues no token attends to a visual token in "
@@ -707,21 +718,10 @@ def train(
                         "the other rows see them everywhere. The model learns to gather what it needs from the "
                         "image early, which DyVTE reports LLaVA-1.5 does on its own",
             },
-            "train_split": f"train, seed {seed}, indices {steps * batch_size}.."
-                           f"{(steps + polish_steps) * batch_size - 1}",
         },
-        "phase_4_finish": None if not finish_steps else {
-            "steps": finish_steps,
-            "time_s": round(train_time - phase_3_time, 1),
-            "lr": finish_lr,
-            "lr_schedule": f"linear warmup {max(1, finish_steps // 20)} steps, cosine to 0",
-            "optimizer": "a fresh AdamW(betas=(0.9, 0.98), eps=1e-8), grad clip 1.0",
-            "weight_decay": weight_decay,
-            "loss": "cross-entropy of the answer tokens only, every visual token in every row",
-            "turn_kind_weights": {k: int(polish_turn_weights.get(k, 1)) for k in scenes.KINDS},
-            "train_split": f"train, seed {seed}, indices {(steps + polish_steps) * batch_size}.."
-                           f"{(steps + polish_steps + finish_steps) * batch_size - 1}",
-        },
+        "phase_4_finish": None if not finish_steps else _polish_recipe(
+            seed, steps + polish_steps, finish_steps, batch_size, finish_lr, weight_decay, polish_turn_weights,
+            train_time - phase_3_time, "cross-entropy of the answer tokens only, every visual token in every row"),
         "data": {"generator": "vtcompile.testbed.scenes", "val_size": val_size, "kinds": list(scenes.KINDS)},
         "train_time_s": round(train_time, 1),
         "threads": torch.get_num_threads(),
