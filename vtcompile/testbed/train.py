@@ -5,10 +5,10 @@
 Everything is trained (vision tower, projector, decoder) in three phases and an optional fourth: (1) the
 vision tower alone with per-patch probes, (2) end to end with the probes and a decaying grounding loss, (3) a
 polish with the answer loss alone on count-heavy dialogues, optionally with visual-exit training, (4) a
-finish: phase 3 again with every visual token (off by default). The answer loss is the cross-entropy of the answer token (the next token
-after "ASSISTANT:") over the full vocabulary. Data are generated in memory from the train
-split; a sample is a pure function of (split, seed, index), so a run is deterministic for a seed (on the
-same torch build and thread count). The checkpoint is written to a temporary directory next to ``--out``
+finish: phase 3 again with every visual token (off by default). The answer loss is the cross-entropy of the
+answer token (the next token after "ASSISTANT:") over the full vocabulary. Data are generated in memory from
+the train split; a sample is a pure function of (split, seed, index), so a run is deterministic for a seed
+(on the same torch build and thread count). The checkpoint is written to a temporary directory next to ``--out``
 and moved into place at the end, with ``recipe.json`` describing the run.
 """
 
@@ -242,10 +242,10 @@ PRECISIONS = ("fp32", "bf16")
 DEFAULT_POLISH = {"steps": 1400, "lr": 5e-4, "turn_weights": {"relpos": 2, "count": 6}, "exit_layers": (),
                   "exit_frac": 0.5}
 # Phase 4 (finish; not the default): after a phase 3 with exits after layers 1-4 in half the rows (val 92.0%,
-# counts 75.0%), 400 more steps with every visual token took val to 92.7% and counts to 80.5% while a static
-# exit after layer 1 stayed free for colour/existence/relative position (100/94/99% on val500) and cost counts
-# (27%). It does not fit the 30-minute budget: the shipped run took 1764 s and the finish alone 121 s. With phase
-# 3 cut to 1000 steps it would fit, but counts reached only 76.5%.
+# counts 75.0%), 400 more steps with every visual token took val to 92.7% and counts to 80.5%; a static exit
+# after layer 1 then scored 100/94/99% on val500 for colour/existence/relative position (unpruned, on val1000:
+# 100/93.5/97%) and 27% for counts. It does not fit the 30-minute budget: the shipped run took 1764 s and the
+# finish alone 121 s. With phase 3 cut to 1000 steps it would fit, but counts reached only 76.5%.
 DEFAULT_FINISH = {"steps": 0, "lr": 2e-4}
 
 
@@ -450,7 +450,8 @@ def _polish_recipe(seed: int, first_step: int, steps: int, batch_size: int, lr: 
         "weight_decay": weight_decay,
         "loss": loss,
         "turn_kind_weights": {k: int(turn_weights.get(k, 1)) for k in scenes.KINDS},
-        "train_split": f"train, seed {seed}, indices {first_step * batch_size}..{(first_step + steps) * batch_size - 1}",
+        "train_split": f"train, seed {seed}, indices {first_step * batch_size}.."
+                       f"{(first_step + steps) * batch_size - 1}",
     }
 
 
@@ -554,7 +555,8 @@ def train(
     vt = model.model.vision_tower
     opt_v = torch.optim.AdamW(list(vt.parameters()) + [p for _, p in heads.named_parameters()],
                               lr=vision_lr, betas=(0.9, 0.98), weight_decay=weight_decay)
-    bar = tqdm(range(vision_steps), desc=f"testbed train (1/{n_phases} vision)", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(vision_steps), desc=f"testbed train (1/{n_phases} vision)", disable=not progress,
+               dynamic_ncols=True)
     for step in bar:
         for g in opt_v.param_groups:
             g["lr"] = _lr_at(step, vision_steps, vision_lr, min(warmup, vision_steps // 5), 0.1)
@@ -583,7 +585,8 @@ def train(
     val = list(scenes.iter_samples("val", seed, val_size))
     bg_rng = np.random.default_rng([seed, 12345])
     exit_rng = np.random.default_rng([seed, 23456])
-    bar = tqdm(range(steps), desc=f"testbed train (2/{n_phases} end to end)", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"testbed train (2/{n_phases} end to end)", disable=not progress,
+               dynamic_ncols=True)
     ema: dict[str, float] = {}
     try:
         for step in bar:
