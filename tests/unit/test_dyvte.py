@@ -129,12 +129,54 @@ def test_always_firing_routers_exit_at_first_layer(tmp_path):
     assert (ref.logits - out.logits).abs().max().item() <= 1e-4
 
 
+def test_router_fires_above_its_threshold():
+    """Routers.decide: exit when the exit probability is above the threshold (0.5: exit logit > keep logit)."""
+    routers = Routers([0], 4, 2)
+    with torch.no_grad():
+        routers.mlps["0"][0].weight.zero_()
+        routers.mlps["0"][0].weight[0, 4] = 1.0  # unit 0 of the last prompt token's state
+        routers.mlps["0"][2].weight.zero_()
+        routers.mlps["0"][2].weight[1, 0] = 1.0  # exit logit gelu(x), keep logit 0
+    hidden = torch.zeros(1, 3, 4)
+    hidden[0, -1, 0] = 2.0
+    visual = torch.tensor([[True, False, False]])
+    p = torch.sigmoid(torch.nn.functional.gelu(torch.tensor(2.0))).item()  # 0.876
+    for threshold, fires in ((0.5, True), (p - 1e-3, True), (p + 1e-3, False)):
+        routers.threshold = threshold
+        assert routers.decide(0, hidden, visual).tolist() == [fires]
+
+
+def test_threshold_field_reaches_the_routers_and_the_artifact(tmp_path):
+    """The same trained routers with a higher threshold never exit a row earlier; 0.5 is the default rule; the
+    threshold is part of the saved program."""
+    from vtcompile import load_compiled
+
+    cm = trained("tiny")
+    prompts = [prompt("tiny", kind, seed=s) for kind, s in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11))]
+    exits, programs = {}, {}
+    for t in (0.5, 0.9, 0.999):
+        programs[t] = compile_pruned(adapter("tiny"), f"dyvte:threshold={t}", recipes={"dyvte": cm.recipes["dyvte"]})
+        exits[t] = sum((programs[t](*p).exit_layers for p in prompts), [])
+    assert exits[0.5] == sum((cm(*p).exit_layers for p in prompts), [])
+
+    def no_earlier(a, b):
+        return all((y if y >= 0 else 99) >= (x if x >= 0 else 99) for x, y in zip(a, b))
+
+    assert no_earlier(exits[0.5], exits[0.9]) and no_earlier(exits[0.9], exits[0.999])
+    assert exits[0.5] != exits[0.999], exits  # the threshold changed some decision on these prompts
+    loaded = load_compiled(programs[0.9].save(tmp_path / "t"))
+    assert sum((loaded(*p).exit_layers for p in prompts), []) == exits[0.9]
+
+
 def test_bad_input(tmp_path):
     geom = geometry_of(resolve_spec("tiny"))
     with pytest.raises(PassConfigError, match="exit_layer=3 is out of range"):
         parse_pass_spec("dyvte:exit_layer=3")[1].check_model(geom)
     with pytest.raises(PassConfigError, match=r"candidate exit layers \[5\]"):
         parse_pass_spec("dyvte:layers=5")[1].check_model(geom)
+    for threshold in (0, 1):
+        with pytest.raises(PassConfigError, match="threshold"):
+            parse_pass_spec(f"dyvte:threshold={threshold}")
     other = Routers([0], 32, 8)
     path = tmp_path / "other.safetensors"
     save_file(other.state_dict(), str(path))
@@ -146,3 +188,34 @@ def test_bad_input(tmp_path):
         compile_pruned(adapter("tiny"), "dyvte", calibration=[(text_only, None, None)])
     with pytest.raises(VtcompileError, match="needs calibration data"):
         compile_pruned(adapter("tiny"), "dyvte")
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "dyvte.py"
+    spec = importlib.util.spec_from_file_location("bench_dyvte", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_chooses_router_setting_on_val_within_one_point():
+    bench = _bench()
+    rows = [{"label": "a", "accuracy": 0.92, "paper_flops_ratio": 0.95},
+            {"label": "b", "accuracy": 0.916, "paper_flops_ratio": 0.60},
+            {"label": "c", "accuracy": 0.925, "paper_flops_ratio": 0.60},
+            {"label": "d", "accuracy": 0.90, "paper_flops_ratio": 0.40}]  # d loses 2.5 points: not eligible
+    assert bench._choose(rows, 0.925)["label"] == "c"  # b and c save as much; c is more accurate
+    assert bench._choose(rows[:2] + rows[3:], 0.925)["label"] == "b"
+    assert bench._choose(rows, 0.99)["label"] == "c"  # none within 1 point: the most accurate
+
+
+@pytest.mark.parametrize("argv", [["--loss-ratios", "x"], ["--layers", "1/two"], ["--layers", "1/2/9"],
+                                  ["--thresholds", "0.5,1"], ["--thresholds", "high"]])
+def test_bench_refuses_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _bench().main(["--model", "testbed"] + argv)
+    assert e.value.code == 2
+    assert "--" + argv[0].strip("-") in capsys.readouterr().err

@@ -16,6 +16,7 @@ expectation on a fixed calibration set).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ class DyVTEConfig(PassConfig):
     epochs: int = param(300, "router training epochs over the calibration features", low=1)
     lr: float = param(1e-3, "router learning rate (AdamW)", low=0.0, low_open=True)
     loss_ratio: float = param(1.03, "exit label: answer loss with exit < ratio x loss without", low=1.0)
+    threshold: float = param(0.5, "a router fires when its exit probability is above this (0.5: exit logit > keep "
+                                  "logit, the published rule; higher: fewer, surer exits)",
+                             low=0.0, high=1.0, low_open=True, high_open=True)
     routers: str = param("", "a routers .safetensors file (from a saved artifact) to use instead of training")
     seed: int = param(0, "seed of the routers' initialisation (the same data and seed give the same routers)", low=0)
 
@@ -75,9 +79,10 @@ def router_features(hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
 
 
 class Routers(nn.Module):
-    def __init__(self, layers: list[int], dim: int, width: int):
+    def __init__(self, layers: list[int], dim: int, width: int, threshold: float = 0.5):
         super().__init__()
         self.layers = list(layers)
+        self.threshold = threshold
         self.mlps = nn.ModuleDict({
             str(e): nn.Sequential(nn.Linear(2 * dim, width, bias=False), nn.GELU(), nn.Linear(width, 2, bias=False))
             for e in layers})
@@ -89,9 +94,10 @@ class Routers(nn.Module):
 
     @torch.no_grad()
     def decide(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """True for rows whose router says exit (exit logit > keep logit)."""
+        """True for rows whose router says exit: exit probability > threshold, i.e. exit logit - keep logit >
+        log(threshold / (1 - threshold)), which is 0 (exit logit > keep logit) at the default 0.5."""
         logit = self.logits(layer, router_features(hidden, visual).to(self.mlps[str(layer)][0].weight.dtype))
-        return (logit[:, 1] > logit[:, 0]).cpu()
+        return (logit[:, 1] - logit[:, 0] > math.log(self.threshold / (1 - self.threshold))).cpu()
 
 
 def _continuation(program: Program, exit_after: int) -> Program:
@@ -139,7 +145,7 @@ def load_routers(config: DyVTEConfig, program: Program, recipe: dict | None) -> 
         if key.endswith(".0.weight") and t.shape[1] != 2 * dim:
             raise PassConfigError(f"dyvte: the routers were trained for a model of width {t.shape[1] // 2}, this "
                                   f"model has width {dim}; retrain them for this model")
-    routers = Routers(recipe["layers"], dim, recipe["hidden"])
+    routers = Routers(recipe["layers"], dim, recipe["hidden"], config.threshold)
     routers.load_state_dict(state)
     return routers.eval()
 
