@@ -5,7 +5,9 @@ state of the last prompt token) -> Linear(2d, hidden, no bias) -> GELU -> Linear
 (keep, exit) logits. After each layer, the first router with exit > keep makes ALL visual tokens exit: later
 layers see text only, with their original position ids. The graph is staged per layer
 (compiler.staged) and each candidate exit has a continuation built with compiler.rewrite.drop_visual.
-Static form (no routers): exit_layer=K drops every visual token after layer K.
+Static form (no routers): exit_layer=K drops every visual token after layer K. `threshold` (ours, not the
+paper's) asks for a surer exit: a router fires when its exit probability is above it; the default 0.5 is the
+published exit > keep rule.
 
 Router training (calibrate; the MLLM is frozen): for each calibration prompt and candidate layer e, the
 prompt is run as is and with the visual tokens gone after layer e; the label is "exit" iff the greedy answer
