@@ -1,7 +1,8 @@
 """DyVTE on the testbed: accuracy, FLOPs saved and exit layers, against the unpruned model, static exits at
 every layer, FastV, and DyVTE combined with FastV.
 
-Routers are trained on the testbed's train split (calibration) and evaluated on held-out test questions.
+Routers are trained on the testbed's train split (calibration) and evaluated on held-out test questions; the
+router setting that fastv + dyvte uses is chosen on val questions (see bench/README.md).
 
     python bench/dyvte.py --model testbed --limit 300 --out bench/results/dyvte
 """
