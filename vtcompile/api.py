@@ -35,26 +35,44 @@ class Report:
     calibration_seconds: float = 0.0
     rewrites: list[dict] = field(default_factory=list)
     recipes: dict = field(default_factory=dict)
+    # Dynamic exits (dyvte with routers): one row per way a prompt can run - no exit (after_layer -1), then
+    # every candidate exit - with its FLOPs ratios and, when the routers were calibrated here, the share of the
+    # calibration prompts the routers send that way. The flops field above is the no-exit (worst) case.
+    exits: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "random_weights": self.random_weights, "passes": self.passes,
                 "target": self.target, "flops": self.flops.to_dict(), "rewrites": self.rewrites,
                 "recipes": {name: {k: v for k, v in r.items() if not k.startswith("_")}
                             for name, r in self.recipes.items()},
+                "exits": self.exits, "expected_on_calibration": self.expected_on_calibration(),
                 "capture_seconds": self.capture_seconds,
                 "calibration_seconds": self.calibration_seconds, "compile_seconds": self.compile_seconds}
 
+    def expected_on_calibration(self) -> dict | None:
+        """Paper/true FLOPs ratios averaged over the calibration prompts, each run the way its routers send it
+        (dynamic exits calibrated here only; None otherwise)."""
+        rows = [r for r in self.exits if r.get("calibration_prompts") is not None]
+        n = sum(r["calibration_prompts"] for r in rows)
+        if not rows or not n:
+            return None
+        return {"prompts": n, **{k: sum(r[k] * r["calibration_prompts"] for r in rows) / n
+                                 for k in ("paper_ratio", "true_ratio")}}
+
     def summary_table(self) -> str:
         f = self.flops
+        case = "  without an exit" if self.exits else ""
         rows = [
             ["model", self.model],
             ["passes", ", ".join(p["pass"] + _fmt_cfg(p["config"]) for p in self.passes) or "none"],
             ["target", self.target],
-            ["visual tokens (per row)", f"{f.n_visual} -> {f.schedule[-1]} (last layer)"],
+            ["visual tokens (per row)", f"{f.n_visual} -> {f.schedule[-1]} (last layer)"
+             + ("; 0 after an exit" if self.exits else "")],
             ["paper FLOPs (visual tokens only)",
-             f"{fmt_flops(f.baseline_paper)} -> {fmt_flops(f.paper)}  ({f.paper / f.baseline_paper:.1%})"],
+             f"{fmt_flops(f.baseline_paper)} -> {fmt_flops(f.paper)}  ({f.paper / f.baseline_paper:.1%}){case}"],
             [f"true FLOPs ({f.n_text} text tokens, 2xMAC)",
-             f"{fmt_flops(f.baseline_true)} -> {fmt_flops(f.true)}  ({f.true / f.baseline_true:.1%})"],
+             f"{fmt_flops(f.baseline_true)} -> {fmt_flops(f.true)}  ({f.true / f.baseline_true:.1%}){case}"],
+            *_expected_rows(self.expected_on_calibration()),
             *[[f"{name} recipe", _fmt_recipe(r)] for name, r in self.recipes.items()],
             ["capture (torch.export) s", f"{self.capture_seconds:.2f}"],
             *([["calibration s", f"{self.calibration_seconds:.2f}"]] if self.calibration_seconds > 0.01 else []),
@@ -64,6 +82,36 @@ class Report:
 
     def layer_table(self) -> str:
         return layer_table(self.flops)
+
+    def exit_table(self) -> str:
+        """Dynamic exits: FLOPs of each way a prompt can run and where the routers sent the calibration
+        prompts ("" without dynamic exits)."""
+        if not self.exits:
+            return ""
+        rows = [["none" if r["after_layer"] < 0 else f"after layer {r['after_layer']}", f"{r['paper_ratio']:.1%}",
+                 f"{r['true_ratio']:.1%}",
+                 "-" if r.get("calibration_prompts") is None else r["calibration_prompts"]] for r in self.exits]
+        return tabulate(rows, headers=["visual-token exit", "paper FLOPs", "true FLOPs", "calibration prompts"],
+                        tablefmt="simple_outline")
+
+
+def _expected_rows(expected: dict | None) -> list[list[str]]:
+    if not expected:
+        return []
+    return [[f"expected FLOPs ({expected['prompts']} calibration prompts)",
+             f"paper {expected['paper_ratio']:.1%}, true {expected['true_ratio']:.1%} (each prompt exits where its "
+             "routers send it)"]]
+
+
+def exit_rows(program, text_tokens: int, counts: dict[int, int] | None) -> list[dict]:
+    """Report.exits for a program with dynamic exits: the no-exit schedule, then each continuation's."""
+    ways = [(-1, program)] + sorted(program.exits.items())
+    rows = []
+    for e, p in ways:
+        f = FlopsReport(program.geometry, program.n_visual, text_tokens, list(p.schedule), list(p.mlp_schedule))
+        rows.append({"after_layer": e, "paper_ratio": f.paper / f.baseline_paper, "true_ratio": f.true / f.baseline_true,
+                     "calibration_prompts": None if counts is None else counts.get(e, 0)})
+    return rows
 
 
 def layer_table(flops: FlopsReport) -> str:
@@ -145,11 +193,20 @@ class CompiledModel:
             flops=FlopsReport(adapter.geometry, program.n_visual, text_tokens, list(program.schedule),
                               list(program.mlp_schedule)),
             capture_seconds=captured.export_seconds, compile_seconds=t2 - t_cal, calibration_seconds=t_cal - t1,
-            rewrites=[r.to_dict() for r in program.rewrites], recipes=dict(self.runtime.recipes))
+            rewrites=[r.to_dict() for r in program.rewrites], recipes=dict(self.runtime.recipes),
+            exits=exit_rows(program, text_tokens, self._calibration_exits()) if program.exits else [])
 
     @property
     def recipes(self) -> dict:
         return self.runtime.recipes
+
+    def _calibration_exits(self) -> dict[int, int] | None:
+        from .passes.dyvte import calibration_exits
+
+        for p, config in self.passes:
+            if p.name == "dyvte" and config.exit_layer < 0:
+                return calibration_exits(self.runtime.recipes.get("dyvte"), config.threshold)
+        return None
 
     def _calibrate(self, calibration, progress: bool) -> None:
         """Fit the recipes of calibrating passes that have none, each on the program of the passes before it."""

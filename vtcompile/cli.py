@@ -81,6 +81,8 @@ def cmd_optimize(args) -> int:
         return 0
     print(cm.report.summary_table())
     print(cm.report.layer_table())
+    if cm.report.exits:
+        print(cm.report.exit_table())
     if check:
         from tabulate import tabulate
 
@@ -109,6 +111,7 @@ def cmd_calibrate(args) -> int:
     cm = CompiledModel(build_from_spec(spec), passes, "eager", calibration=args.calibration)
     recipe = dict(cm.recipes[passes[0][0].name])
     tensors = recipe.pop("_tensors", None)
+    recipe = {k: v for k, v in recipe.items() if not k.startswith("_")}  # in-memory extras (dyvte's router margins)
     written = [args.out]
     if tensors is not None:  # trained weights (dyvte routers) go to safetensors beside the JSON
         from safetensors.torch import save_file
@@ -123,6 +126,8 @@ def cmd_calibrate(args) -> int:
     tmp.write_text(json.dumps(recipe, indent=2))
     tmp.replace(args.out)
     print(cm.report.summary_table())
+    if cm.report.exits:
+        print(cm.report.exit_table())
     print("written: " + ", ".join(map(str, written)))
     if tensors is not None:
         print(f"reuse with --pass {passes[0][0].name}:routers={written[1]}")

@@ -168,6 +168,46 @@ def test_threshold_field_reaches_the_routers_and_the_artifact(tmp_path):
     assert sum((loaded(*p).exit_layers for p in prompts), []) == exits[0.9]
 
 
+def test_report_exit_table_matches_the_runtime_and_static_exits():
+    """Report.exits: one row per way a prompt can run. Its FLOPs ratios equal the static form's report for
+    that exit layer, and its calibration-prompt counts are the exits the runtime takes when each calibration
+    prompt is run alone (calibration 'synthetic' = example_inputs seeds 1000..1000+samples-1)."""
+    from collections import Counter
+
+    from vtcompile.models.llava import example_inputs
+
+    ways = {}
+    for t in (0.5, 0.9):  # the counts follow the threshold of the program, from the same calibration margins
+        cm = trained("tiny") if t == 0.5 else compile_pruned(adapter("tiny"), f"dyvte:threshold={t}",
+                                                             recipes={"dyvte": trained("tiny").recipes["dyvte"]})
+        rows = {r["after_layer"]: r for r in cm.report.exits}
+        assert sorted(rows) == [-1, *cm.recipes["dyvte"]["layers"]]
+        taken = Counter()
+        for i in range(12):
+            taken.update(cm(*example_inputs(cm.adapter, batch=1, seed=1000 + i)).exit_layers)
+        assert {e: r["calibration_prompts"] for e, r in rows.items()} == {e: taken.get(e, 0) for e in rows}
+        for e, r in rows.items():
+            f = (cm.report.flops if e < 0 else compiled("tiny", f"dyvte:exit_layer={e}").report.flops)
+            assert r["paper_ratio"] == pytest.approx(f.paper / f.baseline_paper, rel=1e-12)
+            assert r["true_ratio"] == pytest.approx(f.true / f.baseline_true, rel=1e-12)
+        expected = cm.report.expected_on_calibration()
+        assert expected["prompts"] == 12
+        assert expected["paper_ratio"] == pytest.approx(sum(r["paper_ratio"] * taken.get(e, 0)
+                                                            for e, r in rows.items()) / 12)
+        assert "calibration prompts" in cm.report.exit_table()
+        ways[t] = taken
+    assert len(ways[0.5]) >= 2 and ways[0.5] != ways[0.9], ways  # not a comparison of all-'none' tables
+
+
+def test_report_of_routers_from_a_file_has_no_calibration_counts(tmp_path):
+    path = _routers_file(tmp_path, "tiny", fire=False)
+    report = compile_pruned(adapter("tiny"), f"dyvte:routers={path}").report
+    assert [r["after_layer"] for r in report.exits] == [-1, 0, 1, 2]
+    assert all(r["calibration_prompts"] is None for r in report.exits)
+    assert report.expected_on_calibration() is None
+    assert compiled("tiny", "dyvte:exit_layer=1").report.exits == []  # static form: one schedule, no table
+
+
 def test_bad_input(tmp_path):
     geom = geometry_of(resolve_spec("tiny"))
     with pytest.raises(PassConfigError, match="exit_layer=3 is out of range"):

@@ -193,11 +193,36 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
         opt.step()
     with torch.no_grad():
         acc = {str(e): float((routers.logits(e, x[e]).argmax(-1) == y[e]).float().mean()) for e in layers}
+        margins = {}  # per layer and prompt: exit logit - keep logit (calibration_exits)
+        for e in layers:
+            logits = routers.logits(e, x[e])
+            margins[str(e)] = (logits[:, 1] - logits[:, 0]).tolist()
     return {"pass": "dyvte", "layers": layers, "hidden": config.width(program.geometry),
             "exit_label_rate": {str(e): float(y[e].float().mean()) for e in layers},
             "router_train_accuracy": acc, "samples": len(y[layers[0]]), "final_loss": loss.item(),
             "calibration_seconds": time.perf_counter() - t0, "config_hash": program.geometry.config_hash(),
-            "_tensors": {k: v.detach().clone() for k, v in routers.state_dict().items()}}
+            "_tensors": {k: v.detach().clone() for k, v in routers.state_dict().items()},
+            "_margins": margins}
+
+
+def calibration_exits(recipe: dict | None, threshold: float) -> dict[int, int] | None:
+    """Where the trained routers send the calibration prompts at ``threshold``: {exit layer (-1: none): prompts}.
+
+    Uses the router margins (exit logit - keep logit) that calibrate() kept per prompt and layer: the features a
+    router reads at layer e are those of the run without an exit (no row has exited before its first firing
+    router), so the first layer whose margin passes the threshold is the exit the runtime takes on that prompt.
+    None when the routers did not come from calibration here (a routers file).
+    """
+    margins = (recipe or {}).get("_margins")
+    if not margins:
+        return None
+    cut = math.log(threshold / (1 - threshold))
+    layers = sorted(margins, key=int)
+    counts: dict[int, int] = {}
+    for i in range(len(margins[layers[0]])):
+        exit_at = next((int(e) for e in layers if margins[e][i] > cut), -1)
+        counts[exit_at] = counts.get(exit_at, 0) + 1
+    return counts
 
 
 PASS = register(PassDef(

@@ -29,11 +29,13 @@ from . import stage as st
 
 
 def export_graph_stage(module: torch.nn.Module, args: tuple, label: str) -> torch.export.ExportedProgram:
-    """torch.export one stage with every axis free (Dim.AUTO: sizes the graph does not pin stay symbolic)."""
+    """torch.export one stage with every axis free (Dim.AUTO: sizes the graph does not pin stay symbolic).
+    Axes of size 1 in the example (broadcast axes of masks) are left static: export would specialise them anyway,
+    with a warning per stage."""
+    shapes = tuple({d: Dim.AUTO for d in range(t.dim()) if t.shape[d] != 1} for t in args)
     try:
         with torch.no_grad():
-            return torch.export.export(module, args,
-                                       dynamic_shapes=tuple({d: Dim.AUTO for d in range(t.dim())} for t in args))
+            return torch.export.export(module, args, dynamic_shapes=shapes)
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage that failed
         raise UnsupportedModelError(f"exporting stage {label} of the dynamic-exit program failed: "
                                     f"{type(exc).__name__}: {exc}") from exc
