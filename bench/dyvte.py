@@ -40,6 +40,28 @@ def _choose(val_rows, base):
     return max(val_rows, key=lambda r: r["accuracy"])
 
 
+ORACLE = "exit oracle (answer key; a ceiling for routers)"
+
+
+def _oracle(rows, correct, layers):
+    """Each test question exits after the earliest layer whose static exit answers it at least as right as no
+    exit (a question the unpruned model gets wrong exits after layer 0): the most FLOPs any per-question exit
+    choice saves without losing a question. It reads the answer key, so no router can beat it."""
+    by_setup = {r["setup"]: r for r in rows}
+    static = [f"static exit after layer {e}" for e in range(layers - 1)]
+    exits = []
+    for q, right in enumerate(correct["unpruned"]):
+        exits.append(0 if not right else next((e for e, name in enumerate(static) if correct[name][q]), -1))
+    n = len(exits)
+    ratio = {-1: by_setup["unpruned"]} | {e: by_setup[name] for e, name in enumerate(static)}
+    return {"setup": ORACLE,
+            "accuracy": sum(correct["unpruned"][q] if e < 0 else correct[static[e]][q]
+                            for q, e in enumerate(exits)) / n,
+            **{k: sum(ratio[e][k] for e in exits) / n for k in ("paper_flops_ratio", "true_flops_ratio")},
+            "exit_layers": {str(e): exits.count(e) for e in sorted(set(exits))}, "top1_agreement": None,
+            "router_training_s": None}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="testbed")
@@ -84,12 +106,15 @@ def main(argv=None) -> int:
     val = load_data("testbed", args.select_limit, split="val")[0] if args.select_limit else None
     t0 = time.perf_counter()
 
+    correct = {}  # setup -> 1/0 per test question (unpruned and static exits, for the oracle row)
+
     def run(label, spec, on_val=False, recipes=None):
         """One test row (and a val row): routers are trained unless ``recipes`` holds them already."""
         needs = recipes is None and spec is not None and "samples=" in str(spec)
         cm = compile_pruned(adapter, spec, calibration="testbed" if needs else None, recipes=recipes, progress=False)
-        row = _row(label, evaluate(cm, "testbed", limit=args.limit, progress=False),
-                   cm.recipes.get("dyvte") if needs else None)
+        res = evaluate(cm, "testbed", limit=args.limit, progress=False, per_sample=True)
+        correct[label] = res.pop("correct")
+        row = _row(label, res, cm.recipes.get("dyvte") if needs else None)
         print(f"{label}: {100 * row['accuracy']:.1f}% paper {row['paper_flops_ratio']:.3f}", file=sys.stderr)
         return row, (_row(label, evaluate(cm, val, progress=False)) if on_val else None), cm
 
@@ -100,6 +125,7 @@ def main(argv=None) -> int:
         rows.append(row)
         if v:
             val_base = v["accuracy"]
+    rows.append(_oracle(rows, correct, layers))
     for label, spec in routers:
         trained = None
         for t in thresholds:

@@ -122,11 +122,12 @@ class PromptEncoder:
 
 
 def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 16, skip_bad: bool = False,
-             progress: bool = True, template: str = PROMPT_TEMPLATE) -> dict:
+             progress: bool = True, template: str = PROMPT_TEMPLATE, per_sample: bool = False) -> dict:
     """Accuracy per kind and overall, fidelity vs the unpruned model, FLOPs, tokens kept, wall time.
 
     model: a CompiledModel (from compile_pruned / load_compiled), or anything compile_pruned accepts
-    (then no passes). data: 'testbed', a JSONL path, or a list of Sample.
+    (then no passes). data: 'testbed', a JSONL path, or a list of Sample. per_sample: also return
+    "correct", 1/0 for each evaluated sample in data order (bad samples skipped).
     """
     from tqdm import tqdm
 
@@ -141,7 +142,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     t0 = time.perf_counter()
     per_kind: dict[str, list[int]] = {}
     ref_rows, new_rows = [], []
-    kept_visual, exits = [], []
+    kept_visual, exits, correct = [], [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress):
         chunk, images, answers = [], [], []
         for s in samples[start:start + batch_size]:
@@ -166,6 +167,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
             exits += out.exit_layers
         for s, a, pred in zip(chunk, answers, last.argmax(-1).tolist()):
             per_kind.setdefault(s.kind, []).append(int(pred == a))
+            correct.append(int(pred == a))
     if not per_kind:
         raise InputError("no sample could be evaluated" + (f" ({bad} bad skipped)" if bad else ""))
     seconds = time.perf_counter() - t0
@@ -193,6 +195,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         "visual_tokens": flops.n_visual,
         "visual_tokens_kept_mean": sum(kept_visual) / max(1, len(kept_visual)),
         "wall_seconds": seconds,
+        **({"correct": correct} if per_sample else {}),
     }
 
 

@@ -252,6 +252,23 @@ def test_bench_chooses_router_setting_on_val_within_one_point():
     assert bench._choose(rows, 0.99)["label"] == "c"  # none within 1 point: the most accurate
 
 
+def test_bench_oracle_row():
+    """The oracle: per question the earliest static exit at least as right as no exit; FLOPs the mean of those
+    exits' ratios; a question the unpruned model misses exits after layer 0."""
+    bench = _bench()
+    rows = [{"setup": "unpruned", "paper_flops_ratio": 1.0, "true_flops_ratio": 1.0}] + [
+        {"setup": f"static exit after layer {e}", "paper_flops_ratio": r, "true_flops_ratio": r + 0.1}
+        for e, r in enumerate((0.2, 0.5, 0.8))]
+    correct = {"unpruned": [1, 1, 1, 0, 1], "static exit after layer 0": [0, 0, 1, 1, 0],
+               "static exit after layer 1": [1, 0, 1, 0, 0], "static exit after layer 2": [1, 1, 1, 0, 0]}
+    row = bench._oracle(rows, correct, layers=4)
+    # exits: q0 -> 1, q1 -> 2, q2 -> 0, q3 (missed unpruned) -> 0 and right there, q4 -> none
+    assert row["exit_layers"] == {"-1": 1, "0": 2, "1": 1, "2": 1}
+    assert row["accuracy"] == 1.0  # q3 gains; nothing is lost
+    assert row["paper_flops_ratio"] == pytest.approx((0.5 + 0.8 + 0.2 + 0.2 + 1.0) / 5)
+    assert row["true_flops_ratio"] == pytest.approx((0.6 + 0.9 + 0.3 + 0.3 + 1.0) / 5)
+
+
 @pytest.mark.parametrize("argv", [["--loss-ratios", "x"], ["--layers", "1/two"], ["--layers", "1/2/9"],
                                   ["--thresholds", "0.5,1"], ["--thresholds", "high"]])
 def test_bench_refuses_bad_arguments(argv, capsys):

@@ -106,3 +106,22 @@ def test_checkpoint_without_processor_is_refused(tmp_path, data):
 def test_missing_data_file():
     r = run("eval", "--model", "tiny", "--data", "/nonexistent.jsonl")
     assert r.returncode != 0 and "neither 'testbed' nor an existing JSONL file" in r.stderr
+
+
+def test_per_sample_correctness_is_in_data_order():
+    """evaluate(per_sample=True): 1/0 per sample in data order, equal to evaluating each sample alone; two
+    samples given each other's answers (of other kinds, so both wrong) score 0 where they sit."""
+    import dataclasses
+
+    from vtcompile import compile_pruned
+
+    samples = load_data("testbed", limit=8, split="test")[0]
+    i, j = 2, next(k for k in range(3, 8) if samples[k].kind != samples[2].kind)
+    samples[i], samples[j] = (dataclasses.replace(samples[i], answer=samples[j].answer),
+                              dataclasses.replace(samples[j], answer=samples[i].answer))
+    cm = compile_pruned("testbed", progress=False)
+    res = evaluate(cm, samples, per_sample=True, progress=False)
+    alone = [evaluate(cm, [s], progress=False)["accuracy"] for s in samples]
+    assert res["correct"] == alone and res["correct"][i] == res["correct"][j] == 0
+    assert sum(res["correct"]) / 8 == res["accuracy"] and sum(res["correct"]) >= 5
+    assert "correct" not in evaluate(cm, samples[:2], progress=False)
