@@ -340,3 +340,37 @@ def test_trainer_rejects_inconsistent_exit_settings(tmp_path):
         train.train(tmp_path / "g", steps=1, vision_steps=1, polish_steps=-1, progress=False)
     with pytest.raises(ValueError, match="finish_steps"):
         train.train(tmp_path / "h", steps=1, vision_steps=1, finish_steps=-1, progress=False)
+    with pytest.raises(ValueError, match="vision_attention 'flash'"):
+        train.train(tmp_path / "i", steps=1, vision_steps=1, vision_attention="flash", progress=False)
+
+
+def test_compiled_training_step_matches_eager():
+    """--compile: a training step through torch.compile'd layers gives the eager step's loss and gradients
+    (fp32; the answer loss, the grounding loss on the attention maps and visual-exit hooks in one forward), and
+    the layers are plain modules again after the block."""
+    import torch
+
+    from vtcompile.testbed import build, train
+
+    model, processor = build.build_model(seed=0)
+    enc = build.PromptEncoder(processor.tokenizer)
+    dialogues = [scenes.make_dialogue("train", 0, i, 3, train.DEFAULT_TURN_WEIGHTS) for i in range(4)]
+    ids, pos, target, ev, obj, sink, _ = train._dialogue_batch(enc, dialogues)
+    pv = build.pixel_values([d[0].image for d in dialogues], processor.image_processor)
+    row_exit = torch.tensor([2, 6, 1, 6])  # rows 0 and 2 exit after layers 2 and 1
+    runs = []
+    for compiled in (False, True):
+        model.zero_grad(set_to_none=True)
+        with train._attention(model, ("eager", "eager")), train._compiled_layers(model, compiled):
+            logits, _, att, ids2, pos2, ev2, _ = train._forward(model, ids, pv, pos, ev, obj, row_exit=row_exit)
+            loss = (torch.nn.functional.cross_entropy(logits, target)
+                    + train._attention_loss(att, [1, 2], ids2, model.config.image_token_id, pos2, ev2, sink))
+            loss.backward()
+        runs.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_grads), (comp_loss, comp_grads) = runs
+    assert comp_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert eager_grads.keys() == comp_grads.keys() and len(eager_grads) > 50
+    for name, g in eager_grads.items():
+        assert torch.allclose(comp_grads[name], g, rtol=1e-3, atol=1e-6 * g.abs().max().item() + 1e-9), name
+    layers = [*model.model.language_model.layers, *model.model.vision_tower.encoder.layers]
+    assert all(layer._compiled_call_impl is None for layer in layers)

@@ -220,7 +220,7 @@ def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 
         hooks = _visual_exit_hooks(m.language_model.layers, row_exit, ids == model.config.image_token_id)
     try:
         out = m.language_model(inputs_embeds=emb, position_ids=position_ids, attention_mask=attention_mask,
-                               output_attentions=attentions, output_hidden_states=True)
+                               output_attentions=attentions, output_hidden_states=True, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -368,20 +368,44 @@ def _attention(model, impls: tuple[str, str]):
 
 
 # Attention during training (text, vision). The decoder runs eager: the grounding loss reads its attention
-# weights and the visual-exit hooks edit its additive mask. The vision tower keeps sdpa, as in the run that
-# made the shipped checkpoint. Eager there too made a training step about 20% faster (0.21-0.22 s against
-# 0.26-0.28 s per phase-3 step with exits, bf16, 2 threads; sdpa's CPU backward is slow at this size), but it
-# changes the numerics, so the default command would no longer reproduce the shipped weights: switch it
-# together with a new shipped checkpoint.
+# weights and the visual-exit hooks edit its additive mask. The vision tower keeps sdpa by default, as in the
+# run that made the shipped checkpoint. Eager there too (--vision-attention eager) made a training step about
+# 20% faster (0.21-0.22 s against 0.26-0.28 s per phase-3 step with exits, bf16, 2 threads; sdpa's CPU backward
+# is slow at this size), but it changes the numerics, so the default command would no longer reproduce the
+# shipped weights: switch the default together with a new shipped checkpoint.
 TRAINING_ATTENTION = ("eager", "sdpa")
+VISION_ATTENTIONS = ("sdpa", "eager")
+# --compile: torch.compile (Inductor, dynamic shapes) of every decoder and vision layer for the training steps;
+# evaluation runs them eager. On a 2-core AMX Xeon, full-length phase-2/3 steps (16 dialogues of ~250 tokens,
+# bf16) took 0.36 s plain / 0.35 s with the grounding loss's attention maps / 0.33 s with visual-exit hooks,
+# against 0.55 / 0.58 / 0.62 s for the default (eager vision attention in both the compiled runs), after
+# 25-45 s of compiling. Off by default for the same reason as above: it changes the numerics. _forward runs
+# the decoder with use_cache=False: with the KV cache transformers makes by default, each layer's compiled
+# graph specialised on its layer index, and a full run hit Dynamo's recompile limit (8) in phase 2 and fell
+# back to eager there. Without the cache a short run covering every phase recompiled 15 times in all; the
+# weights of the default (uncompiled) command are the same with and without the cache.
+
+
+@contextlib.contextmanager
+def _compiled_layers(model, enabled: bool):
+    """Inside the block every decoder and vision-tower layer runs torch.compile'd (when ``enabled``)."""
+    layers = [*model.model.language_model.layers, *model.model.vision_tower.encoder.layers] if enabled else []
+    for layer in layers:
+        layer.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
 
 
 def _val_check(model, tok, ip, val, own: tuple[str, str], step, history: list, t0: float) -> None:
     """Mid-training check on the first 250 val questions with the model's own attention ``own`` (training uses
     TRAINING_ATTENTION): appended to ``history`` and printed."""
+    import torch
     from tqdm import tqdm
 
-    with _attention(model, own):
+    with _attention(model, own), torch.compiler.set_stance("force_eager"):
         r = evaluate(model, tok, val[:250], image_processor=ip)
     history.append({"step": step, "val250": r["overall"], "per_kind": r["per_kind"],
                     "time_s": round(time.time() - t0, 1)})
@@ -406,7 +430,8 @@ def _adamw(named, lr: float, weight_decay: float):
 def _polish(model, enc, ip, *, seed: int, steps: int, batch_size: int, lr: float, weight_decay: float,
             turns: int, turn_weights: dict[str, int], first_index: int, exit_layers: tuple[int, ...], exit_frac: float,
             precision: str, val, eval_every: int, history: list, t0: float, progress: bool = True,
-            label: str = "3/3 polish") -> None:
+            label: str = "3/3 polish", attention: tuple[str, str] = TRAINING_ATTENTION,
+            compile_layers: bool = False) -> None:
     """Phase 3: answer loss only, a fresh AdamW, warmup then cosine to 0; dialogues from train indices
     ``first_index`` on (after phase 2's); with ``exit_layers``, visual-exit training: a random ``exit_frac`` of
     the rows exit, each after one of those layers (uniform), the others see the visual tokens everywhere. It depends
@@ -426,7 +451,7 @@ def _polish(model, enc, ip, *, seed: int, steps: int, batch_size: int, lr: float
     warmup = max(1, steps // 20)
     bar = tqdm(range(steps), desc=f"testbed train ({label})", disable=not progress, dynamic_ncols=True)
     ema: dict[str, float] = {}
-    with _attention(model, TRAINING_ATTENTION) as own:
+    with _attention(model, attention) as own, _compiled_layers(model, compile_layers):
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, warmup, 0.0)
@@ -508,6 +533,8 @@ def train(
     finish_steps: int = DEFAULT_FINISH["steps"],
     finish_lr: float = DEFAULT_FINISH["lr"],
     precision: str = "bf16",
+    vision_attention: str = TRAINING_ATTENTION[1],
+    compile_layers: bool = False,
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -554,6 +581,9 @@ def train(
         raise ValueError(f"polish_exit_frac {polish_exit_frac} is not a fraction in [0, 1]")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if vision_attention not in VISION_ATTENTIONS:
+        raise ValueError(f"vision_attention {vision_attention!r}: expected one of {', '.join(VISION_ATTENTIONS)}")
+    attention = (TRAINING_ATTENTION[0], vision_attention)
     if exit_after is not None:
         if not 0 <= exit_after < n_layers - 1:
             raise ValueError(f"exit_after {exit_after} outside 0..{n_layers - 2} (the last layer has no 'after')")
@@ -575,7 +605,7 @@ def train(
                               lr=vision_lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     bar = tqdm(range(vision_steps), desc=f"testbed train (1/{n_phases} vision)", disable=not progress,
                dynamic_ncols=True)
-    with _attention(model, TRAINING_ATTENTION):
+    with _attention(model, attention), _compiled_layers(model, compile_layers):
         for step in bar:
             for g in opt_v.param_groups:
                 g["lr"] = _lr_at(step, vision_steps, vision_lr, min(warmup, vision_steps // 5), 0.1)
@@ -604,7 +634,7 @@ def train(
     bar = tqdm(range(steps), desc=f"testbed train (2/{n_phases} end to end)", disable=not progress,
                dynamic_ncols=True)
     ema: dict[str, float] = {}
-    with _attention(model, TRAINING_ATTENTION) as own:
+    with _attention(model, attention) as own, _compiled_layers(model, compile_layers):
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, warmup, final_lr_frac)
@@ -649,7 +679,8 @@ def train(
                 weight_decay=weight_decay, turns=turns, turn_weights=polish_turn_weights,
                 first_index=steps * batch_size, exit_layers=tuple(polish_exit_layers), exit_frac=polish_exit_frac,
                 precision=precision, val=val, eval_every=eval_every, history=history, t0=t0, progress=progress,
-                label=f"3/{n_phases} polish")
+                label=f"3/{n_phases} polish", attention=attention,
+                compile_layers=compile_layers)
     phase_3_time = time.time() - t0
     # Phase 4 (finish): the same loop again - a fresh optimizer and schedule, new dialogues - with every visual
     # token in every row, meant to win back after visual-exit training the counts that need the visual tokens
@@ -659,7 +690,8 @@ def train(
                 weight_decay=weight_decay, turns=turns, turn_weights=polish_turn_weights,
                 first_index=(steps + polish_steps) * batch_size, exit_layers=(), exit_frac=0.0,
                 precision=precision, val=val, eval_every=eval_every, history=history, t0=t0, progress=progress,
-                label=f"{n_phases}/{n_phases} finish")
+                label=f"{n_phases}/{n_phases} finish", attention=attention,
+                compile_layers=compile_layers)
     train_time = time.time() - t0
     model.eval()
     val_res = evaluate(model, tok, val, image_processor=ip)
@@ -670,8 +702,10 @@ def train(
         "batch_size": batch_size,
         "precision": precision if precision == "fp32" else f"{precision} autocast (training forward; weights, "
                                                             "optimizer and losses fp32)",
-        "training_attention": f"{TRAINING_ATTENTION[0]} in the decoder, {TRAINING_ATTENTION[1]} in the vision "
+        "training_attention": f"{attention[0]} in the decoder, {attention[1]} in the vision "
                               f"tower (evaluation: the model's own, {model.config.text_config._attn_implementation})",
+        "compile": None if not compile_layers else "torch.compile (Inductor, dynamic shapes) of every decoder and "
+                                                   "vision-tower layer in the training steps; evaluation eager",
         "phase_1_vision": {
             "steps": vision_steps, "lr": vision_lr, "time_s": round(vision_time, 1),
             "what": "vision tower + linear patch probes only: per-patch colour and shape class of the object "
@@ -845,6 +879,12 @@ def main(argv=None) -> int:
                          "(0: no phase 4; default: %(default)s)")
     ap.add_argument("--finish-lr", type=float, default=DEFAULT_FINISH["lr"],
                     help="phase-4 peak learning rate (default: %(default)s)")
+    ap.add_argument("--vision-attention", choices=VISION_ATTENTIONS, default=TRAINING_ATTENTION[1],
+                    help="attention of the vision tower in the training steps (eager: about 20%% faster steps on CPU, "
+                         "other numerics; default: %(default)s, as the shipped checkpoint)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every decoder and vision layer for the training steps (needs a C++ compiler; "
+                         "about 1.5x faster steps after a minute of compiling, other numerics than the shipped run)")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16",
                     help="training forward passes: fp32, or bf16 autocast (faster on CPUs with avx512_bf16/AMX; "
                          "weights, optimizer and losses stay fp32; default: %(default)s)")
@@ -871,7 +911,7 @@ def main(argv=None) -> int:
         polish_turn_weights=_parse_weights(ap, a.polish_turn_weights),
         polish_exit_layers=() if polish_exit == "none" else tuple(int(x) for x in polish_exit.split(",")),
         polish_exit_frac=a.polish_exit_frac, finish_steps=a.finish_steps, finish_lr=a.finish_lr,
-        precision=a.precision,
+        precision=a.precision, vision_attention=a.vision_attention, compile_layers=a.compile,
         val_size=a.val_size,
         test_size=a.test_size, eval_every=a.eval_every, threads=a.threads, overwrite=a.overwrite, progress=not a.no_progress,
     )
