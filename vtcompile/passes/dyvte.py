@@ -99,7 +99,12 @@ class Routers(nn.Module):
         """True for rows whose router says exit: exit probability > threshold, i.e. exit logit - keep logit >
         log(threshold / (1 - threshold)), which is 0 (exit logit > keep logit) at the default 0.5."""
         logit = self.logits(layer, router_features(hidden, visual).to(self.mlps[str(layer)][0].weight.dtype))
-        return (logit[:, 1] - logit[:, 0] > math.log(self.threshold / (1 - self.threshold))).cpu()
+        return (logit[:, 1] - logit[:, 0] > exit_cut(self.threshold)).cpu()
+
+
+def exit_cut(threshold: float) -> float:
+    """The margin (exit logit - keep logit) a router must pass to fire at exit probability ``threshold``."""
+    return math.log(threshold / (1 - threshold))
 
 
 def _continuation(program: Program, exit_after: int) -> Program:
@@ -216,7 +221,7 @@ def calibration_exits(recipe: dict | None, threshold: float) -> dict[int, int] |
     margins = (recipe or {}).get("_margins")
     if not margins:
         return None
-    cut = math.log(threshold / (1 - threshold))
+    cut = exit_cut(threshold)
     layers = sorted(margins, key=int)
     counts: dict[int, int] = {}
     for i in range(len(margins[layers[0]])):
