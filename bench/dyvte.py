@@ -19,6 +19,7 @@ from tabulate import tabulate
 
 from vtcompile import compile_pruned, load_model
 from vtcompile.evaluate import evaluate, load_data
+from vtcompile.passes.dyvte import DyVTEConfig
 
 
 TARGET_LOSS = 0.01  # issue 5: at most 1 point of accuracy lost
@@ -70,6 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--loss-ratios", default="1.03",
                     help="exit-label loss ratios to train routers with (1.03: the published rule), comma-separated")
+    ap.add_argument("--loss-slacks", default="0",
+                    help="exit-label loss slacks in nats (the loss with an exit may exceed ratio x the loss without by "
+                         "this much; 0: the published rule), comma-separated; one router row per ratio, slack and set")
+    ap.add_argument("--holdout", type=float, default=None,
+                    help="fraction of the calibration prompts held out to pick each router's epoch (default: the "
+                         "pass's, 0.25; 0: the published recipe, every epoch on every prompt)")
     ap.add_argument("--layers", default="all",
                     help="candidate exit-layer sets for the routers, comma-separated: each 'all' (every layer but "
                          "the last) or layers joined by '/', like 1/2/3/4; one router row per loss ratio and set")
@@ -86,6 +93,14 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--loss-ratios: expected numbers >= 1 like '1.03,1.5', got {args.loss_ratios!r}")
     try:
+        slacks = [float(x) for x in args.loss_slacks.split(",")]
+    except ValueError:
+        slacks = [-1.0]
+    if not all(x >= 0 for x in slacks):
+        ap.error(f"--loss-slacks: expected numbers >= 0 like '0,0.1', got {args.loss_slacks!r}")
+    if args.holdout is not None and not 0 <= args.holdout < 1:
+        ap.error(f"--holdout: expected a fraction in [0, 1), got {args.holdout}")
+    try:
         thresholds = [float(x) for x in args.thresholds.split(",")]
     except ValueError:
         thresholds = []
@@ -100,9 +115,11 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--layers: {', '.join(bad)} name layers past {layers - 2}, the last that visual tokens can exit "
                  f"after in this {layers}-layer model")
-    routers = [(f"loss ratio {r:g}" + ("" if ls == "all" else f", layers {ls}"),
+    held = "" if args.holdout is None else f",holdout={args.holdout:g}"
+    routers = [(f"loss ratio {r:g}" + (f", slack {sl:g}" if sl else "") + ("" if ls == "all" else f", layers {ls}"),
                 f"dyvte:samples={args.samples},epochs={args.epochs},loss_ratio={r:g}"
-                + ("" if ls == "all" else f",layers={ls}")) for r in ratios for ls in layer_sets]
+                + (f",loss_slack={sl:g}" if sl else "") + held + ("" if ls == "all" else f",layers={ls}"))
+               for r in ratios for sl in slacks for ls in layer_sets]
     val = load_data("testbed", args.select_limit, split="val")[0] if args.select_limit else None
     t0 = time.perf_counter()
 
@@ -166,7 +183,8 @@ def main(argv=None) -> int:
     cmd = "python bench/dyvte.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.with_suffix(".md").write_text(
         f"# DyVTE on {adapter.spec.label}\n\nCommand: `{cmd}`\n\n{args.limit} held-out test questions per row; "
-        f"routers trained on {args.samples} train-split prompts; {seconds:.0f} s in all on "
+        f"routers trained on {args.samples} train-split prompts (held out to pick each router's epoch: "
+        f"{DyVTEConfig().holdout if args.holdout is None else args.holdout:g}); {seconds:.0f} s in all on "
         f"{torch.get_num_threads()} CPU threads.\n\n{table}{choice}\n")
     args.out.with_suffix(".json").write_text(json.dumps({"test": rows, "val": val_rows}, indent=2))
     return 0

@@ -119,6 +119,53 @@ def test_router_training_is_seeded():
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_exit_labels_follow_agreement_and_loss_bound():
+    """A prompt's label at layer e is 'exit' iff the static exit after e gives the same greedy answer and its
+    answer loss stays below ratio x the loss without it + slack; checked against the static-exit programs on the
+    12 calibration prompts (calibration 'synthetic' = example_inputs seeds 1000..1011)."""
+    from vtcompile.models.llava import example_inputs
+
+    full = compiled("tiny", None)
+    cuts = {e: compiled("tiny", f"dyvte:exit_layer={e}") for e in range(3)}
+    agree, excess = {e: [] for e in cuts}, {e: [] for e in cuts}
+    for i in range(12):
+        args = example_inputs(full.adapter, batch=1, seed=1000 + i)
+        last = full(*args).logits[:, -1].float()
+        answer = last.argmax(-1)
+        base = torch.nn.functional.cross_entropy(last, answer)
+        for e, cm in cuts.items():
+            cut = cm(*args).logits[:, -1].float()
+            agree[e].append(bool(cut.argmax(-1) == answer))
+            excess[e].append(float(torch.nn.functional.cross_entropy(cut, answer) - base))
+    for slack in (0.0, 0.05, 1e6):
+        rates = compile_pruned(adapter("tiny"), f"dyvte:samples=12,epochs=1,loss_ratio=1,loss_slack={slack:g}",
+                               calibration="synthetic", progress=False).recipes["dyvte"]["exit_label_rate"]
+        for e in cuts:
+            expected = [a and x < slack for a, x in zip(agree[e], excess[e])]
+            assert all(abs(x - slack) > 1e-4 for x in excess[e])  # no label sits on the bound
+            assert rates[str(e)] == pytest.approx(sum(expected) / 12), (slack, e)
+    assert any(0 < sum(a) < 12 for a in agree.values())  # the agreement part decides some labels
+
+
+def test_holdout_keeps_each_router_at_its_best_held_out_epoch():
+    """With holdout, router e ends with the weights it had after its chosen epoch k_e: the same as a run of
+    k_e epochs (full-batch training is deterministic); holdout=0 trains every epoch on every prompt."""
+    spec = "dyvte:samples=12,epochs=60,loss_slack=0.05"
+    rec = compile_pruned(adapter("tiny"), spec, calibration="synthetic", progress=False).recipes["dyvte"]
+    hold = rec["holdout"]
+    assert hold["prompts"] == 3 and sorted(hold["epochs"], key=int) == [str(e) for e in rec["layers"]]
+    assert any(k < 60 for k in hold["epochs"].values()), hold  # early stopping happened somewhere
+    for e, k in hold["epochs"].items():
+        assert 1 <= k <= 60
+        short = compile_pruned(adapter("tiny"), spec.replace("epochs=60", f"epochs={k}"), calibration="synthetic",
+                               progress=False).recipes["dyvte"]
+        assert short["holdout"]["epochs"][e] == k
+        for name in (f"mlps.{e}.0.weight", f"mlps.{e}.2.weight"):
+            assert torch.equal(rec["_tensors"][name], short["_tensors"][name]), (e, k)
+    assert compile_pruned(adapter("tiny"), spec + ",holdout=0", calibration="synthetic",
+                          progress=False).recipes["dyvte"]["holdout"] is None
+
+
 def test_always_firing_routers_exit_at_first_layer(tmp_path):
     path = _routers_file(tmp_path, "tiny", fire=True)
     cm = compile_pruned(adapter("tiny"), f"dyvte:routers={path}")

@@ -11,10 +11,12 @@ published exit > keep rule.
 
 Router training (calibrate; the MLLM is frozen): for each calibration prompt and candidate layer e, the
 prompt is run as is and with the visual tokens gone after layer e; the label is "exit" iff the greedy answer
-token agrees and the answer loss grows by less than `loss_ratio` (published rule: x1.03). The answer is the
-unpruned model's own greedy token, so calibration data need no labels. Routers train with cross-entropy on
-detached hidden states (full-batch AdamW; the published recipe samples one layer per step - equivalent in
-expectation on a fixed calibration set).
+token agrees and the answer loss with the exit stays below `loss_ratio` x the loss without it, plus `loss_slack`
+nats (published rule: x1.03, no slack). The answer is the unpruned model's own greedy token, so calibration data
+need no labels. Routers train with cross-entropy on detached hidden states (full-batch AdamW; the published recipe
+samples one layer per step - equivalent in expectation on a fixed calibration set). With `holdout` > 0 (ours) a
+seeded part of the prompts only measures a held-out loss, and each router keeps its weights from the epoch where
+that loss was lowest.
 """
 from __future__ import annotations
 
@@ -44,7 +46,14 @@ class DyVTEConfig(PassConfig):
     samples: int = param(64, "calibration prompts for router training", low=1)
     epochs: int = param(300, "router training epochs over the calibration features", low=1)
     lr: float = param(1e-3, "router learning rate (AdamW)", low=0.0, low_open=True)
-    loss_ratio: float = param(1.03, "exit label: answer loss with exit < ratio x loss without", low=1.0)
+    loss_ratio: float = param(1.03, "exit label: answer loss with exit < ratio x loss without (+ loss_slack)", low=1.0)
+    loss_slack: float = param(0.0, "exit label: nats the answer loss may grow beyond ratio x loss without (0: the "
+                                   "published rule; a confident model's loss is near 0, where a ratio alone forbids "
+                                   "almost every exit)", low=0.0)
+    holdout: float = param(0.25, "fraction of the calibration prompts held out: each router keeps the weights of the "
+                                 "epoch with the lowest held-out loss (0: every prompt trains for every epoch, the "
+                                 "published recipe; routers then overfit a small calibration set)",
+                           low=0.0, high=1.0, high_open=True)
     threshold: float = param(0.5, "a router fires when its exit probability is above this (0.5: exit logit > keep "
                                   "logit, the published rule; higher: fewer, surer exits)",
                              low=0.0, high=1.0, low_open=True, high_open=True)
@@ -181,7 +190,8 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
             with torch.no_grad():
                 cut = continuations[e].gm(*args)[0][:, -1].float()
             loss = nn.functional.cross_entropy(cut, answer, reduction="none")
-            labels[e].append(((cut.argmax(-1) == answer) & (loss < config.loss_ratio * full_loss + 1e-6)).long())
+            bound = config.loss_ratio * full_loss + config.loss_slack + 1e-6
+            labels[e].append(((cut.argmax(-1) == answer) & (loss < bound)).long())
             feats[e].append(router_features(seen[staged.residual[e]], seen[program.visual_name_at(e)]))
     if not any(feats.values()) or not feats[layers[0]]:
         raise PassConfigError("dyvte: the calibration set is empty; give at least one prompt with an image")
@@ -190,12 +200,27 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
         routers = Routers(layers, program.geometry.hidden_size, config.width(program.geometry))
     x = {e: torch.cat(feats[e]).detach().cpu() for e in layers}
     y = {e: torch.cat(labels[e]).cpu() for e in layers}
+    n = len(y[layers[0]])
+    n_hold = int(round(config.holdout * n)) if n > 1 else 0
+    n_hold = min(n_hold, n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    fit, held = order[n_hold:], order[:n_hold]
     opt = torch.optim.AdamW(routers.parameters(), lr=config.lr)
-    for _ in tqdm(range(config.epochs), desc="dyvte: router training", unit="epoch", disable=not progress):
+    best = {e: (math.inf, 0, None) for e in layers}  # per router: (held-out loss, epoch, weights)
+    for epoch in tqdm(range(config.epochs), desc="dyvte: router training", unit="epoch", disable=not progress):
         opt.zero_grad()
-        loss = sum(nn.functional.cross_entropy(routers.logits(e, x[e]), y[e]) for e in layers) / len(layers)
+        loss = sum(nn.functional.cross_entropy(routers.logits(e, x[e][fit]), y[e][fit]) for e in layers) / len(layers)
         loss.backward()
         opt.step()
+        if n_hold:
+            with torch.no_grad():
+                for e in layers:
+                    h = float(nn.functional.cross_entropy(routers.logits(e, x[e][held]), y[e][held]))
+                    if h < best[e][0]:
+                        best[e] = (h, epoch + 1, {k: v.clone() for k, v in routers.mlps[str(e)].state_dict().items()})
+    if n_hold:
+        for e in layers:
+            routers.mlps[str(e)].load_state_dict(best[e][2])
     with torch.no_grad():
         acc = {str(e): float((routers.logits(e, x[e]).argmax(-1) == y[e]).float().mean()) for e in layers}
         margins = {}  # per layer and prompt: exit logit - keep logit (calibration_exits)
@@ -204,7 +229,10 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
             margins[str(e)] = (logits[:, 1] - logits[:, 0]).tolist()
     return {"pass": "dyvte", "layers": layers, "hidden": config.width(program.geometry),
             "exit_label_rate": {str(e): float(y[e].float().mean()) for e in layers},
-            "router_train_accuracy": acc, "samples": len(y[layers[0]]), "final_loss": loss.item(),
+            "router_train_accuracy": acc, "samples": n, "final_loss": loss.item(),
+            "holdout": None if not n_hold else {
+                "prompts": n_hold, "epochs": {str(e): best[e][1] for e in layers},
+                "loss": {str(e): best[e][0] for e in layers}},
             "calibration_seconds": time.perf_counter() - t0, "config_hash": program.geometry.config_hash(),
             "_tensors": {k: v.detach().clone() for k, v in routers.state_dict().items()},
             "_margins": margins}
