@@ -220,7 +220,8 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
                         best[e] = (h, epoch + 1, {k: v.clone() for k, v in routers.mlps[str(e)].state_dict().items()})
     if n_hold:
         for e in layers:
-            routers.mlps[str(e)].load_state_dict(best[e][2])
+            if best[e][2] is not None:  # None: the held-out loss was never finite; keep the last epoch
+                routers.mlps[str(e)].load_state_dict(best[e][2])
     with torch.no_grad():
         acc = {str(e): float((routers.logits(e, x[e]).argmax(-1) == y[e]).float().mean()) for e in layers}
         margins = {}  # per layer and prompt: exit logit - keep logit (calibration_exits)
