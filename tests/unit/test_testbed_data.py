@@ -270,12 +270,15 @@ def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "tb"
     recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False,
                          exit_after=2, count_sink=3, precision="bf16",  # the optional loss terms run too
-                         polish_steps=2, polish_exit_layers=(1, 2), finish_steps=2)
+                         polish_steps=2, polish_exit_layers=(1, 2), polish_exit_keep=("count",), finish_steps=2,
+                         compile_layers=False)  # test_compiled_training_step_matches_eager covers the compiled step
     assert recipe["phase_2_end_to_end"]["turn_kind_weights"]["relpos"] == train.DEFAULT_TURN_WEIGHTS["relpos"]
     saved = json.loads((out / "recipe.json").read_text())
     assert saved["phase_2_end_to_end"]["steps"] == 3 and saved["precision"].startswith("bf16 autocast")
     polish = saved["phase_3_polish"]
     assert polish["steps"] == 2 and polish["visual_exit_training"]["exit_after_layers"] == [1, 2]
+    assert polish["visual_exit_training"]["turns_that_keep_the_visual_tokens"] == ["count"]
+    assert saved["compile"] is None
     assert polish["train_split"] == "train, seed 0, indices 48..79"  # after phase 2's 3 x 16 dialogues
     finish = saved["phase_4_finish"]
     assert finish["steps"] == 2 and finish["train_split"] == "train, seed 0, indices 80..111"  # after phase 3's
@@ -321,6 +324,34 @@ def test_visual_exit_training_equals_the_masked_key_reference():
     assert (exited[~still] - full[~still]).abs().amax() > 1e-2  # the exit really changed the exiting rows
 
 
+@pytestmark_checkpoint
+def test_visual_exit_training_keeps_the_visual_tokens_for_exempt_turns():
+    """--polish-exit-keep: in an exiting row, the tokens of the kept kinds' turns still see the visual tokens (as
+    they are without an exit), the others do not: a kept first turn answers as without an exit, a first turn
+    that is not kept answers as with the plain exit."""
+    from vtcompile.testbed import build, load, train
+
+    eager, processor = load(attn_implementation="eager")
+    enc = build.PromptEncoder(processor.tokenizer)
+    dialogues = [scenes.make_dialogue("val", 0, i, 3) for i in range(2)]
+    ids, pos, _, ev, obj, _, _ = train._dialogue_batch(enc, dialogues)
+    pv = build.pixel_values([d[0].image for d in dialogues], processor.image_processor)
+    row_exit = torch.tensor([1, 1])
+    chosen = [j == 0 if b == 0 else j == 1 for b in range(2) for j in range(3)]  # row 0 keeps turn 0, row 1 turn 1
+    exempt = train._turn_mask(ids, pos, chosen, eager.config.image_token_id)
+    first_visual = int((ids[0] == eager.config.image_token_id).nonzero().min())
+    assert not exempt[:, : first_visual + build.NUM_VISUAL_TOKENS].any()
+    assert exempt[0, pos[0, 1]] and not exempt[0, pos[1, 1]] and exempt[1, pos[4, 1]] and not exempt[1, pos[3, 1]]
+    with torch.no_grad():
+        full = train._forward(eager, ids, pv, pos, ev, obj, attentions=False)[0]
+        exited = train._forward(eager, ids, pv, pos, ev, obj, row_exit=row_exit, attentions=False)[0]
+        kept = train._forward(eager, ids, pv, pos, ev, obj, row_exit=row_exit, attentions=False, exit_exempt=exempt)[0]
+    assert torch.allclose(kept[0], full[0], atol=1e-5)  # row 0, turn 0: kept
+    assert torch.allclose(kept[3], exited[3], atol=1e-5)  # row 1, turn 0: not kept
+    assert (kept[0] - exited[0]).abs().amax() > 1e-2 and (kept[3] - full[3]).abs().amax() > 1e-2
+    assert (kept[4] - exited[4]).abs().amax() > 1e-2  # row 1, turn 1 (kept) reads the visual tokens again
+
+
 def test_trainer_rejects_inconsistent_exit_settings(tmp_path):
     from vtcompile.testbed import train
 
@@ -340,13 +371,16 @@ def test_trainer_rejects_inconsistent_exit_settings(tmp_path):
         train.train(tmp_path / "g", steps=1, vision_steps=1, polish_steps=-1, progress=False)
     with pytest.raises(ValueError, match="finish_steps"):
         train.train(tmp_path / "h", steps=1, vision_steps=1, finish_steps=-1, progress=False)
+    with pytest.raises(ValueError, match="polish_exit_keep"):
+        train.train(tmp_path / "k", steps=1, vision_steps=1, polish_exit_keep=("counts",), progress=False)
     with pytest.raises(ValueError, match="vision_attention 'flash'"):
         train.train(tmp_path / "i", steps=1, vision_steps=1, vision_attention="flash", progress=False)
 
 
 def test_compiled_training_step_matches_eager():
     """--compile: a training step through torch.compile'd layers gives the eager step's loss and gradients
-    (fp32; the answer loss, the grounding loss on the attention maps and visual-exit hooks in one forward), and
+    (fp32; the answer loss, the grounding loss on the attention maps and visual-exit hooks with kept turns in one
+    forward), and
     the layers are plain modules again after the block."""
     import torch
 
@@ -358,11 +392,13 @@ def test_compiled_training_step_matches_eager():
     ids, pos, target, ev, obj, sink, _ = train._dialogue_batch(enc, dialogues)
     pv = build.pixel_values([d[0].image for d in dialogues], processor.image_processor)
     row_exit = torch.tensor([2, 6, 1, 6])  # rows 0 and 2 exit after layers 2 and 1
+    exempt = train._turn_mask(ids, pos, [j % 2 == 1 for j in range(len(pos))], model.config.image_token_id)
     runs = []
     for compiled in (False, True):
         model.zero_grad(set_to_none=True)
         with train._attention(model, ("eager", "eager")), train._compiled_layers(model, compiled):
-            logits, _, att, ids2, pos2, ev2, _ = train._forward(model, ids, pv, pos, ev, obj, row_exit=row_exit)
+            logits, _, att, ids2, pos2, ev2, _ = train._forward(model, ids, pv, pos, ev, obj, row_exit=row_exit,
+                                                                exit_exempt=exempt)
             loss = (torch.nn.functional.cross_entropy(logits, target)
                     + train._attention_loss(att, [1, 2], ids2, model.config.image_token_id, pos2, ev2, sink))
             loss.backward()

@@ -142,22 +142,25 @@ def _readout_target(objects, groups, kind):
     return [0.0, 0.0, 0.0]
 
 
-def _visual_exit_hooks(layers, row_exit, visual):
+def _visual_exit_hooks(layers, row_exit, visual, exempt=None):
     """Forward pre-hooks that mask, in every decoder layer ``i``, the visual keys (``visual`` [B, S] bool) of the
     rows whose exit layer (``row_exit`` [B] long; >= the number of layers: no exit) is below ``i`` - DyVTE's
-    exit, by the masked-key equivalence of DESIGN.md. Every token still sees BOS, so no attention row is
-    empty. Returns the hook handles."""
+    exit, by the masked-key equivalence of DESIGN.md. Query tokens in ``exempt`` ([B, S] bool, optional) keep
+    seeing them, and then so do the visual tokens themselves, so an exempt token reads the visual states of a run
+    without an exit. Every token still sees BOS, so no attention row is empty. Returns the hook handles."""
     import torch
 
     def make(i):
-        drop = visual & (row_exit < i)[:, None]
+        drop = (visual & (row_exit < i)[:, None])[:, None, None, :]  # [B, 1, 1, S_k]
+        if exempt is not None:  # the visual tokens keep their states too: exempt tokens read them as with no exit
+            drop = drop & ~(exempt | visual)[:, None, :, None]  # [B, 1, S_q, S_k]
 
         def hook(module, args, kwargs):
             mask = kwargs.get("attention_mask")
             if mask is None or mask.dtype == torch.bool:
                 raise RuntimeError("visual-exit training needs the eager attention's additive float mask")
             mask = mask.expand(drop.shape[0], -1, -1, -1)
-            kwargs["attention_mask"] = mask.masked_fill(drop[:, None, None, :], torch.finfo(mask.dtype).min)
+            kwargs["attention_mask"] = mask.masked_fill(drop, torch.finfo(mask.dtype).min)
             return args, kwargs
         return hook
 
@@ -165,8 +168,24 @@ def _visual_exit_hooks(layers, row_exit, visual):
             for i, layer in enumerate(layers) if bool((row_exit < i).any())]
 
 
+def _turn_mask(ids, positions, chosen, image_id):
+    """[B, S] bool: the tokens of the chosen turns (``chosen``: one bool per answer, in ``positions`` order). A
+    turn runs from after the previous turn's answer position (the first: after the image) to its own."""
+    import torch
+
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    start = {}
+    for (b, pos), pick in zip(positions.tolist(), chosen):
+        if b not in start:
+            start[b] = int((ids[b] == image_id).nonzero().max()) + 1
+        if pick:
+            out[b, start[b]: pos + 1] = True
+        start[b] = pos + 1
+    return out
+
+
 def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 1.0, rng=None,
-             row_exit=None, attentions: bool = True):
+             row_exit=None, attentions: bool = True, exit_exempt=None):
     """Answer logits at ``positions`` (causal LM on right-padded ids), the selected vision features, the
     decoder's per-layer attention weights (eager attention: training only) and the sequence layout they
     refer to: (ids, evidence) after the curriculum's removals.
@@ -174,7 +193,8 @@ def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 
     ``bg_frac`` < 1 (curriculum): each row keeps only that fraction (random) of its background visual tokens
     (tokens of no object); the removed tokens leave the sequence, the others keep their position ids.
     ``row_exit`` ([B] long, visual-exit training): in each row no token attends to a visual token in the
-    layers after that row's entry (>= the number of layers: none). ``attentions=False`` returns no attention weights (None).
+    layers after that row's entry (>= the number of layers: none), except from the query tokens in ``exit_exempt``
+    ([B, S] bool, optional). ``attentions=False`` returns no attention weights (None).
     """
     import torch
 
@@ -217,7 +237,7 @@ def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 
         if attention_mask is None:  # an explicit mask makes transformers build the per-row 4-d mask the hooks edit
             attention_mask = torch.ones_like(ids)
             position_ids = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-        hooks = _visual_exit_hooks(m.language_model.layers, row_exit, ids == model.config.image_token_id)
+        hooks = _visual_exit_hooks(m.language_model.layers, row_exit, ids == model.config.image_token_id, exit_exempt)
     try:
         out = m.language_model(inputs_embeds=emb, position_ids=position_ids, attention_mask=attention_mask,
                                output_attentions=attentions, output_hidden_states=True, use_cache=False)
@@ -231,22 +251,26 @@ def _forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 
 
 DEFAULT_TURN_WEIGHTS = {"relpos": 2, "count": 2}  # the shipped checkpoint's setting
 # Training forward passes: fp32, or bf16 autocast (weights, optimizer state and the losses stay fp32; on a CPU
-# with avx512_bf16 a step takes about 0.7x the time, so more steps fit the same budget: phases 1-2 of the shipped
-# checkpoint, bf16 with 3400 end-to-end steps, reached 76% on test counts in 1318 s against 59.5% for fp32 with
-# 2600 in 1685 s; a run with 4400 steps, the schedule stretched with it, reached only 79.2% overall and 72% on counts:
-# runs vary). Evaluation is fp32.
+# with avx512_bf16 a step takes about 0.7x the time, so more steps fit the same budget: phases 1-2 of the
+# previous shipped checkpoint, bf16 with 3400 end-to-end steps, reached 76% on test counts in 1318 s against 59.5%
+# for fp32 with 2600 in 1685 s; a run with 4400 steps, the schedule stretched with it, reached only 79.2% overall
+# and 72% on counts: runs vary). Evaluation is fp32.
 PRECISIONS = ("fp32", "bf16")
-# Phase 3 of the shipped checkpoint (see _polish and train()): on the phase-2 weights, 1400 steps with counts
-# weighted 6 took val 92.7 -> 93.4% and val counts 77.5 -> 84.0%. Visual-exit training in phase 3 (after layer
-# 2, half the rows; not the default) made a static exit after layer 2 cost only 1.2 points on val500 (91.2%
-# against 92.4% unpruned) but cost counts (77.0% on val).
-DEFAULT_POLISH = {"steps": 1400, "lr": 5e-4, "turn_weights": {"relpos": 2, "count": 6}, "exit_layers": (),
-                  "exit_frac": 0.5}
-# Phase 4 (finish; not the default): after a phase 3 with exits after layers 1-4 in half the rows (val 92.0%,
-# counts 75.0%), 400 more steps with every visual token took val to 92.7% and counts to 80.5%; a static exit
-# after layer 1 then scored 100/94/99% on val500 for colour/existence/relative position (unpruned, on val1000:
-# 100/93.5/97%) and 27% for counts. It does not fit the 30-minute budget: the shipped run took 1764 s and the
-# finish alone 121 s. With phase 3 cut to 1000 steps it would fit, but counts reached only 76.5%.
+# Phase 3 (polish; see _polish and train()): 1400 steps, counts weighted 6, visual-exit training. Half the rows
+# lose their visual tokens after a layer drawn from 1-4 (DyVTE's exit), except the tokens of count turns, which
+# keep seeing them (exit_keep): counting needs the visual tokens late, the other kinds learn to gather early, so
+# per-question exits (DyVTE's routers) have room. On the phase-2 weights of this recipe (2-core AMX Xeon), trials
+# of 1400 steps with 1 thread (test 1000): no exits (the previous checkpoint's phase 3) 94.7%, counts 83.0%;
+# exits with count turns kept 94.8%, counts 83.5%, and a static exit after layer 1 then costs 16.3 points
+# (test300; counts cannot exit), the exit oracle of bench/dyvte.py saves 62.1%. Exits for every turn (1000 steps,
+# then a 400-step finish without exits) 93.0%, counts 75.5%; the same with no loss on count answers in exiting
+# rows instead of keeping their visual tokens: 92.4%, counts 73.0%. The previous checkpoint's phase 3, on its own
+# phase-2 weights: val 92.7 -> 93.4%, val counts 77.5 -> 84.0%.
+DEFAULT_POLISH = {"steps": 1400, "lr": 5e-4, "turn_weights": {"relpos": 2, "count": 6}, "exit_layers": (1, 2, 3, 4),
+                  "exit_frac": 0.5, "exit_keep": ("count",)}
+# Phase 4 (finish; not the default): phase 3 again without exits. After a phase 3 with exits for every turn
+# (after layers 1-4 in half the rows; val 92.0%, counts 75.0%), 400 more steps took val to 92.7% and counts to
+# 80.5%; keeping the count turns' visual tokens in phase 3 makes it unnecessary.
 DEFAULT_FINISH = {"steps": 0, "lr": 2e-4}
 
 
@@ -368,18 +392,18 @@ def _attention(model, impls: tuple[str, str]):
 
 
 # Attention during training (text, vision). The decoder runs eager: the grounding loss reads its attention
-# weights and the visual-exit hooks edit its additive mask. The vision tower keeps sdpa by default, as in the
-# run that made the shipped checkpoint. Eager there too (--vision-attention eager) made a training step about
-# 20% faster (0.21-0.22 s against 0.26-0.28 s per phase-3 step with exits, bf16, 2 threads; sdpa's CPU backward
-# is slow at this size), but it changes the numerics, so the default command would no longer reproduce the
-# shipped weights: switch the default together with a new shipped checkpoint.
-TRAINING_ATTENTION = ("eager", "sdpa")
+# weights and the visual-exit hooks edit its additive mask. The vision tower runs eager too by default (the
+# shipped checkpoint's run); sdpa there (--vision-attention sdpa, the default of the checkpoint before it) made a
+# training step about 20% slower (0.26-0.28 s against 0.21-0.22 s per phase-3 step with exits, bf16, 2 threads;
+# sdpa's CPU backward is slow at this size) and gives other numerics.
+TRAINING_ATTENTION = ("eager", "eager")
 VISION_ATTENTIONS = ("sdpa", "eager")
 # --compile: torch.compile (Inductor, dynamic shapes) of every decoder and vision layer for the training steps;
 # evaluation runs them eager. On a 2-core AMX Xeon, full-length phase-2/3 steps (16 dialogues of ~250 tokens,
 # bf16) took 0.36 s plain / 0.35 s with the grounding loss's attention maps / 0.33 s with visual-exit hooks,
-# against 0.55 / 0.58 / 0.62 s for the default (eager vision attention in both the compiled runs), after
-# 25-45 s of compiling. Off by default for the same reason as above: it changes the numerics. _forward runs
+# against 0.55 / 0.58 / 0.62 s uncompiled with sdpa vision attention (eager vision attention in both the
+# compiled runs), after 25-45 s of compiling. On by default (the shipped checkpoint's run); --no-compile gives
+# other numerics and needs no C++ compiler. _forward runs
 # the decoder with use_cache=False: with the KV cache transformers makes by default, each layer's compiled
 # graph specialised on its layer index, and a full run hit Dynamo's recompile limit (8) in phase 2 and fell
 # back to eager there. Without the cache a short run covering every phase recompiled 15 times in all; the
@@ -429,12 +453,15 @@ def _adamw(named, lr: float, weight_decay: float):
 
 def _polish(model, enc, ip, *, seed: int, steps: int, batch_size: int, lr: float, weight_decay: float,
             turns: int, turn_weights: dict[str, int], first_index: int, exit_layers: tuple[int, ...], exit_frac: float,
-            precision: str, val, eval_every: int, history: list, t0: float, progress: bool = True,
+            precision: str, val, eval_every: int, history: list, t0: float, exit_keep: tuple[str, ...] = (),
+            progress: bool = True,
             label: str = "3/3 polish", attention: tuple[str, str] = TRAINING_ATTENTION,
             compile_layers: bool = False) -> None:
     """Phase 3: answer loss only, a fresh AdamW, warmup then cosine to 0; dialogues from train indices
     ``first_index`` on (after phase 2's); with ``exit_layers``, visual-exit training: a random ``exit_frac`` of
-    the rows exit, each after one of those layers (uniform), the others see the visual tokens everywhere. It depends
+    the rows exit, each after one of those layers (uniform), the others see the visual tokens everywhere; the
+    turns of the kinds in ``exit_keep`` keep them in the exiting rows (their tokens attend to the visual tokens in
+    every layer: the model learns to gather early for the other kinds only). It depends
     on nothing of the run before it but the model's weights, so it gives the same result on a checkpoint
     loaded from disk as at the end of a full run. ``label`` names the phase in the progress bar and the val
     checks (phase 4, the finish, is the same loop without exits)."""
@@ -465,8 +492,11 @@ def _polish(model, enc, ip, *, seed: int, steps: int, batch_size: int, lr: float
                 layer = (choices[torch.from_numpy(exit_rng.integers(len(choices), size=batch_size))]
                          if len(choices) > 1 else choices[0])
                 row_exit = torch.where(rows, layer, n_layers)
+            exempt = (_turn_mask(ids, positions, [k in exit_keep for _, qas in dialogues for _, _, k in qas],
+                                 model.config.image_token_id) if row_exit is not None and exit_keep else None)
             with _autocast(precision):
-                logits = _forward(model, ids, pv, positions, evid, obj, 1.0, None, row_exit, attentions=False)[0]
+                logits = _forward(model, ids, pv, positions, evid, obj, 1.0, None, row_exit, attentions=False,
+                                  exit_exempt=exempt)[0]
             loss = torch.nn.functional.cross_entropy(logits.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -530,11 +560,12 @@ def train(
     polish_turn_weights: dict[str, int] | None = None,  # None: DEFAULT_POLISH["turn_weights"]
     polish_exit_layers: tuple[int, ...] | None = None,  # None: DEFAULT_POLISH["exit_layers"]; (): no exits
     polish_exit_frac: float = DEFAULT_POLISH["exit_frac"],
+    polish_exit_keep: tuple[str, ...] | None = None,  # None: DEFAULT_POLISH["exit_keep"]
     finish_steps: int = DEFAULT_FINISH["steps"],
     finish_lr: float = DEFAULT_FINISH["lr"],
     precision: str = "bf16",
     vision_attention: str = TRAINING_ATTENTION[1],
-    compile_layers: bool = False,
+    compile_layers: bool = True,
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -551,6 +582,8 @@ def train(
         polish_turn_weights = dict(DEFAULT_POLISH["turn_weights"])
     if polish_exit_layers is None:
         polish_exit_layers = tuple(DEFAULT_POLISH["exit_layers"])
+    if polish_exit_keep is None:
+        polish_exit_keep = tuple(DEFAULT_POLISH["exit_keep"])
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
@@ -579,6 +612,9 @@ def train(
                          "has no 'after')")
     if not 0.0 <= polish_exit_frac <= 1.0:
         raise ValueError(f"polish_exit_frac {polish_exit_frac} is not a fraction in [0, 1]")
+    if any(k not in scenes.KINDS for k in polish_exit_keep):
+        raise ValueError(f"polish_exit_keep {list(polish_exit_keep)}: expected question kinds among "
+                         f"{', '.join(scenes.KINDS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if vision_attention not in VISION_ATTENTIONS:
@@ -678,6 +714,7 @@ def train(
         _polish(model, enc, ip, seed=seed, steps=polish_steps, batch_size=batch_size, lr=polish_lr,
                 weight_decay=weight_decay, turns=turns, turn_weights=polish_turn_weights,
                 first_index=steps * batch_size, exit_layers=tuple(polish_exit_layers), exit_frac=polish_exit_frac,
+                exit_keep=tuple(polish_exit_keep),
                 precision=precision, val=val, eval_every=eval_every, history=history, t0=t0, progress=progress,
                 label=f"3/{n_phases} polish", attention=attention,
                 compile_layers=compile_layers)
@@ -769,7 +806,11 @@ def train(
                 "what": f"in a random {polish_exit_frac:g} of the dialogues no token attends to a visual token in "
                         "the layers after one exit layer drawn uniformly from the list (DyVTE's exit, as key masks); "
                         "the other rows see them everywhere. The model learns to gather what it needs from the "
-                        "image early, which DyVTE reports LLaVA-1.5 does on its own",
+                        "image early, which DyVTE reports LLaVA-1.5 does on its own"
+                        + (f"; in the exiting rows the tokens of the {'/'.join(polish_exit_keep)} turns still "
+                           "attend to the visual tokens in every layer (only the other kinds learn to do without them)"
+                           if polish_exit_keep else ""),
+                "turns_that_keep_the_visual_tokens": list(polish_exit_keep),
             },
         },
         "phase_4_finish": None if not finish_steps else _polish_recipe(
@@ -874,17 +915,21 @@ def main(argv=None) -> int:
                          "or 'none' (default: %(default)s)")
     ap.add_argument("--polish-exit-frac", type=float, default=DEFAULT_POLISH["exit_frac"],
                     help="phase 3: fraction of the dialogues that exit (default: %(default)s)")
+    ap.add_argument("--polish-exit-keep", default=",".join(DEFAULT_POLISH["exit_keep"]) or "none",
+                    help="phase 3: question kinds whose turns keep the visual tokens in the exiting rows (their tokens "
+                         "attend to them in every layer), comma-separated, or 'none' (default: %(default)s)")
     ap.add_argument("--finish-steps", type=int, default=DEFAULT_FINISH["steps"],
                     help="phase-4 steps: phase 3 again (fresh optimizer, new dialogues) with every visual token "
                          "(0: no phase 4; default: %(default)s)")
     ap.add_argument("--finish-lr", type=float, default=DEFAULT_FINISH["lr"],
                     help="phase-4 peak learning rate (default: %(default)s)")
     ap.add_argument("--vision-attention", choices=VISION_ATTENTIONS, default=TRAINING_ATTENTION[1],
-                    help="attention of the vision tower in the training steps (eager: about 20%% faster steps on CPU, "
+                    help="attention of the vision tower in the training steps (sdpa: about 20%% slower steps on CPU, "
                          "other numerics; default: %(default)s, as the shipped checkpoint)")
-    ap.add_argument("--compile", action="store_true",
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="torch.compile every decoder and vision layer for the training steps (needs a C++ compiler; "
-                         "about 1.5x faster steps after a minute of compiling, other numerics than the shipped run)")
+                         "about 1.5x faster steps after a minute of compiling; --no-compile: no compiler needed, "
+                         "other numerics than the shipped run; default: on)")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16",
                     help="training forward passes: fp32, or bf16 autocast (faster on CPUs with avx512_bf16/AMX; "
                          "weights, optimizer and losses stay fp32; default: %(default)s)")
@@ -900,6 +945,11 @@ def main(argv=None) -> int:
     polish_exit = a.polish_exit_layers.strip().lower()
     if polish_exit != "none" and not all(x.strip().isdigit() for x in polish_exit.split(",")):
         ap.error(f"--polish-exit-layers: expected layer numbers like '1,2,3' or 'none', got {a.polish_exit_layers!r}")
+    keep = a.polish_exit_keep.strip().lower()
+    keep = () if keep == "none" else tuple(x.strip() for x in keep.split(",") if x.strip())
+    if any(k not in scenes.KINDS for k in keep):
+        ap.error(f"--polish-exit-keep: expected kinds among {', '.join(scenes.KINDS)} or 'none', got "
+                 f"{a.polish_exit_keep!r}")
     recipe = train(
         a.out, seed=a.seed, steps=a.steps, vision_steps=a.vision_steps, vision_batch_size=a.vision_batch_size, batch_size=a.batch_size, lr=a.lr,
         vision_lr=a.vision_lr, weight_decay=a.weight_decay, warmup=a.warmup, turns=a.turns,
@@ -910,7 +960,7 @@ def main(argv=None) -> int:
         count_sink=a.count_sink, polish_steps=a.polish_steps, polish_lr=a.polish_lr,
         polish_turn_weights=_parse_weights(ap, a.polish_turn_weights),
         polish_exit_layers=() if polish_exit == "none" else tuple(int(x) for x in polish_exit.split(",")),
-        polish_exit_frac=a.polish_exit_frac, finish_steps=a.finish_steps, finish_lr=a.finish_lr,
+        polish_exit_frac=a.polish_exit_frac, polish_exit_keep=keep, finish_steps=a.finish_steps, finish_lr=a.finish_lr,
         precision=a.precision, vision_attention=a.vision_attention, compile_layers=a.compile,
         val_size=a.val_size,
         test_size=a.test_size, eval_every=a.eval_every, threads=a.threads, overwrite=a.overwrite, progress=not a.no_progress,
