@@ -10,6 +10,7 @@ speed benchmark (bench/speed.py) checks the default vectorized kernels against e
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -59,9 +60,33 @@ def reference(geometry: str, family: str):
     return compiled(geometry, PASSES[family])
 
 
+def _forget_vector_isa_probe():
+    """Drop Inductor's per-process memo of the CPU's vector ISAs (torch 2.13: `valid_vec_isa_list` and each ISA
+    class's `__bool__` are functools caches that ignore cpp.vec_isa_ok once filled)."""
+    from torch._inductor import cpu_vec_isa
+
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    for isa in vars(cpu_vec_isa).values():
+        probe = getattr(isa, "__bool__", None) if isinstance(isa, type) else None
+        if hasattr(probe, "cache_clear"):
+            probe.cache_clear()
+
+
+@contextlib.contextmanager
 def fast_inductor():
-    """Inductor settings for tests: scalar kernels compile in half the time (see the module docstring)."""
-    return torch._inductor.config.patch({"cpp.vec_isa_ok": False})
+    """Inductor settings for tests: scalar kernels compile in half the time (see the module docstring).
+
+    Inductor probes the vector ISAs once per process and keeps the answer whatever cpp.vec_isa_ok says later. A
+    first probe under the patch left the whole process without a vector ISA; a later default-config compile whose
+    graph came from the on-disk cache (vectorised code from another process) was then built without the ISA's
+    flags and failed (CI, 2026-12-02). A probe made before the patch would instead keep vectorising under it. So
+    the memo is dropped on the way in and on the way out, and each side probes under its own setting."""
+    _forget_vector_isa_probe()
+    try:
+        with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+            yield
+    finally:
+        _forget_vector_isa_probe()
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,6 +156,34 @@ def test_registry_is_complete():
         assert callable(t.lower) and callable(t.save_stage) and callable(t.load_stage) and callable(t.is_available)
     with pytest.raises(TargetUnavailableError, match="unknown target 'tvm'; targets: eager, inductor, onnx"):
         get_target("tvm")
+
+
+def test_fast_inductor_leaves_the_vector_isa_to_later_compiles():
+    """In a fresh process: a first ISA probe inside fast_inductor() gives scalar kernels there and the machine's
+    vector ISA after it (the same as a process that never patched); a probe made outside before the patch does
+    not carry vectorisation into it. Otherwise a vectorised graph from the on-disk cache was built without the
+    ISA's flags (CI failure of 2026-12-02), or the patch silently stopped saving compile time."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "from tests.unit.test_targets import fast_inductor",
+        "from torch._inductor.cpu_vec_isa import pick_vec_isa",
+        "with fast_inductor():",
+        "    print(bool(pick_vec_isa()))",  # the process's first probe
+        "print(repr(str(pick_vec_isa())))",
+        "with fast_inductor():",
+        "    print(bool(pick_vec_isa()))",  # after a default-config probe
+        "print(repr(str(pick_vec_isa())))",
+    ])
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def run(code):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=root, timeout=300).stdout.splitlines()
+
+    (plain,) = run("from torch._inductor.cpu_vec_isa import pick_vec_isa\nprint(repr(str(pick_vec_isa())))")
+    assert run(code) == ["False", plain, "False", plain]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
