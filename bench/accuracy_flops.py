@@ -76,13 +76,16 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=300, help="test questions per point")
     ap.add_argument("--calibration-samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    ap.add_argument("--max-new-tokens", type=int, default=24,
+                    help="answers are generated up to this many tokens and compared whole (1: next-token scoring)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/accuracy_flops"))
     args = ap.parse_args(argv)
     adapter = load_model(args.model)
     geom, n = adapter.geometry, adapter.geometry.visual_tokens_per_image
     rows = []
     t0 = time.perf_counter()
-    base = evaluate(compile_pruned(adapter), "testbed", limit=args.limit, progress=False)
+    base = evaluate(compile_pruned(adapter), "testbed", limit=args.limit, progress=False,
+                    max_new_tokens=args.max_new_tokens)
     rows.append({"method": "unpruned", "budget": 1.0, "spec": "-", "paper_ratio": 1.0,
                  "accuracy": base["accuracy"], "top1_agreement": 1.0})
     print(f"unpruned: {100 * base['accuracy']:.1f}%", file=sys.stderr)
@@ -96,9 +99,9 @@ def main(argv=None) -> int:
                 spec = f"{spec},samples={args.calibration_samples}"
             torch.manual_seed(args.seed)
             cm = compile_pruned(adapter, spec, calibration="testbed" if method == "fitprune" else None,
-                                progress=False)
+                                progress=False, max_new_tokens=args.max_new_tokens)
             torch.manual_seed(args.seed)
-            res = evaluate(cm, "testbed", limit=args.limit, progress=False)
+            res = evaluate(cm, "testbed", limit=args.limit, progress=False, max_new_tokens=args.max_new_tokens)
             extra = ""
             if method == "fitprune":
                 r = cm.recipes["fitprune"]

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=300, help="test questions per row")
     ap.add_argument("--samples", type=int, default=512, help="calibration prompts for router training")
     ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--max-new-tokens", type=int, default=24,
+                    help="answers are generated up to this many tokens and compared whole (1: next-token scoring)")
     ap.add_argument("--loss-ratios", default="1.03",
                     help="exit-label loss ratios to train routers with (1.03: the published rule), comma-separated")
     ap.add_argument("--loss-slacks", default="0",
@@ -129,11 +131,13 @@ def main(argv=None) -> int:
         """One test row (and a val row): routers are trained unless ``recipes`` holds them already."""
         needs = recipes is None and spec is not None and "samples=" in str(spec)
         cm = compile_pruned(adapter, spec, calibration="testbed" if needs else None, recipes=recipes, progress=False)
-        res = evaluate(cm, "testbed", limit=args.limit, progress=False, per_sample=True)
+        res = evaluate(cm, "testbed", limit=args.limit, progress=False, per_sample=True,
+                       max_new_tokens=args.max_new_tokens)
         correct[label] = res.pop("correct")
         row = _row(label, res, cm.recipes.get("dyvte") if needs else None)
         print(f"{label}: {100 * row['accuracy']:.1f}% paper {row['paper_flops_ratio']:.3f}", file=sys.stderr)
-        return row, (_row(label, evaluate(cm, val, progress=False)) if on_val else None), cm
+        return row, (_row(label, evaluate(cm, val, progress=False, max_new_tokens=args.max_new_tokens))
+                     if on_val else None), cm
 
     rows, val_rows, val_base = [], [], None
     for label, spec in [("unpruned", None), ("fastv (k=2, r=0.5)", "fastv")] + [

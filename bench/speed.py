@@ -27,57 +27,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-# -- memory ------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory above the level at the start of a `with` block: allocator peak on CUDA, RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self._rss()
-            self.top, self._stop = self.base, threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.top = max(self.top, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated() - self.base)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, max(self.top, self._rss()) - self.base)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, PeakMemory, machine, p90, sync  # noqa: E402
 
 
 # -- the published-style FastV anchor ------------------------------------------------------------------
@@ -144,12 +103,6 @@ class FastVAnchor:
         return self.head(hidden), self.kept.unsqueeze(0)
 
 
-# -- measurement ---------------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_interleaved(fns: dict, args, runs: int, warmup: int, device) -> dict:
     """name -> {"times": [...], "peak": bytes}; calls alternate between the functions."""
     res = {name: {"times": [], "mem": PeakMemory(device)} for name in fns}
@@ -159,18 +112,13 @@ def time_interleaved(fns: dict, args, runs: int, warmup: int, device) -> dict:
                 fn(*args)
         for _ in range(runs):
             for name, fn in fns.items():
-                _sync(device)
+                sync(device)
                 with res[name]["mem"]:
                     t0 = time.perf_counter()
                     fn(*args)
-                    _sync(device)
+                    sync(device)
                     res[name]["times"].append(time.perf_counter() - t0)
     return {name: {"times": r["times"], "peak": r["mem"].peak} for name, r in res.items()}
-
-
-def _p90(xs):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
 
 
 def _max_diff(out, ref) -> float | str:
@@ -182,17 +130,14 @@ def _max_diff(out, ref) -> float | str:
     return (out[0].float() - ref[0].float()).abs().max().item()
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
-    return (f"{cpu}, {os.cpu_count()} cores, torch.get_num_threads()={torch.get_num_threads()}, "
-            f"torch {torch.__version__}")
+def _logits_positions(values: dict) -> tuple:
+    return values["logits"], values["positions"]
+
+
+def _prefill(cm):
+    """The lowered prefill of a compiled model's one-image program, called with the decoder-stage inputs."""
+    exe = cm.executable(cm.frontend.geometry.visual_tokens_per_image)
+    return lambda *args: _logits_positions(exe.executor(*args).values)
 
 
 class HFDecoder:
@@ -277,11 +222,11 @@ def main(argv=None) -> int:
         cms[name] = compile_pruned(adapter, spec, target="eager", text_tokens=n_text,
                                    calibration=args.calibration if calibrates else None)
         print(f"[bench] captured + rewrote {name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-    stage_args = {b: cms["unpruned"].runtime.prepare(*prompts[b]).as_args() for b in batches}
+    stage_args = {b: cms["unpruned"].prepare(*prompts[b]).as_args() for b in batches}
     flops = {name: cm.report.flops for name, cm in cms.items()}
     ratio = {name: f.true / f.baseline_true for name, f in flops.items()}
     with torch.no_grad():
-        refs = {(name, b): cm.program.gm(*stage_args[b]) for name, cm in cms.items() for b in batches}
+        refs = {(name, b): _logits_positions(cm.program(*stage_args[b])) for name, cm in cms.items() for b in batches}
     hf = None if args.no_hf else HFDecoder(adapter)
     hf_diff = {}
     if hf is not None:
@@ -297,7 +242,7 @@ def main(argv=None) -> int:
         med = statistics.median(times)
         vs_hf = hf_med / med if hf_med else None
         pruned = ratio_ < 1.0
-        rows.append([target, name, batch, f"{med * 1e3:.2f}", f"{_p90(times) * 1e3:.2f}", speedup_text or f"{speedup:.2f}x",
+        rows.append([target, name, batch, f"{med * 1e3:.2f}", f"{p90(times) * 1e3:.2f}", speedup_text or f"{speedup:.2f}x",
                      f"{vs_hf:.2f}x" if vs_hf else "", f"{ratio_:.3f}", f"{speedup * ratio_:.2f}" if pruned else "",
                      f"{vs_hf * ratio_:.2f}" if vs_hf and pruned else "", f"{peak / 2**20:.0f}",
                      f"{compile_s:.1f}", diff if isinstance(diff, str) else f"{diff:.1e}"])
@@ -313,7 +258,7 @@ def main(argv=None) -> int:
         try:
             for name, cm in cms.items():
                 t0 = time.perf_counter()
-                fns[name] = cm.program.gm if target == "eager" else tgt.lower(cm.program)
+                fns[name] = _prefill(cm if target == "eager" else cm.with_target(tgt.name))
                 lower_s[name] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001
             notes.append(f"{target}: failed to lower ({type(exc).__name__}: {str(exc)[:300]})")
@@ -326,7 +271,7 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     with torch.no_grad():  # the first call at the timed shape: a lazy backend compiles here
                         out = fns[name](*stage_args[b])
-                    _sync(device)
+                    sync(device)
                     compile_s[name] = time.perf_counter() - t0 + lower_s.pop(name, 0.0)
                     diffs[name] = _max_diff(out, refs[name, b])
             except Exception as exc:  # noqa: BLE001

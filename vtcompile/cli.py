@@ -1,13 +1,17 @@
-"""The `vtcompile` command."""
+"""The `vtcompile` command: thin commands over the API. Arguments are checked before any model is loaded; every
+error a user can fix is one line on stderr and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 import time
 from dataclasses import fields
+from pathlib import Path
 
-from .errors import VtcompileError
+from .errors import InputError, PassConfigError, VtcompileError
 
 
 def _log(msg: str) -> None:
@@ -33,15 +37,22 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _pass_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:key=value,...]",
-                   help="a pass to apply, with optional fields, e.g. fastv:k=2,r=0.5; repeat to compose in order "
-                        "(see `vtcompile passes`)")
+                   help="a pass to apply, with optional fields, e.g. fastv:k=2,r=0.5; repeat --pass to compose "
+                        "passes in order (see `vtcompile passes`)")
 
 
 def _calibration_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", metavar="DATA",
                    help="calibration data for passes that fit a recipe (fitprune, dyvte): 'testbed' (its train "
-                        "split), a JSONL file (as for eval), or 'synthetic' (random prompts, for random-weight smoke "
-                        "tests)")
+                        "split; the default on the testbed model), a JSONL file (as for eval), or 'synthetic' "
+                        "(random prompts, for random-weight smoke tests)")
+
+
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="eager",
+                   help="backend: eager (default, the rewritten graphs in PyTorch), inductor (torch.compile, one "
+                        "compile for every prompt length and decode step), onnx (ONNX Runtime; float32 on CPU; "
+                        "prefill only), tensorrt (CUDA + torch-tensorrt; prefill only)")
 
 
 def _spec(args):
@@ -50,31 +61,55 @@ def _spec(args):
     return resolve_spec(args.model, args.weights, args.random_weights, args.layers, args.dtype, args.seed)
 
 
-def cmd_optimize(args) -> int:
-    from .api import CompiledModel
-    from .errors import ArtifactError
+def _passes(args) -> list:
+    """The --pass values, parsed (before any model is loaded)."""
+    from .passes import REGISTRY, resolve_passes
+
+    for spec in args.passes:
+        name, _, rest = spec.partition(":")
+        if "," in name or any(part.strip() in REGISTRY for part in rest.split(",")):
+            raise PassConfigError(f"--pass {spec!r} names several passes; give each its own --pass, in order "
+                                  "(e.g. --pass fastv --pass pyramiddrop)")
+    return resolve_passes(args.passes)
+
+
+def _calibration(args, passes, spec) -> str | None:
+    """--calibration, or on the shipped testbed its train split for passes that need data."""
+    needs = [p.name for p, c in passes if p.calibrate is not None and c.needs_calibration()]
+    if args.calibration is None and needs and spec.name == "testbed":
+        _log(f"{', '.join(needs)}: calibrating on 64 prompts of the testbed's train split (--calibration to change)")
+        return "testbed"
+    return args.calibration
+
+
+def _compile(args, target: str = "eager"):
+    """Check the arguments, then load the model and compile it with the passes."""
+    from .compiled import CompiledModel
     from .models import build_from_spec
-    from .passes import resolve_passes
     from .targets import get_target
 
-    if args.out and args.out.exists() and not args.force:
-        raise ArtifactError(f"output directory {args.out} already exists; choose another --out or pass --force")
-    passes = resolve_passes(args.passes)
-    get_target(args.target)
+    passes = _passes(args)
+    tgt = get_target(target)
     spec = _spec(args)
+    calibration = _calibration(args, passes, spec)
     _log(f"loading {spec.label} ...")
     t0 = time.perf_counter()
     adapter = build_from_spec(spec)
     for p, cfg in passes:
         p.check_supports(adapter.geometry)
         cfg.check_model(adapter.geometry)
-    _log(f"loaded in {time.perf_counter() - t0:.1f}s; capturing the decoder and applying "
-         f"{len(passes)} pass(es) ...")
-    cm = CompiledModel(adapter, passes, args.target, args.text_tokens, calibration=args.calibration)
-    check = None if args.no_check else _self_check(cm)
-    saved = None
+    _log(f"loaded in {time.perf_counter() - t0:.1f}s; capturing the decoder and applying {len(passes)} pass(es) ...")
+    return CompiledModel.build(adapter, passes, tgt, getattr(args, "text_tokens", 64), calibration=calibration)
+
+
+def cmd_optimize(args) -> int:
+    from .artifacts import check_destination
+
     if args.out:
-        saved = cm.save(args.out, force=args.force)
+        check_destination(args.out, args.force)
+    cm = _compile(args, args.target)
+    check = None if args.no_check else self_check(cm)
+    saved = cm.save(args.out, force=args.force) if args.out else None
     if args.json:
         print(json.dumps({"report": cm.report.to_dict(), "check": check, "artifact": str(saved) if saved else None},
                          indent=2))
@@ -86,29 +121,56 @@ def cmd_optimize(args) -> int:
     if check:
         from tabulate import tabulate
 
-        print(tabulate([[check["prompt"], check["n"], f"{check['top1_agreement']:.3f}", f"{check['mean_kl']:.2e}"]],
-                       headers=["self-check prompt", "rows", "top-1 agreement vs unpruned", "mean KL"],
+        print(tabulate([[check["prompt"], check["n"], f"{check['top1_agreement']:.3f}", f"{check['mean_kl']:.2e}",
+                         check["verdict"]]],
+                       headers=["self-check prompts", "rows", "top-1 agreement vs unpruned", "mean KL", "verdict"],
                        tablefmt="simple_outline"))
-    if saved:
-        print(f"artifact written to {saved}")
+    print(f"artifact written to {saved}" if saved else "no artifact written (give --out DIR to write one)")
     return 0
+
+
+def self_check(cm, agreement_floor: float = 0.9) -> dict:
+    """Next-token fidelity of the compiled model vs the unpruned model, judged: on the testbed its val questions,
+    elsewhere a synthetic left-padded batch. Agreement below the floor is a warning in the verdict."""
+    import torch
+
+    from .metrics import next_token_fidelity
+    from .models.llava import example_inputs
+    from .runtime.inputs import prepare
+
+    if cm.spec.name == "testbed":
+        from .data import PromptEncoder, load_data, sample_image
+
+        data, _ = load_data("testbed", limit=16, split="val")
+        ids, pixels, mask = PromptEncoder(cm.frontend.processor).batch([s.question for s in data],
+                                                                      [sample_image(s) for s in data])
+        what = "16 testbed val questions"
+    else:
+        ids, pixels, mask = example_inputs(cm.adapter, batch=2)
+        what = "synthetic, 2 rows, left padding"
+    out = cm(ids, pixels, mask)
+    with torch.no_grad():
+        ref = cm.adapter.model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                               position_ids=prepare(cm.frontend, ids, pixels, mask).position_ids).logits
+    fid = next_token_fidelity(ref[:, -1], out.logits[:, -1])
+    ok = fid["top1_agreement"] >= agreement_floor
+    verdict = "ok" if ok else (f"WARNING: the pruned model's next token differs from the unpruned one on "
+                               f"{1 - fid['top1_agreement']:.0%} of the prompts")
+    if not ok:
+        _log(verdict)
+    return dict(fid, prompt=what, verdict=verdict)
 
 
 def cmd_calibrate(args) -> int:
     """Fit the recipe of one calibrating pass and write it as JSON."""
-    from .api import CompiledModel
-    from .errors import ArtifactError, PassConfigError
-    from .models import build_from_spec
-    from .passes import resolve_passes
+    from .errors import ArtifactError
 
-    passes = resolve_passes(args.passes)
+    passes = _passes(args)
     if len(passes) != 1 or passes[0][0].calibrate is None:
         raise PassConfigError("vtcompile calibrate takes exactly one calibrating --pass (e.g. fitprune:budget=0.5)")
     if args.out.exists() and not args.force:
         raise ArtifactError(f"{args.out} already exists; choose another --out or pass --force")
-    spec = _spec(args)
-    _log(f"loading {spec.label} ...")
-    cm = CompiledModel(build_from_spec(spec), passes, "eager", calibration=args.calibration)
+    cm = _compile(args)
     recipe = dict(cm.recipes[passes[0][0].name])
     tensors = recipe.pop("_tensors", None)
     recipe = {k: v for k, v in recipe.items() if not k.startswith("_")}  # in-memory extras (dyvte's router margins)
@@ -134,42 +196,26 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _self_check(cm) -> dict:
-    """Next-token fidelity of the compiled model vs the unpruned model on a synthetic prompt batch."""
-    import torch
-
-    from .metrics import next_token_fidelity
-    from .models.llava import example_inputs
-
-    ids, pixels, mask = example_inputs(cm.adapter, batch=2)
-    out = cm(ids, pixels, mask)
-    prep = cm.runtime.prepare(ids, pixels, mask)
-    with torch.no_grad():
-        ref = cm.adapter.model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
-                               position_ids=prep.position_ids).logits
-    return dict(next_token_fidelity(ref[:, -1], out.logits[:, -1]), prompt="synthetic, 2 rows, left padding")
-
-
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    from .api import CompiledModel, load_compiled
+    from .api import load_compiled
+    from .data import check_data_arg
     from .evaluate import evaluate, result_table
-    from .models import build_from_spec
-    from .passes import resolve_passes
 
-    if args.data != "testbed" and not Path(args.data).is_file():
-        raise VtcompileError(f"data {args.data!r} is neither 'testbed' nor an existing JSONL file")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, found {args.limit}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, found {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, found {args.max_new_tokens}")
+    check_data_arg(args.data)
     if args.artifact:
         if args.passes:
             raise VtcompileError("--artifact already holds its passes; drop --pass")
         cm = load_compiled(args.artifact)
     else:
-        passes = resolve_passes(args.passes)
-        spec = _spec(args)
-        _log(f"loading {spec.label} ...")
-        cm = CompiledModel(build_from_spec(spec), passes, "eager", calibration=args.calibration)
-    res = evaluate(cm, args.data, limit=args.limit, batch_size=args.batch_size, skip_bad=args.skip_bad)
+        cm = _compile(args)
+    res = evaluate(cm, args.data, limit=args.limit, batch_size=args.batch_size, skip_bad=args.skip_bad,
+                   max_new_tokens=args.max_new_tokens)
     print(json.dumps(res, indent=2) if args.json else result_table(res))
     return 0
 
@@ -177,34 +223,39 @@ def cmd_eval(args) -> int:
 def cmd_flops(args) -> int:
     from tabulate import tabulate
 
-    from .api import layer_table
-    from .compiler.flops import fmt_flops, report_from_plan
+    from .compiler.flops import fmt_bytes, fmt_flops, report_from_plan
     from .models import geometry_of
-    from .passes import resolve_passes
-
     from .models.presets import PRESETS
+    from .report import layer_table
 
-    passes = resolve_passes(args.passes)
+    passes = _passes(args)
+    if args.images < 1 or args.text_tokens < 1:
+        raise InputError(f"--images and --text-tokens must be >= 1, found {args.images} and {args.text_tokens}")
     if args.model in PRESETS and not args.weights:
-        args.random_weights = True  # FLOPs need only the preset's geometry, never its weights
-    geom = geometry_of(_spec(args))
+        args.random_weights = not PRESETS[args.model].shipped  # FLOPs need only the geometry, never weights
+    spec = _spec(args)
+    geom = geometry_of(spec)
     n_visual = geom.visual_tokens_per_image * args.images
     steps = []
     for p, cfg in passes:
         p.check_supports(geom)
         cfg.check_model(geom)
         steps += p.plan(cfg, geom, n_visual)
-    report = report_from_plan(geom, n_visual, args.text_tokens, steps)
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[spec.dtype]
+    report = report_from_plan(geom, n_visual, args.text_tokens, steps, dtype_bytes)
     d = report.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     print(layer_table(report))
     print(tabulate([
-        ["paper convention (visual tokens)", fmt_flops(report.baseline_paper), fmt_flops(report.paper),
-         f"{d['paper_ratio']:.1%}"],
-        [f"true ({args.text_tokens} text tokens, 2xMAC)", fmt_flops(report.baseline_true), fmt_flops(report.true),
-         f"{d['true_ratio']:.1%}"]], headers=["FLOPs", "baseline", "pruned", "ratio"], tablefmt="simple_outline"))
+        ["paper FLOPs (visual tokens)", fmt_flops(report.baseline_paper), fmt_flops(report.paper),
+         f"{d['paper_ratio']:.1%}", f"{1 - d['paper_ratio']:.1%}"],
+        [f"true FLOPs ({args.text_tokens} text tokens, 2xMAC)", fmt_flops(report.baseline_true),
+         fmt_flops(report.true), f"{d['true_ratio']:.1%}", f"{1 - d['true_ratio']:.1%}"],
+        [f"KV cache after prefill ({spec.dtype})", fmt_bytes(report.baseline_kv_bytes), fmt_bytes(report.kv_bytes),
+         f"{d['kv_ratio']:.1%}", f"{1 - d['kv_ratio']:.1%}"]],
+        headers=["per prompt", "unpruned", "pruned", "ratio", "saved"], tablefmt="simple_outline"))
     return 0
 
 
@@ -213,10 +264,13 @@ def cmd_passes(args) -> int:
 
     from .passes import REGISTRY
 
+    width = max(60, shutil.get_terminal_size((100, 20)).columns)
+    field_width = max(30, width - 45)
     rows = []
     for p in REGISTRY.values():
-        fl = "\n".join(f"{f.name}={f.default}: {f.metadata.get('help', '')}" for f in fields(p.config))
-        rows.append([p.name, p.summary, fl])
+        fl = "\n".join(textwrap.fill(f"{f.name}={f.default!r}: {f.metadata.get('help', '')}", field_width,
+                                     subsequent_indent="  ") for f in fields(p.config))
+        rows.append([p.name, textwrap.fill(p.summary, 24), fl])
     print(tabulate(rows, headers=["pass", "what it does", "fields (default)"], tablefmt="simple_grid"))
     return 0
 
@@ -250,68 +304,124 @@ def cmd_models(args) -> int:
 def cmd_inspect(args) -> int:
     from tabulate import tabulate
 
+    from .artifacts import verify
+    from .compiler.flops import fmt_bytes, fmt_flops
     from .errors import ArtifactError
+    from .report import _fmt_cfg
 
-    mf = args.dir / "manifest.json"
-    if not mf.is_file():
-        raise ArtifactError(f"{args.dir} is not a vtcompile artifact: no manifest.json")
-    try:
-        m = json.loads(mf.read_text())
-        f = m["report"]["flops"]
-        rows = [["model", m["report"]["model"]], ["config hash", m["config_hash"]],
-                ["passes", ", ".join(p["pass"] for p in m["passes"]) or "none"], ["target", m["target"]],
-                ["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())],
-                ["visual tokens per layer", " ".join(map(str, f["visual_tokens_per_layer"]))],
-                ["paper TFLOPs", f"{f['baseline_paper_tflops']:.3f} -> {f['paper_tflops']:.3f}"],
-                ["true TFLOPs", f"{f['baseline_true_tflops']:.3f} -> {f['true_tflops']:.3f}"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{mf} is corrupt or incomplete ({exc!r})") from None
+    m = verify(args.dir)  # format, versions and the sha256 of every file, as loading checks them
     if args.json:
         print(json.dumps(m, indent=2))
-    else:
-        print(tabulate(rows, tablefmt="simple_outline"))
+        return 0
+    try:
+        f = m["report"]["flops"]
+        rows = [["model", m["report"]["model"]], ["config hash", m["config_hash"]],
+                ["passes", "\n".join(p["pass"] + _fmt_cfg(p["config"]) for p in m["passes"]) or "none"],
+                ["target", m["target"]], ["generate", m.get("generate", "")],
+                ["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())],
+                ["programs", ", ".join(f"{p['n_visual']} visual tokens ({len(p['stages'])} stage(s)"
+                                       + (", decode step" if p.get("decode") else ", no decode step") + ")"
+                                       for p in m["programs"])],
+                ["visual tokens per layer", " ".join(map(str, f["visual_tokens_per_layer"]))],
+                ["paper FLOPs", f"{fmt_flops(f['baseline_paper_tflops'] * 1e12)} -> "
+                                f"{fmt_flops(f['paper_tflops'] * 1e12)} (saves {1 - f['paper_ratio']:.1%})"],
+                ["true FLOPs", f"{fmt_flops(f['baseline_true_tflops'] * 1e12)} -> {fmt_flops(f['true_tflops'] * 1e12)}"
+                               f" (saves {1 - f['true_ratio']:.1%})"],
+                ["KV cache after prefill", f"{fmt_bytes(f['baseline_kv_cache_bytes'])} -> "
+                                           f"{fmt_bytes(f['kv_cache_bytes'])} (saves {1 - f['kv_ratio']:.1%})"],
+                ["files", f"{len(m['files'])}, {fmt_bytes(sum(e['bytes'] for e in m['files'].values()))}, "
+                          "sha256 verified"]]
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{args.dir / 'manifest.json'} is corrupt or incomplete ({exc!r})") from None
+    print(tabulate(rows, tablefmt="simple_outline"))
     return 0
 
 
+class _PrintStreamer:
+    """Prints each row's answer as its tokens arrive (batch 1), or nothing (the table follows)."""
+
+    def __init__(self, tokenizer, enabled: bool):
+        from transformers import TextStreamer
+
+        self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if enabled else None
+
+    def put(self, value):
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+
+
 def cmd_run(args) -> int:
+    import torch
     from tabulate import tabulate
 
     from .api import load_compiled
-    from .artifacts import next_token, prompt_inputs
+    from .data import prompt_inputs
 
-    if args.max_new_tokens != 1:
-        raise VtcompileError(f"--max-new-tokens {args.max_new_tokens}: multi-token decoding is not implemented yet "
-                             "(it needs the per-layer KV-cache runtime); --max-new-tokens 1 gives the greedy next "
-                             "token after the pruned prefill")
-    ids = None
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, found {args.max_new_tokens}")
+    if args.dir is not None and args.passes:
+        raise VtcompileError("an artifact already holds its passes; give DIR or --model/--pass, not both")
+    prompts, ids = args.prompt or None, None
     if args.input_ids is not None:
         try:
             ids = json.loads(args.input_ids)
-            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                raise ValueError("not a list of ints")
+            if ids and all(isinstance(t, int) for t in ids):
+                ids = [ids]
+            if not isinstance(ids, list) or not all(isinstance(r, list) and all(isinstance(t, int) for t in r)
+                                                    for r in ids):
+                raise ValueError("not a list of ints (or of lists of ints, one per prompt)")
         except ValueError as exc:
-            raise VtcompileError(f"--input-ids must be a JSON list of token ids, e.g. '[5, 9, 127, 7]' "
-                                 f"({exc})") from None
-    model = load_compiled(args.dir)
-    res = next_token(model, *prompt_inputs(model, args.image, args.prompt, ids))
+            raise VtcompileError(f"--input-ids must be a JSON list of token ids, e.g. '[5, 9, 127, 7]', or one list "
+                                 f"per prompt ({exc})") from None
+    rows = len(ids) if ids is not None else len(prompts or [])
+    if rows == 0:
+        raise InputError("give --prompt TEXT (repeat for a batch) or --input-ids JSON")
+    images = list(args.image)
+    if images and len(images) not in (1, rows):
+        raise InputError(f"{len(images)} --image for {rows} prompt(s); give one image per prompt (or one for all)")
+    for im in images:
+        if not im.is_file():
+            raise InputError(f"image {im} does not exist")
+    images = images * rows if len(images) == 1 else images or [None] * rows
+    if args.dir is not None:
+        cm = load_compiled(args.dir)
+    else:
+        cm = _compile(args, args.target)
+    input_ids, pixels, mask = prompt_inputs(cm.frontend, images, prompts, ids)
+    generator = torch.Generator().manual_seed(args.seed) if args.sample else None
+    tok = cm.frontend.tokenizer
+    stream = tok is not None and rows == 1 and not args.json
+    t0 = time.perf_counter()
+    out = cm.generate(input_ids, pixels, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      streamer=_PrintStreamer(tok, stream) if tok is not None else None, generator=generator)
+    seconds = time.perf_counter() - t0
+    stats = cm.last_generation
+    new = out[:, input_ids.shape[1]:].tolist()
+    answers = [tok.decode(r, skip_special_tokens=True).strip() if tok is not None else None for r in new]
+    res = {"answers": answers, "token_ids": new, "seconds": seconds, **stats.to_dict(), "target": cm.target.name}
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    shown = f"{res['token_id']}" + (f" {res['text']!r}" if res["text"] is not None else "")
-    print(tabulate([["next token (greedy)", shown],
-                    ["top-5", ", ".join(f"{t['token_id']}" + (f" {t['text']!r}" if t["text"] is not None else "")
-                                        + f" {t['prob']:.3f}" for t in res["top"])],
-                    ["prompt tokens -> kept", f"{res['prompt_tokens']} -> {res['kept_tokens']} "
-                                              f"({res['kept_visual']} visual kept)"],
-                    *([["visual tokens exited after layer", "none" if res["exit_layer"] < 0 else res["exit_layer"]]]
-                      if res["exit_layer"] is not None else []),
-                    ["target", model.target], ["prefill s", f"{res['prefill_seconds']:.3f}"]],
-                   tablefmt="simple_outline"))
+    table = [[f"answer {i + 1}" if rows > 1 else "answer", a if a is not None else r]
+             for i, (a, r) in enumerate(zip(answers, new))]
+    table += [["prompt tokens / new tokens", f"{stats.prompt_tokens} / {stats.new_tokens} (batch {stats.batch})"],
+              *([["visual tokens exited after layer", " ".join("none" if e < 0 else str(e)
+                                                              for e in stats.exit_layers)]]
+                if stats.exit_layers else []),
+              ["KV cache after prefill", f"{sum(stats.kv_prompt_bytes.values()) / 1e6:.3f} MB"],
+              ["time to first token s", f"{stats.ttft_seconds:.3f}"],
+              ["decode ms/token, tokens/s", f"{stats.decode_ms_per_token:.1f}, {stats.tokens_per_second:.1f}"],
+              ["target", cm.target.name]]
+    print(tabulate(table, tablefmt="simple_outline"))
     return 0
 
 
 def cmd_testbed_data(args) -> int:
-    from .errors import InputError
     from .testbed.scenes import write_split
 
     if args.n < 1:
@@ -323,44 +433,46 @@ def cmd_testbed_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pathlib import Path
-
     parser = argparse.ArgumentParser(
         prog="vtcompile",
         description="Visual-token pruning for multimodal LLMs as compiled graph passes: capture a LLaVA model "
-                    "with torch.export, rewrite the decoder graph with pruning passes, lower it to a backend.")
+                    "with torch.export, rewrite the decoder graph with pruning passes, lower it to a backend, "
+                    "generate over per-layer KV caches.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("optimize", help="compile a model with pruning passes, print the report, save an artifact",
                        description="Capture the model, apply the passes in the given order, lower to the target, "
-                                   "print the FLOPs/token report and a fidelity self-check, and (with --out) "
-                                   "write an artifact directory.")
+                                   "print the FLOPs / token / KV-cache report and a fidelity self-check, and (with "
+                                   "--out) write an artifact directory.")
     _model_args(p)
     _pass_args(p)
-    p.add_argument("--target", default="eager",
-                   help="backend: eager (default, the rewritten graphs in PyTorch), inductor (torch.compile, one "
-                        "compile for every prompt length), onnx (ONNX Runtime; float32 on CPU), tensorrt (CUDA + "
-                        "torch-tensorrt)")
+    _target_arg(p)
     p.add_argument("--out", type=Path, metavar="DIR", help="write the artifact here (refused if it exists)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs (default 64)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact at --out (never a directory "
+                                                        "that is not an artifact)")
+    p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs and KV bytes "
+                                                               "(default 64)")
     p.add_argument("--no-check", action="store_true", help="skip the fidelity self-check against the unpruned model")
     _calibration_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("eval", help="accuracy and fidelity on VQA data (the testbed test split or a JSONL file)",
-                       description="Exact-match accuracy per question kind and overall, fidelity against the "
-                                   "unpruned model (top-1 agreement, KL of the answer distribution), FLOPs ratios, "
-                                   "visual tokens kept, wall time. JSONL lines: {\"image\": path, \"question\": "
-                                   "str, \"answer\": single-token str, \"kind\": optional str}.")
+                       description="Exact-match accuracy of WHOLE generated answers (greedy, until eos, at most "
+                                   "--max-new-tokens) per question kind and overall, the share of answers that end, "
+                                   "fidelity against the unpruned model (answers identical, token agreement, "
+                                   "first-token agreement and KL), FLOPs ratios, visual tokens kept, wall time. "
+                                   "--max-new-tokens 1 scores the next token instead. JSONL lines: {\"image\": "
+                                   "path, \"question\": str, \"answer\": str, \"kind\": optional str}.")
     _model_args(p)
     _pass_args(p)
     _calibration_arg(p)
     p.add_argument("--artifact", type=Path, metavar="DIR", help="evaluate a saved artifact instead of --model/--pass")
     p.add_argument("--data", default="testbed", help="'testbed' (default: its test split) or a JSONL file")
     p.add_argument("--limit", type=int, help="evaluate at most N samples (testbed default 500)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="longest generated answer (default 24); 1 scores the next token (single-token answers)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines, unreadable images, "
                                                            "answers outside the vocabulary, instead of failing")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -378,25 +490,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("flops", help="FLOPs and visual tokens per layer of a pass recipe (no weights needed)",
+    p = sub.add_parser("flops", help="FLOPs, visual tokens and KV-cache bytes per layer of a pass recipe (no weights)",
                        description="Analytic FLOPs from the model geometry: paper convention (visual tokens only, "
-                                   "4nd^2+2n^2d+3ndm per layer) and true FLOPs (all tokens, 2xMAC, LM head).")
+                                   "4nd^2+2n^2d+3ndm per layer) and true FLOPs (all tokens, 2xMAC, LM head); KV-cache "
+                                   "bytes of the prompt after prefill (model dtype), unpruned and pruned.")
     _model_args(p)
     _pass_args(p)
     p.add_argument("--images", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs (default 64)")
+    p.add_argument("--text-tokens", type=int, default=64, help="prompt text length (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("run", help="run a prompt through a saved artifact (no model files needed)",
-                       description="Load an artifact in this process and answer one prompt with a greedy prefill: "
-                                   "the next token after the prompt. Needs the artifact's processor for --prompt; "
-                                   "artifacts without one (tiny random models) take --input-ids.")
-    p.add_argument("dir", type=Path, help="artifact directory (vtcompile optimize ... --out DIR)")
-    p.add_argument("--image", type=Path, help="image file")
-    p.add_argument("--prompt", help="question text (needs the artifact's processor)")
-    p.add_argument("--input-ids", metavar="JSON", help="token ids as a JSON list; one image token id per --image")
-    p.add_argument("--max-new-tokens", type=int, default=1, help="only 1 for now (greedy next token)")
+    p = sub.add_parser("run", help="answer prompts with a saved artifact or a freshly compiled model",
+                       description="Generate answers: from an artifact directory (no model files needed), or from "
+                                   "--model with --pass. The answer is printed while it is generated (one prompt); "
+                                   "several --prompt (with one --image each, or one --image for all) run as one "
+                                   "batch. A prompt already in the model's chat format (with the image token) is "
+                                   "used as is. Models without a processor take --input-ids.")
+    p.add_argument("dir", type=Path, nargs="?", help="artifact directory (vtcompile optimize ... --out DIR); omit to "
+                                                     "compile --model with --pass here")
+    _model_args(p)
+    _pass_args(p)
+    _target_arg(p)
+    _calibration_arg(p)
+    p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeat: one per --prompt)")
+    p.add_argument("--prompt", action="append", help="question text (repeat for a batch; needs the processor)")
+    p.add_argument("--input-ids", metavar="JSON", help="token ids as a JSON list (or a list of lists); one image "
+                                                       "token id per --image")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="most new tokens per answer (default 32)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_run)
 
@@ -405,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "synthetic scenes; its checkpoint ships as package data and is the default "
                                    "--model.")
     tsub = p.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
-    t = tsub.add_parser("train", add_help=False, help="train a testbed checkpoint from scratch on the CPU "
-                                                      "(`vtcompile testbed train --help` lists its options)")
+    tsub.add_parser("train", add_help=False, help="train a testbed checkpoint from scratch on the CPU "
+                                                  "(`vtcompile testbed train --help` lists its options)")
     t = tsub.add_parser("data", help="write testbed splits as PNG images + JSONL (the format `vtcompile eval --data` "
                                      "reads)")
     t.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for <split>.jsonl and images/")
@@ -420,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_passes)
     p = sub.add_parser("models", help="list model presets and whether local weights were found")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("inspect", help="show an artifact's manifest")
+    p = sub.add_parser("inspect", help="show an artifact's manifest (after checking its files' sha256)")
     p.add_argument("dir", type=Path, help="artifact directory")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=cmd_inspect)
@@ -434,7 +559,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[2:])
     args = build_parser().parse_args(argv)
-
     try:
         return args.func(args)
     except VtcompileError as exc:

@@ -1,154 +1,88 @@
-"""Accuracy and fidelity of a (pruned) model on single-token-answer VQA data.
+"""Accuracy and fidelity of a (pruned) model on VQA data.
 
-Data: "testbed" (the held-out test split of the shipped testbed, generated in memory) or a JSONL file with
-one {"image": path, "question": str, "answer": str[, "kind": str]} per line (image paths relative to the
-file). Reports exact-match accuracy per kind and overall, fidelity against the unpruned model (top-1
-agreement and mean KL of the answer-token distribution), FLOPs ratios, visual tokens kept and wall time.
+Answers are generated (greedy, until eos, at most `max_new_tokens`) through the compiled model's own generate and
+compared WHOLE with the reference answer (exact match after stripping); `max_new_tokens=1` scores the next token
+instead (single-token answers). Reports exact-match accuracy per kind and overall, the share of answers that ended
+(eos), fidelity against the unpruned model (first-token top-1 agreement and KL; for generated answers also the
+share identical to the unpruned answer and the mean token agreement over the first 16 tokens), FLOPs ratios,
+visual tokens kept and wall time.
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .data import PromptEncoder, Sample, load_data, sample_image
 from .errors import InputError
 
-PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
-DEFAULT_TESTBED_LIMIT = 500
+AGREEMENT_TOKENS = 16
 
 
-@dataclass
-class Sample:
-    image: object  # PIL image or a path
-    question: str
-    answer: str
-    kind: str
-    where: str  # "line N of FILE" or "testbed test #i", for error messages
+def _answers(cm, ids, pixels, mask, max_new_tokens: int, tok) -> dict:
+    """Generate for one batch: first-token logits, answer texts, whether each ended, new token ids, exits."""
+    from .runtime.generate import GenerationStats, generate
 
-
-def load_data(data: str = "testbed", limit: int | None = None, skip_bad: bool = False,
-              split: str = "test") -> tuple[list[Sample], int]:
-    """Samples and the number of bad lines skipped (always 0 unless skip_bad).
-
-    'testbed' generates the testbed's `split` in memory (test for evaluation, train for calibration).
-    """
-    if data == "testbed":
-        from .testbed.scenes import iter_samples
-
-        n = limit or DEFAULT_TESTBED_LIMIT
-        return [Sample(s.image, s.question, s.answer, s.kind, f"testbed {split} #{s.index}")
-                for s in iter_samples(split, n=n)], 0
-    path = Path(data)
-    if not path.is_file():
-        raise InputError(f"data {data!r} is neither 'testbed' nor an existing JSONL file")
-    samples, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                samples.append(_parse_line(line, path, number))
-            except InputError:
-                if not skip_bad:
-                    raise
-                bad += 1
-            if limit and len(samples) >= limit:
-                break
-    if not samples:
-        raise InputError(f"{path} holds no usable samples" + (f" ({bad} bad lines skipped)" if bad else ""))
-    return samples, bad
-
-
-def _parse_line(line: str, path: Path, number: int) -> Sample:
-    where = f"line {number} of {path}"
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where} is not valid JSON ({exc.msg}); expected "
-                         '{"image": ..., "question": ..., "answer": ...}. Fix it or pass --skip-bad.') from None
-    if not isinstance(rec, dict):
-        raise InputError(f"{where} is not a JSON object. Fix it or pass --skip-bad.")
-    missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str)]
-    if missing:
-        raise InputError(f"{where} lacks string field(s) {', '.join(missing)}. Fix it or pass --skip-bad.")
-    image = Path(rec["image"])
-    if not image.is_absolute():
-        image = path.parent / image
-    return Sample(str(image), rec["question"], rec["answer"].strip(), str(rec.get("kind", "all")), where)
-
-
-def open_image(sample: Sample):
-    from PIL import Image
-
-    if not isinstance(sample.image, str):
-        return sample.image.convert("RGB")
-    try:
-        with Image.open(sample.image) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{sample.where}: image {sample.image} does not open ({exc}). Fix it or pass "
-                         "--skip-bad.") from None
-
-
-class PromptEncoder:
-    """Prompts and answers through the model's own processor (left padding)."""
-
-    def __init__(self, processor, template: str):
-        if processor is None:
-            raise InputError("reading prompts from a data set (eval, calibration) needs the model's processor files "
-                             "(tokenizer + image processor); this model has none. Save them next to the weights "
-                             "(processor.save_pretrained(DIR)), or calibrate a random-weight model with "
-                             "--calibration synthetic.")
-        self.processor = processor
-        self.tok = processor.tokenizer
-        self.tok.padding_side = "left"
-        self.template = template
-        self.unk = self.tok.unk_token_id
-
-    def answer_id(self, sample: Sample) -> int:
-        ids = self.tok(sample.answer, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1 or ids[0] == self.unk:
-            raise InputError(f"{sample.where}: answer {sample.answer!r} is not a single token of the model's "
-                             "vocabulary; evaluation compares the next token with the answer")
-        return ids[0]
-
-    def batch(self, samples: list[Sample], images):
-        prompts = [self.template.format(question=s.question) for s in samples]
-        enc = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        return enc["input_ids"], enc["pixel_values"], enc["attention_mask"]
+    prepared = cm.prepare(ids, pixels, mask)
+    exe = cm.executable(prepared.n_visual)
+    seen = {}
+    config = cm.generation_config(max_new_tokens=max_new_tokens)
+    if max_new_tokens == 1:
+        result = exe.prefill(prepared)
+        first = result.values["logits"][:, -1].float()
+        new = first.argmax(-1)[:, None]
+        return {"first": first, "new": new, "exits": result.exit_layers, "kept": result.values["visual"].sum(1),
+                "texts": None, "ended": None}
+    stats = GenerationStats()
+    out = generate(exe.prefill, exe.step_stage(), cm.frontend.embed_tokens, prepared, config, stats=stats,
+                   signature=exe.signature, on_prefill=lambda r: seen.update(result=r))
+    result = seen["result"]
+    new = out[:, ids.shape[1]:]
+    eos = set(config.eos_token_id)
+    texts, ended = [], []
+    for row in new.tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        ended.append(stop is not None)
+        body = row if stop is None else row[:stop]
+        texts.append(tok.decode(body, skip_special_tokens=True).strip())
+    return {"first": result.values["logits"][:, -1].float(), "new": new, "exits": result.exit_layers,
+            "kept": result.values["visual"].sum(1), "texts": texts, "ended": ended}
 
 
 def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 16, skip_bad: bool = False,
-             progress: bool = True, template: str = PROMPT_TEMPLATE, per_sample: bool = False) -> dict:
+             progress: bool = True, per_sample: bool = False, max_new_tokens: int = 24, reference=None) -> dict:
     """Accuracy per kind and overall, fidelity vs the unpruned model, FLOPs, tokens kept, wall time.
 
-    model: a CompiledModel (from compile_pruned / load_compiled), or anything compile_pruned accepts
-    (then no passes). data: 'testbed', a JSONL path, or a list of Sample. per_sample: also return
-    "correct", 1/0 for each evaluated sample in data order (bad samples skipped).
-    """
+    model: a CompiledModel (from compile_pruned / load_compiled), or anything compile_pruned accepts (then no
+    passes). data: 'testbed', a JSONL path, or a list of Sample. max_new_tokens: answers are generated up to this
+    many tokens and compared whole; 1 scores the next token. per_sample: also return "correct", 1/0 for each
+    evaluated sample in data order (bad samples skipped). reference: the unpruned CompiledModel to measure fidelity
+    against (default: built from the same model)."""
     from tqdm import tqdm
 
     from .api import CompiledModel, compile_pruned
     from .metrics import next_token_fidelity
 
-    loaded = hasattr(model, "manifest")  # an artifact from load_compiled
-    cm = model if isinstance(model, CompiledModel) or loaded else compile_pruned(model)
-    reference = cm if not cm.passes else _unpruned(cm)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, found {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, found {batch_size!r}")
+    cm = model if isinstance(model, CompiledModel) else compile_pruned(model, progress=False)
+    if reference is None:
+        reference = cm if not cm.passes else _unpruned(cm)
     samples, bad = (data, 0) if isinstance(data, list) else load_data(data, limit, skip_bad)
-    enc = PromptEncoder(cm.adapter.processor, template)
+    enc = PromptEncoder(cm.frontend.processor)
+    tok = enc.tok
     t0 = time.perf_counter()
     per_kind: dict[str, list[int]] = {}
-    ref_rows, new_rows = [], []
-    kept_visual, exits, correct = [], [], []
+    ref_first, new_first = [], []
+    kept_visual, exits, correct, ended, same, agree = [], [], [], [], [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress):
         chunk, images, answers = [], [], []
         for s in samples[start:start + batch_size]:
             try:
-                answers.append(enc.answer_id(s))
-                images.append(open_image(s))
+                answers.append(enc.answer_id(s) if max_new_tokens == 1 else s.answer)
+                images.append(sample_image(s))
                 chunk.append(s)
             except InputError:
                 if not skip_bad:
@@ -156,22 +90,31 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
                 bad += 1
         if not chunk:
             continue
-        ids, pixels, mask = enc.batch(chunk, images)
-        out = cm(ids, pixels, mask)
-        last = out.logits[:, -1].float()
-        ref_last = last if reference is cm else reference(ids, pixels, mask).logits[:, -1].float()
-        new_rows.append(last)
-        ref_rows.append(ref_last)
-        kept_visual += out.kept_visual.sum(1).tolist()
-        if out.exit_layers is not None:
-            exits += out.exit_layers
-        for s, a, pred in zip(chunk, answers, last.argmax(-1).tolist()):
-            per_kind.setdefault(s.kind, []).append(int(pred == a))
-            correct.append(int(pred == a))
+        ids, pixels, mask = enc.batch([s.question for s in chunk], images)
+        got = _answers(cm, ids, pixels, mask, max_new_tokens, tok)
+        ref = got if reference is cm else _answers(reference, ids, pixels, mask, max_new_tokens, tok)
+        new_first.append(got["first"])
+        ref_first.append(ref["first"])
+        kept_visual += got["kept"].tolist()
+        if got["exits"] is not None:
+            exits += got["exits"]
+        if max_new_tokens == 1:
+            hits = [int(p == a) for p, a in zip(got["new"][:, 0].tolist(), answers)]
+        else:
+            hits = [int(t == a) for t, a in zip(got["texts"], answers)]
+            ended += got["ended"]
+            same += [int(a == b) for a, b in zip(got["texts"], ref["texts"])]
+            agree += _token_agreement(got["new"], ref["new"])
+        for s, h in zip(chunk, hits):
+            per_kind.setdefault(s.kind, []).append(h)
+        correct += hits
     if not per_kind:
         raise InputError("no sample could be evaluated" + (f" ({bad} bad skipped)" if bad else ""))
     seconds = time.perf_counter() - t0
-    fid = next_token_fidelity(torch.cat(ref_rows), torch.cat(new_rows))
+    fid = next_token_fidelity(torch.cat(ref_first), torch.cat(new_first))
+    fidelity = {"top1_agreement": fid["top1_agreement"], "mean_kl": fid["mean_kl"]}
+    if max_new_tokens > 1:
+        fidelity.update(identical_answers=sum(same) / len(same), token_agreement=sum(agree) / len(agree))
     flops = cm.report.flops
     paper_ratio, true_ratio = flops.paper / flops.baseline_paper, flops.true / flops.baseline_true
     exit_hist = None
@@ -184,11 +127,14 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         "passes": cm.report.passes,
         "data": data if isinstance(data, str) else "samples",
         "n": n,
+        "scoring": "next token" if max_new_tokens == 1 else f"whole generated answer (<= {max_new_tokens} tokens)",
+        "max_new_tokens": max_new_tokens,
         "skipped_bad": bad,
         "accuracy": sum(sum(v) for v in per_kind.values()) / n,
         "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())},
         "count_by_kind": {k: len(v) for k, v in sorted(per_kind.items())},
-        "fidelity": {"top1_agreement": fid["top1_agreement"], "mean_kl": fid["mean_kl"]},
+        "ended_with_eos": (sum(ended) / len(ended)) if ended else None,
+        "fidelity": fidelity,
         "paper_flops_ratio": paper_ratio,
         "true_flops_ratio": true_ratio,
         "exit_layers": exit_hist,
@@ -199,20 +145,30 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     }
 
 
+def _token_agreement(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per row: share of the first AGREEMENT_TOKENS new tokens equal in both (positions either has, padded)."""
+    n = min(AGREEMENT_TOKENS, max(a.shape[1], b.shape[1]))
+    out = []
+    for ra, rb in zip(a.tolist(), b.tolist()):
+        ra, rb = (ra + [None] * n)[:n], (rb + [None] * n)[:n]
+        out.append(sum(x == y for x, y in zip(ra, rb)) / n)
+    return out
+
+
 def _unpruned(cm):
     """The unpruned model to measure fidelity against (for an artifact: rebuilt from its manifest)."""
-    from .api import CompiledModel
+    from .api import compile_pruned
     from .errors import VtcompileError
-    from .models import ModelSpec, build_from_spec
+    from .models import build_from_spec
 
-    if isinstance(cm, CompiledModel):
-        return CompiledModel(cm.adapter, [], "eager", progress=False)
+    if cm.adapter is not None:
+        return compile_pruned(cm.adapter, progress=False)
     try:
-        adapter = build_from_spec(ModelSpec.from_dict(cm.manifest["model"]))
+        adapter = build_from_spec(cm.spec)
     except VtcompileError as exc:
         raise InputError(f"fidelity is measured against the unpruned model, which the artifact does not hold and "
                          f"which cannot be rebuilt here: {exc}") from None
-    return CompiledModel(adapter, [], "eager", progress=False)
+    return compile_pruned(adapter, progress=False)
 
 
 def _exit_flops(flops, exits: list[int]) -> tuple[float, float]:
@@ -235,11 +191,18 @@ def result_table(res: dict) -> str:
     rows = [[k, res["count_by_kind"][k], f"{100 * v:.1f}"] for k, v in res["accuracy_by_kind"].items()]
     rows.append(["overall", res["n"], f"{100 * res['accuracy']:.1f}"])
     head = tabulate(rows, headers=["kind", "n", "accuracy %"], tablefmt="simple_outline")
+    fid = res["fidelity"]
     summary = tabulate([
         ["model", res["model"]],
         ["passes", ", ".join(p["pass"] for p in res["passes"]) or "none"],
-        ["top-1 agreement vs unpruned", f"{res['fidelity']['top1_agreement']:.3f}"],
-        ["mean KL vs unpruned", f"{res['fidelity']['mean_kl']:.2e}"],
+        ["scoring", res["scoring"]],
+        *([["answers ending with eos", f"{res['ended_with_eos']:.1%}"]] if res.get("ended_with_eos") is not None
+          else []),
+        ["first-token top-1 agreement vs unpruned", f"{fid['top1_agreement']:.3f}"],
+        ["first-token mean KL vs unpruned", f"{fid['mean_kl']:.2e}"],
+        *([["answers identical to unpruned", f"{fid['identical_answers']:.1%}"],
+           [f"token agreement (first {AGREEMENT_TOKENS}) vs unpruned", f"{fid['token_agreement']:.3f}"]]
+          if "identical_answers" in fid else []),
         ["paper / true FLOPs ratio", f"{res['paper_flops_ratio']:.1%} / {res['true_flops_ratio']:.1%}"],
         ["visual tokens kept (last layer)", f"{res['visual_tokens_kept_mean']:.1f} of {res['visual_tokens']}"],
         *([["exit layer: rows", " ".join(f"{k}:{v}" for k, v in res["exit_layers"].items())]]
@@ -248,3 +211,6 @@ def result_table(res: dict) -> str:
         ["wall time s", f"{res['wall_seconds']:.1f}"],
     ], tablefmt="simple_outline")
     return head + "\n" + summary
+
+
+__all__ = ["Sample", "evaluate", "load_data", "result_table"]

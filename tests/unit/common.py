@@ -43,17 +43,24 @@ def hf_logits(name: str, ids, pixels, mask):
 
 def masked_key_check(cm, geometry: str, kind: str, seed: int = 0) -> dict:
     """Run a compiled model's program once (tapping the positions kept at every cut) and compare its
-    kept-position logits with the masked-key reference (DESIGN.md). Returns the max diff and what was seen."""
+    kept-position logits with the masked-key reference (DESIGN.md). Also checks that the program's per-layer cache
+    outputs hold exactly the keys that reference lets each layer see. Returns the max diff and what was seen."""
     from vtcompile.compiler.reference import key_masks_from_rewrites, masked_key_logits
     from vtcompile.compiler.taps import run_with_taps
 
     ids, pixels, mask = prompt(geometry, kind, seed)
-    prep = cm.runtime.prepare(ids, pixels, mask)
-    program = cm.runtime.program(prep.n_visual)
-    (logits, positions, visual), seen = run_with_taps(program.gm, prep.as_args(),
-                                                      {r.positions for r in program.rewrites})
+    prep = cm.prepare(ids, pixels, mask)
+    program = cm.program_for(prep.n_visual)
+    outputs, seen = run_with_taps(program.gm, prep.as_args(), {r.positions for r in program.rewrites})
+    out = program.signature.unpack(outputs)
+    logits, positions, visual = out["logits"], out["positions"], out["visual"]
     kept = {r.boundary: seen[r.positions] for r in program.rewrites}
     keys = key_masks_from_rewrites(kept, program.geometry.num_layers, ids.shape[1])
+    for layer in program.signature.cache_layers():  # the cache of layer l: the keys its attention saw
+        expect = torch.ones_like(mask, dtype=torch.bool) if keys[layer] is None else keys[layer]
+        got = torch.zeros_like(expect).scatter_(1, out[f"key_positions_{layer}"], True)
+        assert torch.equal(got, expect), layer
+        assert out[f"k_{layer}"].shape[2] == out[f"key_positions_{layer}"].shape[1] == out[f"v_{layer}"].shape[2]
     ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
     ref = torch.gather(ref, 1, positions[..., None].expand(-1, -1, ref.shape[-1]))
     real = torch.gather(mask, 1, positions).bool()  # padding rows are undefined in both

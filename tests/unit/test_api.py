@@ -37,13 +37,20 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary directory left behind
 
 
-def test_save_refuses_existing_dir(tmp_path):
+def test_save_refuses_existing_dir_and_force_replaces_only_artifacts(tmp_path):
     cm = compiled("tiny", "fastv")
     (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="already exists"):
         cm.save(tmp_path / "x")
-    cm.save(tmp_path / "x", force=True)
-    assert (tmp_path / "x" / "manifest.json").is_file()
+    with pytest.raises(ArtifactError, match="is not a vtcompile artifact .*--force only replaces an artifact"):
+        cm.save(tmp_path / "x", force=True)
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"  # nothing of the user's was deleted
+    cm.save(tmp_path / "y")
+    (tmp_path / "y" / "stale.txt").write_text("from an older artifact")
+    cm.save(tmp_path / "y", force=True)  # an artifact is replaced whole
+    assert (tmp_path / "y" / "manifest.json").is_file() and not (tmp_path / "y" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "y"]  # no temporary directory left behind
 
 
 def test_load_refuses_bad_manifests(tmp_path):
@@ -92,7 +99,7 @@ def test_second_image_count_builds_its_own_program():
     cm = compiled("tiny", "fastv")
     ids, pixels, mask = prompt("tiny", "two_images")
     out = cm(ids, pixels, mask)
-    assert 32 in cm.runtime.programs
+    assert 32 in cm.executables
     assert out.kept_visual.sum(1).tolist() == [16, 16]
 
 

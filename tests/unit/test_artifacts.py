@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from vtcompile import compile_pruned, load_compiled
-from vtcompile.artifacts import ARTIFACT_FORMAT, LoadedModel
+from vtcompile import CompiledModel, compile_pruned, load_compiled
+from vtcompile.artifacts import ARTIFACT_FORMAT
 from vtcompile.errors import ArtifactError, InputError
 from vtcompile.models.llava import LlavaAdapter
 
@@ -33,8 +33,14 @@ def test_layout_and_manifest(eager_art):
     assert m["format"] == ARTIFACT_FORMAT and m["target"] == "eager"
     assert {"vtcompile", "torch", "transformers"} <= set(m["versions"])
     assert m["passes"] == [{"pass": "fastv", "config": {"k": 2, "r": 0.5}}]
-    assert m["stages"][0]["files"] == ["decoder-v16.pt2"] and m["stages"][0]["n_visual"] == 16
-    assert set(m["files"]) == {"config.json", "embeddings.safetensors", "vision.pt2", "decoder-v16.pt2"}
+    (program,) = m["programs"]
+    assert program["n_visual"] == 16 and program["base"]["stages"] == ["decoder-v16"]
+    assert program["stages"]["decoder-v16"]["files"] == ["decoder-v16.pt2"]
+    assert program["decode"]["files"] == ["decoder-v16-decode.pt2"] and program["decode"]["role"] == "decode"
+    assert [o["name"] for o in program["signature"]["outputs"]][:6] == ["logits", "positions", "visual",
+                                                                        "key_positions_0", "k_0", "v_0"]
+    assert set(m["files"]) == {"config.json", "embeddings.safetensors", "vision.pt2", "decoder-v16.pt2",
+                               "decoder-v16-decode.pt2"}
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
     assert "flops" in m["report"] and m["input_spec"]["visual_tokens_per_image"] == 16
 
@@ -92,10 +98,10 @@ def test_version_mismatch_is_refused(eager_art, tmp_path, key, value, needle):
 
 def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
     lm = load_compiled(eager_art)
-    assert isinstance(lm, LoadedModel) and lm.target == "eager"
+    assert isinstance(lm, CompiledModel) and lm.target.name == "eager"  # the one compiled-model type
     assert "fastv(k=2, r=0.5)" in lm.report.summary_table()
     ids, pixels, mask = prompt("tiny-gqa", "two_images")
-    with pytest.raises(InputError, match="holds decoder stages for 16 .* this prompt has 32"):
+    with pytest.raises(InputError, match="holds programs for 16 .* this prompt has 32"):
         lm(ids, pixels, mask)
 
 
@@ -104,7 +110,9 @@ def test_target_artifact_round_trip(target, geometry, family, tmp_path):
     cm = lowered(target, geometry, family)
     path = cm.save(tmp_path / target)
     m = json.loads((path / "manifest.json").read_text())
-    assert m["target"] == target and m["stages"][0]["format"] == ("onnx" if target == "onnx" else "pt2")
+    ext = "onnx" if target == "onnx" else "pt2"
+    assert m["target"] == target and m["programs"][0]["stages"]["decoder-v16"]["files"] == [f"decoder-v16.{ext}"]
+    assert m["programs"][0]["decode"]["files"] == [f"decoder-v16-decode.{ext}"]
     with fast_inductor():
         lm = load_compiled(path)
         for kind in ("mid_pad_b2", "image_first"):
@@ -122,11 +130,12 @@ def test_dyvte_routers_artifact_round_trip(tmp_path):
     cm = trained("tiny")
     path = cm.save(tmp_path / "dy")
     m = json.loads((path / "manifest.json").read_text())
-    stage = m["stages"][0]
-    assert stage["format"] == "pt2-staged" and "decoder-v16-routers.safetensors" in stage["files"]
+    program = m["programs"][0]
+    assert program["router"] == {"pass": "dyvte", "file": "decoder-v16-router.safetensors"}
+    files = [f for s in program["stages"].values() for f in s["files"]]
     layers = 4
-    assert sum(f.startswith("decoder-v16-layer") for f in stage["files"]) == layers
-    assert sum("-exit" in f for f in stage["files"]) == sum(layers - 1 - e for e in (0, 1, 2))
+    assert sum(f.startswith("decoder-v16-layer") for f in files) == layers
+    assert sum("-exit" in f for f in files) == sum(layers - 1 - e for e in (0, 1, 2))
     lm = load_compiled(path)
     seen = set()
     for kind, seed in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11)):
@@ -135,11 +144,11 @@ def test_dyvte_routers_artifact_round_trip(tmp_path):
         assert_exit_parity(out, cm(ids, pixels, mask), mask)
         seen.update(out.exit_layers)
     assert {0, 1, 2} <= seen  # the trained routers still route as this test assumes
-    routers_file = path / "decoder-v16-routers.safetensors"
+    routers_file = path / "decoder-v16-router.safetensors"
     data = bytearray(routers_file.read_bytes())
     data[-1] ^= 0xFF
     routers_file.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="routers.safetensors does not match the manifest"):
+    with pytest.raises(ArtifactError, match="router.safetensors does not match the manifest"):
         load_compiled(path)
 
 
@@ -156,12 +165,12 @@ def test_dynamic_exit_artifact_on_a_target(target, tmp_path):
         refs = {key: (prompt("tiny", key[0], seed=key[1]), cm(*prompt("tiny", key[0], seed=key[1])))
                 for key in prompts}
         path = cm.save(tmp_path / target)
-        stage = json.loads((path / "manifest.json").read_text())["stages"][0]
+        program = json.loads((path / "manifest.json").read_text())["programs"][0]
         ext = ".onnx" if target == "onnx" else ".pt2"
-        assert stage["format"] == ("onnx-staged" if target == "onnx" else "pt2-staged")
-        assert sum(f.endswith(ext) for f in stage["files"]) == 4 + 3 + 2 + 1
+        files = [f for s in program["stages"].values() for f in s["files"]]
+        assert sum(f.endswith(ext) for f in files) == 4 + 3 + 2 + 1
         lm = load_compiled(path)
-        assert lm.target == target
+        assert lm.target.name == target
         for key, exits in prompts.items():
             (ids, pixels, mask), ref = refs[key]
             out = lm(ids, pixels, mask)
@@ -200,11 +209,12 @@ def test_cli_run_with_processor(image, tmp_path):
     with_proc = LlavaAdapter(base.model, base.spec, _tiny_processor())
     path = compile_pruned(with_proc, "fastv").save(tmp_path / "p")
     assert (path / "processor").is_dir()
-    r = _run("run", str(path), "--image", str(image), "--prompt", "what color is the shape ?", "--json")
+    r = _run("run", str(path), "--image", str(image), "--prompt", "what color is the shape ?", "--json",
+             "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["kept_visual"] == 8 and res["prompt_tokens"] > 16 and isinstance(res["text"], str)
-    assert res["token_id"] == res["top"][0]["token_id"]
+    assert res["prompt_tokens"] > 16 and isinstance(res["answers"][0], str) and len(res["token_ids"][0]) <= 5
+    assert res["kv_prompt_bytes"] > 0
 
 
 def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path):
@@ -212,16 +222,18 @@ def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path):
     r = _run("optimize", "--model", "tiny", "--pass", "fastv", "--target", "onnx", "--out", str(out), "--no-check")
     assert r.returncode == 0, r.stderr
     assert (out / "decoder-v16.onnx").is_file() and "target" in r.stdout and "onnx" in r.stdout
-    r = _run("run", str(out), "--image", str(image), "--input-ids", "[5, 9, 127, 7, 8]", "--json")
+    r = _run("run", str(out), "--image", str(image), "--input-ids", "[5, 9, 127, 7, 8]", "--json",
+             "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["prompt_tokens"] == 20 and res["kept_tokens"] == 12 and res["text"] is None
+    assert res["prompt_tokens"] == 20 and res["answers"] == [None] and len(res["token_ids"][0]) == 4
+    assert res["target"] == "onnx"
 
 
 @pytest.mark.parametrize("args,needle", [
     (["--prompt", "hi"], "has no processor"),
     (["--input-ids", "[5, 7]"], "hold 0 image token(s)"),
-    (["--input-ids", "[5, 127]", "--max-new-tokens", "4"], "multi-token decoding is not"),
+    (["--input-ids", "[5, 127]", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--input-ids", "five"], "must be a JSON list"),
 ])
 def test_cli_run_bad_input_is_a_clear_error(eager_art, image, capsys, args, needle):

@@ -58,15 +58,19 @@ def test_bad_input_is_a_clear_error(args, needle, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
-def test_existing_output_dir_is_refused_unless_force(tmp_path):
+def test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    r = run("optimize", "--out", str(out), "--no-check")
+    r = run("optimize", "--model", "tiny", "--out", str(out), "--no-check")
     assert r.returncode != 0 and "already exists" in r.stderr and (out / "keep.txt").exists()
-    r = run("optimize", "--out", str(out), "--no-check", "--force")
+    r = run("optimize", "--model", "tiny", "--out", str(out), "--no-check", "--force")
+    assert r.returncode != 0 and "is not a vtcompile artifact" in r.stderr and (out / "keep.txt").read_text() == "x"
+    art = tmp_path / "art"
+    assert run("optimize", "--model", "tiny", "--out", str(art), "--no-check").returncode == 0
+    r = run("optimize", "--model", "tiny", "--pass", "fastv", "--out", str(art), "--no-check", "--force")
     assert r.returncode == 0, r.stderr
-    assert (out / "manifest.json").exists() and not (out / "keep.txt").exists()
+    assert json.loads((art / "manifest.json").read_text())["passes"][0]["pass"] == "fastv"
 
 
 def test_testbed_data_writes_jsonl_that_eval_reads(tmp_path):

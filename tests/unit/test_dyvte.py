@@ -31,7 +31,7 @@ def test_static_exit_matches_all_visual_keys_masked(geometry, prompt_kind, exit_
     assert cm.report.flops.schedule == [16] * (exit_layer + 1) + [0] * (3 - exit_layer)
     ids, pixels, mask = prompt(geometry, prompt_kind)
     out = cm(ids, pixels, mask)
-    prep = cm.runtime.prepare(ids, pixels, mask)
+    prep = cm.prepare(ids, pixels, mask)
     keys = [None] * (exit_layer + 1) + [~prep.visual_mask] * (3 - exit_layer)
     ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
     ref = torch.gather(ref, 1, out.kept_positions[..., None].expand(-1, -1, ref.shape[-1]))

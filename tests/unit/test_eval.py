@@ -35,17 +35,28 @@ def run(*args):
 
 
 def test_eval_json_schema(checkpoint, data):
-    r = run("eval", "--model", str(checkpoint), "--pass", "fastv", "--data", str(data), "--json")
+    r = run("eval", "--model", str(checkpoint), "--pass", "fastv", "--data", str(data), "--json",
+            "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["n"] == 6 and res["skipped_bad"] == 0
+    assert res["n"] == 6 and res["skipped_bad"] == 0 and res["max_new_tokens"] == 4
+    assert res["scoring"] == "whole generated answer (<= 4 tokens)"
     assert set(res["accuracy_by_kind"]) == set(res["count_by_kind"]) and sum(res["count_by_kind"].values()) == 6
-    assert 0 <= res["accuracy"] <= 1 and 0 <= res["fidelity"]["top1_agreement"] <= 1 and res["fidelity"]["mean_kl"] >= 0
+    assert 0 <= res["accuracy"] <= 1 and 0 <= res["ended_with_eos"] <= 1
+    fid = res["fidelity"]
+    assert 0 <= fid["top1_agreement"] <= 1 and fid["mean_kl"] >= 0
+    assert 0 <= fid["identical_answers"] <= 1 and 0 <= fid["token_agreement"] <= 1
     assert 0 < res["paper_flops_ratio"] < 1 and 0 < res["true_flops_ratio"] < 1
     assert res["visual_tokens"] == 144 and res["visual_tokens_kept_mean"] == 72
     assert res["wall_seconds"] > 0 and res["passes"][0]["pass"] == "fastv"
-    table = run("eval", "--model", str(checkpoint), "--data", str(data), "--limit", "3")
-    assert table.returncode == 0 and "overall" in table.stdout and "top-1 agreement" in table.stdout
+    r = run("eval", "--model", str(checkpoint), "--data", str(data), "--json", "--max-new-tokens", "1", "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)  # next-token scoring keeps the schema, without the generated-answer fields
+    assert res["n"] + res["skipped_bad"] == 6  # multi-token answers cannot be scored by the next token
+    assert res["scoring"] == "next token" and res["ended_with_eos"] is None and "identical_answers" not in \
+        res["fidelity"]
+    table = run("eval", "--model", str(checkpoint), "--data", str(data), "--limit", "3", "--max-new-tokens", "3")
+    assert table.returncode == 0 and "overall" in table.stdout and "answers identical to unpruned" in table.stdout
 
 
 def _write(tmp_path, lines):
@@ -89,9 +100,11 @@ def test_unreadable_image_and_unknown_answer(tmp_path, checkpoint):
                              json.dumps({"image": str(ok_img), "question": "what color is the circle?",
                                          "answer": "red"})])
     with pytest.raises(InputError, match="not a single token"):
-        evaluate(cm, str(path), progress=False)
-    res = evaluate(cm, str(path), progress=False, skip_bad=True)
+        evaluate(cm, str(path), progress=False, max_new_tokens=1)
+    res = evaluate(cm, str(path), progress=False, skip_bad=True, max_new_tokens=1)
     assert res["n"] == 1 and res["skipped_bad"] == 1
+    res = evaluate(cm, str(path), progress=False, max_new_tokens=3)  # a generated answer may take any words
+    assert res["n"] == 2 and res["skipped_bad"] == 0
 
 
 def test_checkpoint_without_processor_is_refused(tmp_path, data):
@@ -115,13 +128,13 @@ def test_per_sample_correctness_is_in_data_order():
 
     from vtcompile import compile_pruned
 
-    samples = load_data("testbed", limit=8, split="test")[0]
+    samples = [s for s in load_data("testbed", limit=16, split="test")[0] if " " not in s.answer][:8]
     i, j = 2, next(k for k in range(3, 8) if samples[k].kind != samples[2].kind)
     samples[i], samples[j] = (dataclasses.replace(samples[i], answer=samples[j].answer),
                               dataclasses.replace(samples[j], answer=samples[i].answer))
     cm = compile_pruned("testbed", progress=False)
-    res = evaluate(cm, samples, per_sample=True, progress=False)
-    alone = [evaluate(cm, [s], progress=False)["accuracy"] for s in samples]
+    res = evaluate(cm, samples, per_sample=True, progress=False, max_new_tokens=1)
+    alone = [evaluate(cm, [s], progress=False, max_new_tokens=1)["accuracy"] for s in samples]
     assert res["correct"] == alone and res["correct"][i] == res["correct"][j] == 0
     assert sum(res["correct"]) / 8 == res["accuracy"] and sum(res["correct"]) >= 5
-    assert "correct" not in evaluate(cm, samples[:2], progress=False)
+    assert "correct" not in evaluate(cm, samples[:2], progress=False, max_new_tokens=1)

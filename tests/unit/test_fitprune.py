@@ -29,10 +29,11 @@ def fitted(name: str, budget: float = 0.5):
 
 def _run(cm, kind):
     ids, pixels, mask = prompt(cm.adapter.spec.name, kind)
-    prep = cm.runtime.prepare(ids, pixels, mask)
-    program = cm.runtime.program(prep.n_visual)
+    prep = cm.prepare(ids, pixels, mask)
+    program = cm.program_for(prep.n_visual)
     with torch.no_grad():
-        logits, positions, _ = program(*prep.as_args())
+        out = program(*prep.as_args())
+        logits, positions = out["logits"], out["positions"]
     return ids, mask, prep, program, logits, positions
 
 

@@ -130,6 +130,6 @@ def test_tokens_removed_in_increasing_layer_order(geometry):
 
     cm = compiled(geometry, None)
     with pytest.raises(PassConfigError, match="increasing layer order"):
-        build_program(cm.runtime.captured, 16, resolve_passes(["fastv:k=3", "fastv:k=2"]))
-    program = build_program(cm.runtime.captured, 16, resolve_passes(["fastv:k=1,r=0.5", "fastv:k=3,r=0.5"]))
+        build_program(cm.captured, 16, resolve_passes(["fastv:k=3", "fastv:k=2"]))
+    program = build_program(cm.captured, 16, resolve_passes(["fastv:k=1,r=0.5", "fastv:k=3,r=0.5"]))
     assert program.schedule == [16, 8, 8, 4]

@@ -35,7 +35,7 @@ def test_fastv_matches_masked_key_reference(geometry, prompt_kind, spec, k):
     # the pruning really happened: visual tokens kept per row match the schedule
     per_image = cm.adapter.geometry.visual_tokens_per_image
     images = int(seen["ids"].eq(cm.adapter.image_token_id).sum(1)[0]) // per_image
-    expect = cm.runtime.program(images * per_image).visual_at(3)
+    expect = cm.program_for(images * per_image).visual_at(3)
     assert seen["visual"].sum(1).tolist() == [expect] * seen["ids"].shape[0]
 
 
@@ -48,7 +48,7 @@ def test_fastv_selection_matches_eager_attention(geometry, prompt_kind):
     eager.config.text_config._attn_implementation = "eager"
     with torch.no_grad():
         attn = eager(input_ids=ids, pixel_values=pixels, attention_mask=mask,
-                     position_ids=cm.runtime.prepare(ids, pixels, mask).position_ids,
+                     position_ids=cm.prepare(ids, pixels, mask).position_ids,
                      output_attentions=True).attentions[1]  # layer k-1 = 1
     score = attn[:, :, -1, :].mean(1)  # last query row, head mean
     visual = ids == cm.adapter.image_token_id

@@ -21,10 +21,11 @@ SPECS = ["pyramiddrop", "pyramiddrop:layers=1/3,ratios=0.75/0.25"]
 def _run(geometry, spec, kind):
     cm = compiled(geometry, spec)
     ids, pixels, mask = prompt(geometry, kind)
-    prep = cm.runtime.prepare(ids, pixels, mask)
-    program = cm.runtime.program(prep.n_visual)
+    prep = cm.prepare(ids, pixels, mask)
+    program = cm.program_for(prep.n_visual)
     with torch.no_grad():
-        logits, positions, visual = program(*prep.as_args())
+        out = program(*prep.as_args())
+        logits, positions, visual = out["logits"], out["positions"], out["visual"]
     kept = kept_at_boundaries(program, *prep.as_args())
     return cm, ids, mask, prep, program, logits, positions, kept
 

@@ -19,12 +19,13 @@ from .common import adapter, compiled, masked_key_check, prompt
 @pytest.mark.parametrize("boundary", [1, 3])
 def test_drop_visual_matches_all_visual_keys_masked(geometry, boundary):
     cm = compiled(geometry, None)
-    program = drop_visual(Program.from_captured(cm.runtime.captured, 16), boundary, by="test")
+    program = drop_visual(Program.from_captured(cm.captured, 16), boundary, by="test")
     assert program.schedule == [16] * boundary + [0] * (4 - boundary)
     ids, pixels, mask = prompt(geometry, "mid_pad_b2")
-    prep = cm.runtime.prepare(ids, pixels, mask)
+    prep = cm.prepare(ids, pixels, mask)
     with torch.no_grad():
-        logits, positions, visual = program(*prep.as_args())
+        out = program(*prep.as_args())
+        logits, positions, visual = out["logits"], out["positions"], out["visual"]
     assert not visual.any() and positions.shape[1] == ids.shape[1] - 16
     text = ~prep.visual_mask
     keys = [None] * boundary + [text] * (4 - boundary)
@@ -42,7 +43,7 @@ def test_pass_manager_names_failing_pass_and_predecessors():
     cm = compiled("tiny", None)
     passes = resolve_passes(["fastv:k=1"]) + [(broken, FastVConfig())]
     with pytest.raises(PassFailedError, match=r"pass 'broken' failed \(applied before it: fastv\): RuntimeError: boom"):
-        build_program(cm.runtime.captured, 16, passes)
+        build_program(cm.captured, 16, passes)
 
 
 def test_pass_manager_catches_a_pass_that_breaks_the_schedule():
@@ -52,7 +53,7 @@ def test_pass_manager_catches_a_pass_that_breaks_the_schedule():
 
     liar = PassDef(name="liar", summary="", config=FastVConfig, plan=lambda *a: [], apply=lying_apply)
     with pytest.raises(PassFailedError, match="layer 2 attends over"):
-        build_program(compiled("tiny", None).runtime.captured, 16, [(liar, FastVConfig())])
+        build_program(compiled("tiny", None).captured, 16, [(liar, FastVConfig())])
 
 
 @pytest.mark.parametrize("spec,cut", [("randomdrop", 0), ("randomdrop:k=2,r=0.75", 2)])
@@ -85,7 +86,7 @@ def test_series_of_rewrites_builds_the_per_rewrite_graph(geometry, spec, monkeyp
     from vtcompile import compile_pruned
 
     calibration = "synthetic" if spec.startswith("fitprune") else None
-    rt = compile_pruned(adapter(geometry), spec, calibration=calibration, progress=False).runtime
+    rt = compile_pruned(adapter(geometry), spec, calibration=calibration, progress=False)
     fast = build_program(rt.captured, 16, rt.passes, rt.recipes)
     assert len(fast.rewrites) >= 2  # a series, not a single cut
     monkeypatch.setattr(Program, "series_of_rewrites", lambda self: contextlib.nullcontext(self))

@@ -1,10 +1,11 @@
-"""FLOPs of a token schedule: the papers' convention and true FLOPs, per layer and total.
+"""FLOPs and KV-cache bytes of a token schedule: the papers' convention and true FLOPs, per layer and total.
 
 Paper convention (FitPrune / PyramidDrop / SparseVLM tables): per decoder layer with n visual tokens,
 4nd^2 + 2n^2d + 3ndm, text tokens ignored (3.82 T for LLaVA-1.5-7B). True FLOPs: 2 x multiply-accumulates
 of every decoder layer and the LM head over all tokens (text included), q/o and GQA-sized k/v projections,
-dense attention scores and values, SwiGLU MLP. Both are analytic from the geometry, so they work for 7B/13B
-without allocating weights.
+dense attention scores and values, SwiGLU MLP. KV-cache bytes: the prompt's cache after prefill, each layer
+holding K and V (GQA-sized) of the tokens its attention saw, in the model dtype. All analytic from the geometry,
+so they work for 7B/13B without allocating weights.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def true_layer(n: int, g: Geometry, n_mlp: int | None = None) -> float:
     return 2.0 * (proj + attn + mlp)
 
 
+def kv_layer_bytes(n: int, g: Geometry, dtype_bytes: int) -> int:
+    """Bytes of one layer's K and V for n tokens (one prompt)."""
+    return 2 * n * g.num_kv_heads * g.head_dim * dtype_bytes
+
+
 @dataclass
 class FlopsReport:
     geometry: Geometry
@@ -38,6 +44,7 @@ class FlopsReport:
     n_text: int
     schedule: list[int]  # visual tokens in each layer's attention
     mlp_schedule: list[int] | None = None  # visual tokens in each layer's MLP (default: as schedule)
+    dtype_bytes: int = 2  # bytes per cached K/V element (the model dtype)
 
     def __post_init__(self):
         if self.mlp_schedule is None:
@@ -65,10 +72,19 @@ class FlopsReport:
     def true(self) -> float:
         return self._true(self.schedule, self.mlp_schedule)
 
+    @property
+    def kv_bytes(self) -> int:
+        return sum(kv_layer_bytes(self.n_text + v, self.geometry, self.dtype_bytes) for v in self.schedule)
+
+    @property
+    def baseline_kv_bytes(self) -> int:
+        return len(self.schedule) * kv_layer_bytes(self.n_text + self.n_visual, self.geometry, self.dtype_bytes)
+
     def rows(self) -> list[dict]:
         return [{"layer": i, "visual_tokens": v, "visual_tokens_mlp": w, "tokens": v + self.n_text,
                  "paper_gflops": paper_layer(v, self.geometry, w) / 1e9,
-                 "true_gflops": true_layer(v + self.n_text, self.geometry, w + self.n_text) / 1e9}
+                 "true_gflops": true_layer(v + self.n_text, self.geometry, w + self.n_text) / 1e9,
+                 "kv_bytes": kv_layer_bytes(v + self.n_text, self.geometry, self.dtype_bytes)}
                 for i, (v, w) in enumerate(zip(self.schedule, self.mlp_schedule))]
 
     def to_dict(self) -> dict:
@@ -81,6 +97,10 @@ class FlopsReport:
             "baseline_true_tflops": self.baseline_true / 1e12,
             "true_tflops": self.true / 1e12,
             "true_ratio": self.true / self.baseline_true,
+            "kv_cache_bytes": self.kv_bytes,
+            "baseline_kv_cache_bytes": self.baseline_kv_bytes,
+            "kv_ratio": self.kv_bytes / self.baseline_kv_bytes,
+            "dtype_bytes": self.dtype_bytes,
             "visual_tokens_per_layer": list(self.schedule),
             "visual_tokens_per_layer_mlp": list(self.mlp_schedule),
             "per_layer": self.rows(),
@@ -108,9 +128,16 @@ def schedule_from_plan(num_layers: int, n_visual: int, steps: list[tuple[float, 
     return schedules_from_plan(num_layers, n_visual, steps)[0]
 
 
-def report_from_plan(geometry: Geometry, n_visual: int, n_text: int, steps) -> FlopsReport:
+def report_from_plan(geometry: Geometry, n_visual: int, n_text: int, steps, dtype_bytes: int = 2) -> FlopsReport:
     attn, mlp = schedules_from_plan(geometry.num_layers, n_visual, steps)
-    return FlopsReport(geometry, n_visual, n_text, attn, mlp)
+    return FlopsReport(geometry, n_visual, n_text, attn, mlp, dtype_bytes)
+
+
+def fmt_bytes(x: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{int(x)} B"
 
 
 def fmt_flops(x: float) -> str:

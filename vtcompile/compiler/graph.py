@@ -103,13 +103,48 @@ def sdpa_node(gm: fx.GraphModule, layer: int) -> fx.Node:
     return found[0]
 
 
+def output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+def set_outputs(gm: fx.GraphModule, values: list[fx.Node], slots: list[float]) -> None:
+    """Make the graph return the flat tuple `values`; slots[i] is the cut position output i is read at
+    (compiler.signature.Output.layer): a rewrite at cut b redirects only the outputs read at or after b."""
+    out = output_node(gm)
+    out.args = (tuple(values),)
+    out.meta["vt_slots"] = list(slots)
+
+
+def _use_pos(user: fx.Node, node: fx.Node) -> float:
+    """Where `user` reads `node`: its own position, or for the output node the latest slot holding `node`."""
+    if user.op == "output":
+        slots = user.meta.get("vt_slots")
+        if slots is None:
+            return user.meta["vt_pos"]
+        return max(s for v, s in zip(output_values_of(user), slots) if v is node)
+    return user.meta["vt_pos"]
+
+
 def live_ins(gm: fx.GraphModule, boundary: float) -> list[fx.Node]:
     """Values produced before cut `boundary` (a layer, or layer + 0.5 for its MLP half) and used after it."""
     out = []
     for n in gm.graph.nodes:
-        if n.meta["vt_pos"] < boundary and any(u.meta["vt_pos"] >= boundary for u in n.users):
+        if n.meta["vt_pos"] < boundary and any(_use_pos(u, n) >= boundary for u in n.users):
             out.append(n)
     return out
+
+
+def redirect_uses(old: fx.Node, new: fx.Node, boundary: float) -> None:
+    """Uses of `old` at or after cut `boundary` read `new` instead (output slots by their own position)."""
+    old.replace_all_uses_with(new, delete_user_cb=lambda u: u.op != "output" and u.meta.get("vt_pos", -1) >= boundary)
+    out = next((u for u in old.users if u.op == "output"), None)
+    if out is None:
+        return
+    slots = out.meta.get("vt_slots")
+    values = output_values_of(out)
+    if slots is None:
+        slots = [out.meta["vt_pos"]] * len(values)
+    out.args = (tuple(new if v is old and s >= boundary else v for v, s in zip(values, slots)),)
 
 
 def _expr(x):
@@ -133,10 +168,13 @@ def token_axes(node: fx.Node, n_tokens) -> list[int]:
     return [d for d, size in enumerate(val.shape) if same_size(size, n_tokens)]
 
 
-def output_values(gm: fx.GraphModule) -> list[fx.Node]:
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+def output_values_of(out: fx.Node) -> list[fx.Node]:
     vals = out.args[0]
     return list(vals) if isinstance(vals, (tuple, list)) else [vals]
+
+
+def output_values(gm: fx.GraphModule) -> list[fx.Node]:
+    return output_values_of(output_node(gm))
 
 
 class FakeInputs:
@@ -251,3 +289,14 @@ def cleanup(gm: fx.GraphModule, inputs: FakeInputs) -> None:
 
 def count_ops(gm: fx.GraphModule, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def symbolic_dims(gm: fx.GraphModule) -> list[tuple[int, ...]]:
+    """Per placeholder: the dims whose size is symbolic in its shape metadata (batch, token axes, cache lengths)."""
+    dims = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            val = n.meta.get("val")
+            shape = val.shape if isinstance(val, torch.Tensor) else ()
+            dims.append(tuple(d for d, s in enumerate(shape) if not isinstance(s, int)))
+    return dims

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .geometry import Geometry
-from .graph import FakeInputs, IncrementalMeta, annotate, output_values, refresh_meta
+from .graph import (FakeInputs, IncrementalMeta, annotate, layer_nodes, output_values, refresh_meta, set_outputs)
+from .signature import END, Signature, prefill_signature
+
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,33 @@ class Captured:
     geometry: Geometry
     fake_inputs: FakeInputs
     export_seconds: float
+    signature: Signature
+
+
+class Router(Protocol):
+    """Decides, between stages, which rows take a branch (DyVTE's routers: which rows' visual tokens exit).
+
+    Owned by the pass that makes it; the runtime only calls `decide` after each layer in `layers` and saves and
+    loads it through its pass (PassDef.load_router)."""
+
+    layers: list[int]
+
+    def decide(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """[B] bool on the CPU: rows that take the branch after `layer`, from the residual stream after the layer
+        [B, S_l, D] and the visual mask of the tokens present there [B, S_l]."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The router's weights, for an artifact."""
+
+
+@dataclass
+class Branches:
+    """Dynamic control flow between layers: after layer e, the rows the router picks continue in
+    `programs[e]` (the same program with a rewrite at cut e + 1); `by` names the pass that owns the router."""
+
+    router: Router
+    programs: dict[int, "Program"]
+    by: str
 
 
 @dataclass
@@ -55,10 +86,8 @@ class Program:
     rewrites: list[Rewrite] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
     visual_origin: str = ""  # the visual-mask node before any rewrite
-    # Dynamic exits (DyVTE): exit after layer e -> the program with visual tokens dropped before e + 1,
-    # and the rule that decides per row from (layer, residual stream, visual mask).
-    exits: dict = field(default_factory=dict)
-    decide: object = None
+    signature: Signature | None = None
+    branches: Branches | None = None  # dynamic exits (DyVTE with routers)
     # Set inside series_of_rewrites(): shape metadata refreshed incrementally, not after every rewrite.
     meta: IncrementalMeta | None = field(default=None, repr=False, compare=False)
 
@@ -69,14 +98,15 @@ class Program:
         gm = _copy_graph_module(cap.gm)
         return cls(gm=gm, geometry=cap.geometry, n_visual=n_visual,
                    fake_inputs=fake, schedule=[n_visual] * cap.geometry.num_layers,
-                   mlp_schedule=[n_visual] * cap.geometry.num_layers, visual_origin=output_values(gm)[2].name)
+                   mlp_schedule=[n_visual] * cap.geometry.num_layers, visual_origin=output_values(gm)[2].name,
+                   signature=cap.signature)
 
     def clone(self) -> "Program":
         """An independent copy of the graph and bookkeeping (parameters shared)."""
         return Program(gm=_copy_graph_module(self.gm), geometry=self.geometry, n_visual=self.n_visual,
                        fake_inputs=self.fake_inputs, schedule=list(self.schedule),
                        mlp_schedule=list(self.mlp_schedule), rewrites=list(self.rewrites),
-                       applied=list(self.applied), visual_origin=self.visual_origin)
+                       applied=list(self.applied), visual_origin=self.visual_origin, signature=self.signature)
 
     @contextmanager
     def series_of_rewrites(self):
@@ -100,7 +130,13 @@ class Program:
                 name = r.visual
         return name
 
-    # Output layout of the decoder stage: (logits, positions, visual_mask)
+    def residual_name(self, layer: int) -> str:
+        """Name of the node holding the residual stream after `layer` (its last residual add)."""
+        adds = [n for n in self.gm.graph.nodes if n.meta.get("vt_layer") == layer
+                and n.meta.get("vt_role") == "residual" and n.target is aten.add.Tensor]
+        return adds[-1].name
+
+    # Output layout of the decoder stage: (logits, positions, visual_mask, then per layer its cache)
     @property
     def positions_node(self) -> fx.Node:
         return output_values(self.gm)[1]
@@ -122,8 +158,9 @@ class Program:
         layer = min(int(cut), len(self.schedule) - 1)
         return self.mlp_schedule[layer] if cut % 1 else self.schedule[layer]
 
-    def __call__(self, *args):
-        return self.gm(*args)
+    def __call__(self, *args) -> dict:
+        """Run the graph eagerly: {output name: value} (compiler.signature)."""
+        return self.signature.unpack(self.gm(*args))
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -175,9 +212,48 @@ def capture_decoder(stage: nn.Module, geometry: Geometry, device, dtype,
     seconds = time.perf_counter() - t0
     _strip_input_guards(gm)
     annotate(gm, geometry.num_layers)
+    signature = add_cache_outputs(gm, geometry.num_layers)
     fake = FakeInputs(examples, [(0, 1)] * len(examples))
     refresh_meta(gm, fake)
-    return Captured(gm=gm, geometry=geometry, fake_inputs=fake, export_seconds=seconds)
+    return Captured(gm=gm, geometry=geometry, fake_inputs=fake, export_seconds=seconds, signature=signature)
+
+
+# Ops between a layer's RoPE'd keys (or its values) and the SDPA call: GQA's repeat_kv (unsqueeze, slice,
+# expand, reshape) and layout no-ops. The cache holds the value before them.
+_VIEW_LIKE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default,
+              aten.slice.Tensor, aten.unsqueeze.default, aten.clone.default, aten.alias.default}
+
+
+def cache_source(node: fx.Node) -> fx.Node:
+    """The [B, H_kv, S, hd] value an SDPA key/value argument is made from (before any GQA repeat)."""
+    best, cur = node, node
+    while cur.op == "call_function" and cur.target in _VIEW_LIKE:
+        cur = cur.args[0]
+        val = cur.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() < 4:
+            break
+        if val.dim() == 4:
+            best = cur
+    return best
+
+
+def add_cache_outputs(gm: fx.GraphModule, num_layers: int) -> Signature:
+    """Extend the captured graph's outputs (logits, positions, visual) with each layer's cache: the positions of
+    the keys its attention sees, its keys and its values (compiler.signature). Returns the signature."""
+    logits, positions, visual = output_values(gm)[:3]
+    values, slots, layers = [logits, positions, visual], [END] * 3, []
+    for layer in range(num_layers):
+        found = layer_nodes(gm, layer, "sdpa")
+        if not found:
+            continue
+        sdpa = found[0]
+        values += [positions, cache_source(sdpa.args[1]), cache_source(sdpa.args[2])]
+        slots += [layer] * 3
+        layers.append(layer)
+    set_outputs(gm, values, slots)
+    gm.graph._codegen = fx.graph.CodeGen()  # flat positional inputs and a flat output tuple
+    gm.recompile()
+    return prefill_signature(layers)
 
 
 def _strip_input_guards(gm: fx.GraphModule) -> None:

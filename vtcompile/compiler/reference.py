@@ -73,3 +73,24 @@ def kept_at_boundaries(program, *args) -> dict[float, torch.Tensor]:
 
     _, seen = run_with_taps(program.gm, args, {r.positions for r in program.rewrites})
     return {r.boundary: seen[r.positions] for r in program.rewrites}
+
+
+@torch.no_grad()
+def masked_key_generate(adapter, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                        key_keep: list[torch.Tensor | None], tokens: torch.Tensor) -> torch.Tensor:
+    """The generation oracle: logits [B, n, V] of the unmodified model that decodes the given new `tokens` [B, n]
+    (teacher-forced) with per-layer key masks over the PROMPT and every new token unmasked, at the original
+    positions. Step i's row is the distribution of new token i (step 0: after the prompt). Recomputes the whole
+    sequence at every step: slow, independent of any cache."""
+    batch, seq = attention_mask.shape
+    embed = adapter.model.get_input_embeddings()
+    steps = tokens.shape[1]
+    out = []
+    for i in range(steps):
+        new = embed(tokens[:, :i].to(inputs_embeds.device)).to(inputs_embeds.dtype)
+        embeds = torch.cat([inputs_embeds, new], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(batch, i)], dim=1)
+        keys = [None if k is None else torch.cat([k, k.new_ones(batch, i)], dim=1) for k in key_keep]
+        logits = masked_key_logits(adapter, embeds, mask, position_ids_from_mask(mask), keys)
+        out.append(logits[:, -1])
+    return torch.stack(out, dim=1)

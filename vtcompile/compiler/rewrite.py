@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import PassConfigError, UnsupportedModelError
-from .graph import cleanup, live_ins, same_size, tidy, token_axes
+from .graph import cleanup, live_ins, redirect_uses, same_size, tidy, token_axes
 from .program import Program, Rewrite
 
 aten = torch.ops.aten
@@ -67,6 +67,9 @@ def _gather_token_axes(emit: Emitter, x: fx.Node, axes: list[int], keep: fx.Node
                  else emit.size(x, d) for d in range(rank)]
         x = emit(aten.gather.default, x, axis, emit(aten.expand.default, idx, sizes))
     return x
+
+
+SELECTED_FROM = "vt_selected_from"  # meta key on a gathered value: the name of the value it selects tokens of
 
 
 def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_visual: int,
@@ -127,6 +130,7 @@ def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_vi
             if not axes:
                 continue
             replaced[x] = _gather_token_axes(emit, x, axes, keep, batch)
+            replaced[x].meta[SELECTED_FROM] = x.name
         new_positions = replaced.get(positions)
         if new_positions is None:
             raise UnsupportedModelError("the positions output is not a live-in of the pruned layers")
@@ -134,7 +138,7 @@ def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_vi
         for x in sym_liveins:
             replaced[x] = new_count
     for old, new in replaced.items():
-        old.replace_all_uses_with(new, delete_user_cb=lambda u: u.meta.get("vt_pos", -1) >= boundary)
+        redirect_uses(old, new, boundary)
     if program.meta is not None:
         tidy(gm)
         program.meta.invalidate_from(emit.pos)

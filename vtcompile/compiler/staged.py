@@ -1,49 +1,169 @@
-"""Staged programs: a decoder graph split into one stage per layer, with exit continuations.
+"""Stages: every program runs as a list of stages, each lowered, saved and loaded on its own.
 
-Dynamic decisions (DyVTE's visual-token exit) need control flow between layers. The graph is split at every
-layer boundary (torch.fx split_module, partitioned by the vt_pos annotation); every stage has static token
-counts given the sequence length, so each one compiles and exports on its own. An exit continuation for
-layer e is the same program with every visual token dropped before layer e + 1 (compiler.rewrite.drop_visual);
-its stages 0..e are the base program's, so the runtime switches graphs at the boundary by value name,
-without recomputing anything. The decision itself is a callback on the residual stream after a layer.
+A program without branches is ONE stage: its whole graph. A program with branches (DyVTE's visual-token exit
+after the layer where a router fires) needs control flow between layers, so its graph is split at every layer
+boundary (partitioned by the vt_pos annotation); each branch program (the same program with a rewrite at
+cut e + 1) is split the same way and shares stages 0..e with the base graph. Values cross stages under their
+node names; every stage takes and returns tensors only (sizes are re-read from tensor shapes), has static token
+counts given its inputs' lengths, and so compiles and exports on its own. Running stages (and asking the router
+between them) is the runtime's job (runtime/executor.py); this module only builds them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
 
-from .graph import output_values, same_size
-from .program import Program
-
-
-def _stage_of(node: fx.Node, num_layers: int) -> int:
-    # Nodes a rewrite inserts for cut b sit at b - 0.25: they open stage b (they belong to the continuation).
-    return max(0, min(num_layers - 1, math.floor(node.meta.get("vt_pos", -1) + 0.25)))
+from .graph import output_values, same_size, set_outputs, symbolic_dims
+from .program import Program, Router
+from .signature import END, Signature
 
 
 @dataclass
 class Stage:
-    module: fx.GraphModule
-    inputs: list[str]  # names (in the whole program's graph) of the values the stage reads
-    outputs: list[str]  # names of the values it produces for later stages or the results
+    """One graph of a program: reads the values named `inputs`, produces the values named `outputs`.
+
+    `module` is the FX GraphModule (or what a target lowered it to); `batched[i]` says whether input i has the
+    batch on dim 0 (rows are regrouped between stages when a router sends some rows elsewhere); `dynamic[i]` lists
+    the dims of input i that stay symbolic (batch, token axes, cache lengths) in exports and compiles."""
+
+    name: str
+    module: Callable | None
+    inputs: list[str]
+    outputs: list[str]
+    batched: list[bool]
+    dynamic: list[tuple[int, ...]]
+    role: str = "prefill"  # or "decode" (a target may lower the decode step differently: CUDA graphs)
+
+    def info(self) -> dict:
+        """The stage's entry in an artifact manifest (without its files)."""
+        return {"name": self.name, "inputs": list(self.inputs), "outputs": list(self.outputs),
+                "batched": list(self.batched), "dynamic": [list(d) for d in self.dynamic], "role": self.role}
+
+    @classmethod
+    def from_info(cls, info: dict, module=None) -> "Stage":
+        return cls(info["name"], module, list(info["inputs"]), list(info["outputs"]), list(info["batched"]),
+                   [tuple(d) for d in info["dynamic"]], info.get("role", "prefill"))
 
 
-def _split(gm: fx.GraphModule, num_layers: int) -> list[Stage]:
-    """One GraphModule per layer; values cross stages under their original node names, tensors only."""
-    stage_of = {n: _stage_of(n, num_layers) for n in gm.graph.nodes if n.op not in ("output", "placeholder")}
-    results = set(output_values(gm))
-    return [_build_stage(gm, i, stage_of, results, num_layers) for i in range(num_layers)]
+@dataclass
+class StagedGraph:
+    """One program as stages that exchange values by node name."""
+
+    stages: list[Stage]
+    placeholders: list[str]  # the program's inputs, in signature order
+    results: list[str]  # node names of the signature's outputs, in order
+    residual: list[str] = field(default_factory=list)  # per layer: the residual stream after it (split graphs)
+
+    def info(self) -> dict:
+        return {"stages": [s.name for s in self.stages], "placeholders": list(self.placeholders),
+                "results": list(self.results), "residual": list(self.residual)}
+
+
+@dataclass
+class StagePlan:
+    """What the runtime executes for one program: the base graph and, with a router, a branch graph per layer
+    the router is asked after (its stages up to that layer are the base graph's)."""
+
+    signature: Signature
+    base: StagedGraph
+    branches: dict[int, StagedGraph] = field(default_factory=dict)
+    router: Router | None = None
+    router_by: str = ""  # the pass that owns the router (it saves and loads it)
+    visual: dict[int, str] = field(default_factory=dict)  # per branch layer: the visual mask live after it
+
+    def all_stages(self) -> Iterator[Stage]:
+        """Every distinct stage (shared stages once)."""
+        seen = set()
+        for g in (self.base, *self.branches.values()):
+            for s in g.stages:
+                if id(s) not in seen:
+                    seen.add(id(s))
+                    yield s
+
+    def map_stages(self, fn: Callable[[Stage], Stage]) -> "StagePlan":
+        """The same plan with every stage replaced by fn(stage) (shared stages stay shared)."""
+        done: dict[int, Stage] = {}
+
+        def graph(g: StagedGraph) -> StagedGraph:
+            stages = []
+            for s in g.stages:
+                if id(s) not in done:
+                    done[id(s)] = fn(s)
+                stages.append(done[id(s)])
+            return StagedGraph(stages, g.placeholders, g.results, g.residual)
+
+        return StagePlan(self.signature, graph(self.base), {e: graph(g) for e, g in self.branches.items()},
+                         self.router, self.router_by, dict(self.visual))
+
+
+def stem(program: Program) -> str:
+    """Name of a program's stages: one decoder program per visual-token count."""
+    return f"decoder-v{program.n_visual}"
+
+
+def _batched(gm: fx.GraphModule) -> set[str]:
+    batch = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+    return {n.name for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+            and n.meta["val"].dim() and same_size(n.meta["val"].shape[0], batch)}
+
+
+def whole(program: Program, name: str | None = None) -> Stage:
+    """The program's graph as one stage. The stage returns each value once (the program returns the positions
+    under several names until the first cut; values are looked up by node name, and ONNX refuses duplicates)."""
+    from .program import _copy_graph_module
+
+    gm = _copy_graph_module(program.gm)
+    unique = list(dict.fromkeys(output_values(gm)))
+    set_outputs(gm, unique, [END] * len(unique))
+    gm.recompile()
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    batched = _batched(gm)
+    return Stage(name or stem(program), gm, names, [n.name for n in unique], [n in batched for n in names],
+                 symbolic_dims(gm))
+
+
+def stage_program(program: Program) -> StagePlan:
+    """The stages of a program: one, or (with branches) one per layer for the base and every branch."""
+    gm = program.gm
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    results = [n.name for n in output_values(gm)]
+    if program.branches is None:
+        return StagePlan(program.signature, StagedGraph([whole(program)], placeholders, results))
+    base = _split(program, f"{stem(program)}-layer")
+    branches = {}
+    for e, p in sorted(program.branches.programs.items()):
+        g = _split(p, f"{stem(program)}-exit{e}-layer")
+        branches[e] = StagedGraph(base.stages[:e + 1] + g.stages[e + 1:], g.placeholders, g.results, g.residual)
+    return StagePlan(program.signature, base, branches, program.branches.router, program.branches.by,
+                     {e: program.visual_name_at(e) for e in program.branches.programs})
+
+
+# -- splitting a graph into one stage per layer -------------------------------------------------------------
+def _stage_of(node: fx.Node, num_layers: int) -> int:
+    # Nodes a rewrite inserts for cut b sit at b - 0.25: they open stage b (they belong to the branch).
+    return max(0, min(num_layers - 1, math.floor(node.meta.get("vt_pos", -1) + 0.25)))
 
 
 def _is_size(x: fx.Node) -> bool:
     return isinstance(x.meta.get("val"), torch.SymInt)
 
 
-def _build_stage(gm: fx.GraphModule, i: int, stage_of: dict, results: set, num_layers: int) -> Stage:
+def _split(program: Program, prefix: str) -> StagedGraph:
+    gm, layers = program.gm, program.geometry.num_layers
+    stage_of = {n: _stage_of(n, layers) for n in gm.graph.nodes if n.op not in ("output", "placeholder")}
+    results = set(output_values(gm))
+    batched = _batched(gm)
+    stages = [_build_stage(gm, i, stage_of, results, layers, f"{prefix}{i}", batched) for i in range(layers)]
+    return StagedGraph(stages, [n.name for n in gm.graph.nodes if n.op == "placeholder"],
+                       [n.name for n in output_values(gm)], [program.residual_name(i) for i in range(layers)])
+
+
+def _build_stage(gm: fx.GraphModule, i: int, stage_of: dict, results: set, num_layers: int, name: str,
+                 batched: set[str]) -> Stage:
     """Stage i's GraphModule. A size (SymInt) made by an earlier stage is re-read from the shape of one of the
     stage's tensor inputs, so a stage takes and returns tensors only and exports on its own."""
     graph, env = fx.Graph(), {}
@@ -70,104 +190,32 @@ def _build_stage(gm: fx.GraphModule, i: int, stage_of: dict, results: set, num_l
     outputs = [n for n in mine if n in results or (
         not _is_size(n) and any(stage_of.get(u, num_layers) > i for u in n.users))]
     graph.output(tuple(env[n] for n in outputs))
-    return Stage(fx.GraphModule(gm, graph), [x.name for x in tensors], [n.name for n in outputs])
+    module = fx.GraphModule(gm, graph)
+    names = [x.name for x in tensors]
+    return Stage(name, module, names, [n.name for n in outputs], [n in batched for n in names],
+                 symbolic_dims(module))
 
 
-@dataclass
-class StagedGraph:
-    """One program split into per-layer stages that exchange values by node name."""
-
-    stages: list[Stage]
-    placeholders: list[str]
-    results: list[str]  # (logits, positions, visual) node names
-    residual: list[str]  # per layer: the node holding the residual stream after that layer
-    batched: set[str]  # values with the batch on dim 0 (sliced when rows are regrouped)
-
-    @classmethod
-    def from_program(cls, program: Program) -> "StagedGraph":
-        gm, layers = program.gm, program.geometry.num_layers
-        stages = _split(gm, layers)
-        residual = []
-        for i in range(layers):
-            adds = [n for n in gm.graph.nodes if n.meta.get("vt_layer") == i and n.meta.get("vt_role") == "residual"
-                    and n.target is torch.ops.aten.add.Tensor]
-            residual.append(adds[-1].name)
-        batch = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
-        batched = {n.name for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
-                   and n.meta["val"].dim() and same_size(n.meta["val"].shape[0], batch)}
-        return cls(stages, [n.name for n in gm.graph.nodes if n.op == "placeholder"],
-                   [n.name for n in output_values(gm)], residual, batched)
-
-    def run_stage(self, i: int, env: dict) -> None:
-        stage = self.stages[i]
-        out = stage.module(*[env[n] for n in stage.inputs])
-        env.update(zip(stage.outputs, out))
+# -- example inputs of every stage ---------------------------------------------------------------------------
+def run_stage(stage: Stage, env: dict) -> None:
+    env.update(zip(stage.outputs, stage.module(*[env[n] for n in stage.inputs])))
 
 
-def _rows(graph: StagedGraph, env: dict, rows: torch.Tensor) -> dict:
-    """The values of a subset of batch rows (stages exchange tensors only; sizes are read from them)."""
-    return {k: v[rows] if k in graph.batched else v for k, v in env.items()}
+def stage_examples(plan: StagePlan, examples: tuple) -> dict[int, Callable[[], tuple]]:
+    """Per stage (by id): a function giving real example inputs for it, made by running the eager stages before
+    it on the program's example inputs (base graph up to the branch, then the branch)."""
 
+    def make(graph: StagedGraph, upto: int) -> Callable[[], tuple]:
+        def run() -> tuple:
+            env = dict(zip(plan.base.placeholders, examples))
+            with torch.no_grad():
+                for j in range(upto):
+                    run_stage(graph.stages[j], env)
+            return tuple(env[n] for n in graph.stages[upto].inputs)
+        return run
 
-@dataclass
-class ExitProgram:
-    """A base program plus text-only continuations after candidate exit layers and a decision rule."""
-
-    base: StagedGraph
-    exits: dict[int, StagedGraph]  # exit after layer e -> program with visual tokens dropped before e + 1
-    decide: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, residual, visual) -> [B] bool
-    visual_names: dict[int, str]  # per exit layer: the visual-mask value live there
-    last_exit: list[int] = field(default_factory=list)  # per row of the last call: exit layer or -1
-
-    @torch.no_grad()
-    def __call__(self, *args):
-        env = dict(zip(self.base.placeholders, args))
-        batch = args[0].shape[0]
-        rows = torch.arange(batch, device=args[0].device)
-        exit_at = torch.full((batch,), -1, dtype=torch.long)
-        finished: list[tuple[torch.Tensor, tuple]] = []
-        layers = len(self.base.stages)
-        for layer in range(layers):
-            if len(rows) == 0:  # every row has exited
-                break
-            self.base.run_stage(layer, env)
-            if layer not in self.exits:
-                continue
-            fire = self.decide(layer, env[self.base.residual[layer]], env[self.visual_names[layer]])
-            if not bool(fire.any()):
-                continue
-            sel = fire.nonzero().squeeze(1)
-            sub = _rows(self.base, env, sel)
-            cont = self.exits[layer]
-            for later in range(layer + 1, layers):
-                cont.run_stage(later, sub)
-            finished.append((rows[sel], tuple(sub[n] for n in cont.results)))
-            exit_at[rows[sel].cpu()] = layer
-            keep = (~fire).nonzero().squeeze(1)
-            env, rows = _rows(self.base, env, keep), rows[keep]
-        if len(rows):
-            finished.append((rows, tuple(env[n] for n in self.base.results)))
-        self.last_exit = exit_at.tolist()
-        return _merge_rows(finished, batch)
-
-
-def _merge_rows(parts: list[tuple[torch.Tensor, tuple]], batch: int):
-    """Regroup row groups of different lengths: left-pad to the longest (positions -1, logits 0)."""
-    length = max(p[1][0].shape[1] for p in parts)
-    logits0, pos0, vis0 = parts[0][1]
-    logits = logits0.new_zeros(batch, length, logits0.shape[-1])
-    positions = pos0.new_full((batch, length), -1)
-    visual = vis0.new_zeros(batch, length)
-    for rows, (lg, pos, vis) in parts:
-        n = lg.shape[1]
-        logits[rows, length - n:] = lg
-        positions[rows, length - n:] = pos
-        visual[rows, length - n:] = vis
-    return logits, positions, visual
-
-
-def exit_program(program: Program) -> ExitProgram:
-    """Stage a program that carries exit continuations (see Program.exits)."""
-    return ExitProgram(StagedGraph.from_program(program),
-                       {e: StagedGraph.from_program(p) for e, p in sorted(program.exits.items())},
-                       program.decide, {e: program.visual_name_at(e) for e in program.exits})
+    out = {}
+    for g in (plan.base, *plan.branches.values()):
+        for i, s in enumerate(g.stages):
+            out.setdefault(id(s), make(g, i))
+    return out

@@ -75,64 +75,48 @@ class DecoderStage(nn.Module):
         return logits, positions, visual
 
 
-class LlavaAdapter:
-    """Wraps a LlavaForConditionalGeneration for capture and staged execution."""
+class LlavaFrontend:
+    """Everything of a LLaVA model but its decoder: token embeddings, vision stage (tower + projector), the merge
+    of image features into the prompt, processor and generation defaults.
 
-    family = "llava"
+    Built from a live model (LlavaAdapter.frontend) or from an artifact's stored embeddings and exported vision
+    stage; the compiled model uses it the same way in both cases.
+    """
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, processor=None):
-        cls = type(model).__name__
-        if cls != "LlavaForConditionalGeneration":
-            raise UnsupportedModelError(
-                f"expected a transformers LlavaForConditionalGeneration, found {cls}; "
-                "vtcompile supports model family 'llava' (LLaVA-1.5 and checkpoints with its structure)"
-            )
-        tc = model.config.text_config
-        if getattr(tc, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
-            raise UnsupportedModelError(
-                f"the language model type {tc.model_type!r} is not supported; supported: llama, mistral, qwen2"
-            )
-        impl = model.config.text_config._attn_implementation
-        if impl not in (None, "sdpa"):
-            # The compiler keeps SDPA; eager attention would materialise the attention maps.
-            model.config.text_config._attn_implementation = "sdpa"
-        self.model = model.eval()
-        self.spec = spec
+    def __init__(self, config, embed: nn.Module, vision, processor=None, generation: dict | None = None):
+        self.config = config
+        self.embed = embed
+        self.vision = vision  # pixel_values [n, 3, H, W] -> image features [n, N_visual, D]
         self.processor = processor
+        self.generation = dict(generation or {})  # eos_token_id, pad_token_id, bos_token_id
 
-    # -- facts -------------------------------------------------------------------------------------
     @property
     def geometry(self) -> Geometry:
-        return geometry_from_config(self.model.config)
+        return geometry_from_config(self.config)
 
     @property
     def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+        return int(self.config.image_token_id)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
+        return self.embed.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return self.embed.weight.device
 
-    # -- stages ------------------------------------------------------------------------------------
-    def decoder_stage(self) -> DecoderStage:
-        return DecoderStage(self.model.model.language_model, self.model.lm_head)
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", None)
+
+    @torch.no_grad()
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids.to(self.device))
 
     @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector: [n_images, 3, H, W] -> [n_images, N_visual, D]."""
-        cfg = self.model.config
-        out = self.model.model.get_image_features(
-            pixel_values=pixel_values.to(self.dtype),
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
-        feats = out.pooler_output
-        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        return self.vision(pixel_values.to(device=self.device, dtype=self.dtype))
 
     @torch.no_grad()
     def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
@@ -160,14 +144,122 @@ class LlavaAdapter:
                 f"every batch row must hold the same number of image tokens; found {counts.tolist()}. "
                 "Batch prompts with the same number of images together."
             )
-        embeds = self.model.get_input_embeddings()(input_ids)
+        embeds = self.embed_tokens(input_ids)
         if n_tokens:
             feats = self.image_features(pixel_values).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-            embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), feats)
-        return embeds, visual_mask
+            embeds = embeds.masked_scatter(visual_mask.to(embeds.device).unsqueeze(-1), feats)
+        return embeds, visual_mask.to(embeds.device)
 
 
-def example_inputs(adapter: "LlavaAdapter", batch: int = 2, n_images: int = 1, text_before: int = 5,
+class VisionStage(nn.Module):
+    """pixel_values [n_images, 3, H, W] -> image features [n_images, N_visual, D] (tower + projector).
+
+    Mirrors LlavaModel.get_image_features (feature layer(s), CLS crop, projector) without its final split
+    into a per-image list, which would fix the image count in an export. Only the tower and projector are
+    registered, so an export holds their weights and not the decoder's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.layer = model.config.vision_feature_layer
+        self.strategy = model.config.vision_feature_select_strategy
+        self.dtype = model.get_input_embeddings().weight.dtype
+
+    def forward(self, pixel_values):
+        out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
+        layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
+        feats = [out.hidden_states[i] for i in layers]
+        if self.strategy == "default":
+            feats = [f[:, 1:] for f in feats]
+        return self.projector(feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1))
+
+
+def generation_defaults(model: nn.Module) -> dict:
+    """eos/pad/bos token ids of a model: its generation_config, else its config."""
+    gc = getattr(model, "generation_config", None)
+    out = {}
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = getattr(gc, key, None) if gc is not None else None
+        if value is None:
+            value = getattr(model.config, key, None) or getattr(model.config.text_config, key, None)
+        out[key] = value
+    return out
+
+
+class LlavaAdapter:
+    """Wraps a LlavaForConditionalGeneration: its front end and its decoder stage for capture."""
+
+    family = "llava"
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, processor=None):
+        cls = type(model).__name__
+        if cls != "LlavaForConditionalGeneration":
+            raise UnsupportedModelError(
+                f"expected a transformers LlavaForConditionalGeneration, found {cls}; "
+                "vtcompile supports model family 'llava' (LLaVA-1.5 and checkpoints with its structure)"
+            )
+        tc = model.config.text_config
+        if getattr(tc, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
+            raise UnsupportedModelError(
+                f"the language model type {tc.model_type!r} is not supported; supported: llama, mistral, qwen2"
+            )
+        impl = model.config.text_config._attn_implementation
+        if impl not in (None, "sdpa"):
+            # The compiler keeps SDPA; eager attention would materialise the attention maps.
+            model.config.text_config._attn_implementation = "sdpa"
+        self.model = model.eval()
+        self.spec = spec
+        self.processor = processor
+        self.frontend = LlavaFrontend(model.config, model.get_input_embeddings(), self.image_features, processor,
+                                      generation_defaults(model))
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def geometry(self) -> Geometry:
+        return geometry_from_config(self.model.config)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # -- stages ------------------------------------------------------------------------------------
+    def decoder_stage(self) -> DecoderStage:
+        return DecoderStage(self.model.model.language_model, self.model.lm_head)
+
+    def vision_stage(self) -> VisionStage:
+        return VisionStage(self.model)
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: [n_images, 3, H, W] -> [n_images, N_visual, D]."""
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(self.dtype),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        feats = out.pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        return self.frontend.merge(input_ids, pixel_values)
+
+
+def example_inputs(adapter: "LlavaAdapter | LlavaFrontend", batch: int = 2, n_images: int = 1, text_before: int = 5,
                    text_after: int = 12, pad: int = 3, seed: int = 0):
     """A synthetic prompt batch: random text ids around the image tokens, row b>0 left-padded by `pad`.
 
@@ -175,7 +267,7 @@ def example_inputs(adapter: "LlavaAdapter", batch: int = 2, n_images: int = 1, t
     data set is at hand; real prompts go through the model's processor.
     """
     g = adapter.geometry
-    cfg = adapter.model.config
+    cfg = adapter.config
     gen = torch.Generator().manual_seed(seed)
     special = {g.image_token_id, getattr(cfg, "pad_token_id", None) or 0}
     vocab = torch.tensor([t for t in range(1, min(g.vocab_size, 32000)) if t not in special])

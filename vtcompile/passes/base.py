@@ -132,6 +132,8 @@ class PassDef:
     families: tuple[str, ...] = ("llava",)
     min_layers: int = 1
     calibrate: Callable | None = None  # (program, config, batches, progress) -> recipe dict
+    load_router: Callable | None = None  # (config, geometry, tensors) -> the Router its apply() makes
+    calibration_exits: Callable | None = None  # (recipe, config) -> {branch layer (-1: none): calibration prompts}
 
     def check_supports(self, geometry: Geometry) -> None:
         if geometry.family not in self.families:

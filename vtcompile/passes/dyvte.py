@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..compiler.geometry import Geometry
-from ..compiler.program import Program
+from ..compiler.program import Branches, Program
 from ..compiler.rewrite import drop_visual
 from ..compiler.taps import run_with_taps
 from ..errors import PassConfigError
@@ -103,6 +103,9 @@ class Routers(nn.Module):
     def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         return self.mlps[str(layer)](features)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict())
+
     @torch.no_grad()
     def decide(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """True for rows whose router says exit: exit probability > threshold, i.e. exit logit - keep logit >
@@ -130,9 +133,8 @@ def apply(program: Program, config: DyVTEConfig, recipe: dict | None = None) -> 
     config.check_model(program.geometry)
     if config.exit_layer >= 0:
         return drop_visual(program, config.exit_layer + 1, by="dyvte")
-    routers = load_routers(config, program, recipe)
-    program.exits = {e: _continuation(program, e) for e in routers.layers}
-    program.decide = routers.decide
+    routers = load_routers(config, program.geometry, recipe)
+    program.branches = Branches(routers, {e: _continuation(program, e) for e in routers.layers}, by="dyvte")
     return program
 
 
@@ -144,7 +146,7 @@ def routers_recipe(state: dict) -> dict:
     return {"layers": layers, "hidden": state[f"mlps.{layers[0]}.0.weight"].shape[0], "_tensors": state}
 
 
-def load_routers(config: DyVTEConfig, program: Program, recipe: dict | None) -> Routers:
+def load_routers(config: DyVTEConfig, geometry: Geometry, recipe: dict | None) -> Routers:
     if recipe is None and config.routers:
         from safetensors.torch import load_file
 
@@ -156,7 +158,7 @@ def load_routers(config: DyVTEConfig, program: Program, recipe: dict | None) -> 
         raise PassConfigError("dyvte with routers needs trained routers: calibrate them (--calibration DATA), give "
                               "dyvte:routers=FILE.safetensors, or use the static form dyvte:exit_layer=K")
     state = recipe["_tensors"]
-    dim = program.geometry.hidden_size
+    dim = geometry.hidden_size
     for key, t in state.items():
         if key.endswith(".0.weight") and t.shape[1] != 2 * dim:
             raise PassConfigError(f"dyvte: the routers were trained for a model of width {t.shape[1] // 2}, this "
@@ -175,10 +177,8 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
     if not layers:
         raise PassConfigError("dyvte: no candidate exit layer follows the earlier passes' rewrites")
     continuations = {e: _continuation(program, e) for e in layers}
-    from ..compiler.staged import StagedGraph
-
-    staged = StagedGraph.from_program(program)
-    names = {staged.residual[e] for e in layers} | {program.visual_name_at(e) for e in layers}
+    residual = {e: program.residual_name(e) for e in layers}
+    names = set(residual.values()) | {program.visual_name_at(e) for e in layers}
     feats = {e: [] for e in layers}
     labels = {e: [] for e in layers}
     for args in tqdm(batches, desc="dyvte: router labels", unit="batch", disable=not progress):
@@ -192,7 +192,7 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
             loss = nn.functional.cross_entropy(cut, answer, reduction="none")
             bound = config.loss_ratio * full_loss + config.loss_slack + 1e-6
             labels[e].append(((cut.argmax(-1) == answer) & (loss < bound)).long())
-            feats[e].append(router_features(seen[staged.residual[e]], seen[program.visual_name_at(e)]))
+            feats[e].append(router_features(seen[residual[e]], seen[program.visual_name_at(e)]))
     if not any(feats.values()) or not feats[layers[0]]:
         raise PassConfigError("dyvte: the calibration set is empty; give at least one prompt with an image")
     with torch.random.fork_rng(devices=[]):  # seeded init, the caller's random state untouched
@@ -239,10 +239,11 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
             "_margins": margins}
 
 
-def calibration_exits(recipe: dict | None, threshold: float) -> dict[int, int] | None:
+def calibration_exits(recipe: dict | None, config: DyVTEConfig) -> dict[int, int] | None:
     """Where the trained routers send the calibration prompts at ``threshold``: {exit layer (-1: none): prompts}.
 
-    Uses the router margins (exit logit - keep logit) that calibrate() kept per prompt and layer: the features a
+    At the config's threshold. Uses the router margins (exit logit - keep logit) that calibrate() kept per prompt
+    and layer: the features a
     router reads at layer e are those of the run without an exit (no row has exited before its first firing
     router), so the first layer whose margin passes the threshold is the exit the runtime takes on that prompt.
     None when the routers did not come from calibration here (a routers file).
@@ -250,7 +251,7 @@ def calibration_exits(recipe: dict | None, threshold: float) -> dict[int, int] |
     margins = (recipe or {}).get("_margins")
     if not margins:
         return None
-    cut = exit_cut(threshold)
+    cut = exit_cut(config.threshold)
     layers = sorted(margins, key=int)
     counts: dict[int, int] = {}
     for i in range(len(margins[layers[0]])):
@@ -259,8 +260,14 @@ def calibration_exits(recipe: dict | None, threshold: float) -> dict[int, int] |
     return counts
 
 
+def load_router(config: DyVTEConfig, geometry: Geometry, tensors: dict) -> Routers:
+    """The routers of an artifact (PassDef.load_router)."""
+    return load_routers(config, geometry, routers_recipe(tensors))
+
+
 PASS = register(PassDef(
     name="dyvte",
     summary="visual-token exit: all visual tokens leave after the layer where a trained router fires (DyVTE); "
             "static form exit_layer=K",
-    config=DyVTEConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate))
+    config=DyVTEConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate, load_router=load_router,
+    calibration_exits=calibration_exits))

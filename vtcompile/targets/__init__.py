@@ -1,10 +1,18 @@
-"""Lowering targets: one module per backend, each with ``is_available()``, ``lower(program) -> callable``,
-``save_stage(program, lowered, dir) -> manifest entry`` and ``load_stage(dir, entry) -> callable``.
+"""Lowering targets: one module per backend, each lowering, saving and loading ONE stage.
 
-A lowered stage is called like the program: (inputs_embeds, attention_mask, position_ids, visual_mask) ->
-(logits, positions, visual). Programs with dynamic exits are lowered one per-layer stage at a time
-(``lower_exits``, see targets/staged.py). Optional backends (onnxruntime, torch_tensorrt) are imported lazily, inside
-the functions that need them, never at package import.
+Every module provides
+    is_available() -> bool, REQUIREMENT (what is missing when it is not)
+    lower(stage, exported) -> callable          (exported: the stage's ExportedProgram, or None when
+                                                  NEEDS_EXPORT is False; the callable takes the stage's inputs
+                                                  in order and returns its outputs as a tuple)
+    save(stage, exported, lowered, directory) -> [file names]   (exported: a function giving the ExportedProgram)
+    load(stage, directory, files) -> callable
+and the flags NEEDS_EXPORT, FORMAT (artifact file format), DECODES (whether the decode step runs on it; when
+not, DECODE_NOTE says why), IN_PLACE_DECODE (default True; False: the step's functional form, which returns
+its written caches) and optionally prepare(program) -> program (a compiler transform the backend needs,
+run before staging). A stage is the one graph of a static program, a per-layer graph of a program with
+branches, or the decode step (compiler/staged.py, compiler/decode.py). Optional backends (onnxruntime,
+torch_tensorrt) are imported lazily, inside the functions that need them, never at package import.
 """
 from __future__ import annotations
 
@@ -19,33 +27,58 @@ from . import eager, inductor, onnx, tensorrt
 class Target:
     name: str
     summary: str
-    lower: Callable | None
-    is_available: Callable[[], bool]
-    requirement: str = ""
-    save_stage: Callable | None = None
-    load_stage: Callable | None = None
-    stage_format: str = "pt2"
-    # Programs with dynamic exits (per-layer stages, targets/staged.py): lower_exits(program) -> ExitProgram,
-    # and the per-stage save/load an artifact uses.
-    lower_exits: Callable | None = None
-    save_graph_stage: Callable | None = None
-    load_graph_stage: Callable | None = None
+    module: object
 
+    @property
+    def requirement(self) -> str:
+        return getattr(self.module, "REQUIREMENT", "")
 
-def _target(module, name: str, summary: str, fmt: str = "pt2", requirement: str = "") -> Target:
-    return Target(name, summary, module.lower, module.is_available, requirement or getattr(module, "REQUIREMENT", ""),
-                  module.save_stage, module.load_stage, fmt, module.lower_exits,
-                  getattr(module, "save_graph_stage", None), getattr(module, "load_graph_stage", None))
+    def is_available(self) -> bool:
+        return self.module.is_available()
+
+    @property
+    def needs_export(self) -> bool:
+        return self.module.NEEDS_EXPORT
+
+    @property
+    def file_format(self) -> str:
+        return self.module.FORMAT
+
+    @property
+    def decodes(self) -> bool:
+        return self.module.DECODES
+
+    @property
+    def in_place_decode(self) -> bool:
+        """Whether the decode step may write its caches in place (else its functional form returns them)."""
+        return getattr(self.module, "IN_PLACE_DECODE", True)
+
+    @property
+    def decode_note(self) -> str:
+        return getattr(self.module, "DECODE_NOTE", "")
+
+    @property
+    def prepare(self) -> Callable | None:
+        return getattr(self.module, "prepare", None)
+
+    def lower(self, stage, exported):
+        return self.module.lower(stage, exported)
+
+    def save(self, stage, exported, lowered, directory) -> list[str]:
+        return self.module.save(stage, exported, lowered, directory)
+
+    def load(self, stage, directory, files):
+        return self.module.load(stage, directory, files)
 
 
 TARGETS: dict[str, Target] = {
-    "eager": _target(eager, "eager", "the rewritten FX GraphModules run by PyTorch (reference for parity)"),
-    "inductor": _target(inductor, "inductor", "torch.compile/Inductor of each stage, symbolic batch and "
-                                              "sequence (compiles once, no recompilation per prompt length)"),
-    "onnx": _target(onnx, "onnx", "ONNX export (dynamo) of each stage run by ONNX Runtime (TensorRT/CUDA "
-                                  "providers when present, CPU otherwise)", fmt="onnx"),
-    "tensorrt": _target(tensorrt, "tensorrt", "torch-tensorrt dynamo compile of each stage (static-k selection, "
-                                              "index_select gathers); GPU only"),
+    "eager": Target("eager", "the rewritten FX GraphModules run by PyTorch (reference for parity)", eager),
+    "inductor": Target("inductor", "torch.compile/Inductor of each stage, symbolic batch and lengths (compiles "
+                                   "once, no recompilation per prompt length or decode step)", inductor),
+    "onnx": Target("onnx", "ONNX export (dynamo) of each stage run by ONNX Runtime (TensorRT/CUDA providers when "
+                           "present, CPU otherwise)", onnx),
+    "tensorrt": Target("tensorrt", "torch-tensorrt dynamo compile of each stage (static-k selection, index_select "
+                                   "gathers); GPU only", tensorrt),
 }
 
 
@@ -58,9 +91,6 @@ def get_target(name: str) -> Target:
         raise TargetUnavailableError(
             f"target {name!r} is not available on this machine: it needs {target.requirement}. "
             f"Available here: {', '.join(here)}.")
-    if target.lower is None:
-        raise TargetUnavailableError(
-            f"target {name!r} is not implemented in this version of vtcompile; available now: eager")
     return target
 
 

@@ -1,44 +1,41 @@
-"""The eager target: the rewritten GraphModule as it is (the reference every other target must match).
+"""The eager target: the rewritten FX GraphModules as they are (the reference every other target must match).
 
-Artifacts hold the program re-exported with dynamic batch/sequence (.pt2); loading runs it with PyTorch.
+Artifacts hold each stage torch.export'ed with its symbolic dims (.pt2); loading runs it with PyTorch.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import stage
+import torch
+
+from ..compiler.export import strip_guards
+
+NEEDS_EXPORT = False
+FORMAT = "pt2"
+DECODES = True
 
 
 def is_available() -> bool:
     return True
 
 
-def lower(program):
-    return program.gm
+def lower(stage, exported):
+    return stage.module if stage.module is not None else strip_guards(exported.module())
 
 
-def save_stage(program, lowered, directory: Path) -> dict:
-    ep = getattr(lowered, "exported", None) or stage.export_program(program)
-    return stage.stage_info(program, stage.save_pt2(ep, directory, stage.stem(program)), "pt2")
+def save_pt2(stage, exported, directory: Path) -> list[str]:
+    """The stage's ExportedProgram as <name>.pt2 (what the pt2 targets store)."""
+    torch.export.save(exported(), str(directory / f"{stage.name}.pt2"))
+    return [f"{stage.name}.pt2"]
 
 
-def load_stage(directory: Path, info: dict):
-    return stage.load_pt2(directory, info).module()
+def load_pt2(directory: Path, files: list[str]) -> torch.export.ExportedProgram:
+    return torch.export.load(str(directory / files[0]))
 
 
-# -- per-layer stages of programs with dynamic exits (targets/staged.py) ------------------------------------
-def lower_exits(program):
-    """A program with dynamic exits runs its per-layer FX stages as they are."""
-    from ..compiler.staged import exit_program
-
-    return exit_program(program)
+def save(stage, exported, lowered, directory: Path) -> list[str]:
+    return save_pt2(stage, exported, directory)
 
 
-save_graph_stage = stage.save_graph_pt2
-
-
-def load_graph_stage(directory: Path, files: list[str], label: str, inputs: list[str], outputs: list[str],
-                     batched: list[bool]):
-    import torch
-
-    return stage.strip_guards(torch.export.load(str(directory / files[0])).module())
+def load(stage, directory: Path, files: list[str]):
+    return strip_guards(load_pt2(directory, files).module())

@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 
 from ..errors import TargetUnavailableError, UnsupportedModelError
-from . import stage
 
 REQUIREMENT = "the onnx, onnxscript and onnxruntime packages (pip install onnx onnxscript onnxruntime)"
+NEEDS_EXPORT = True
+FORMAT = "onnx"
+DECODES = True
+IN_PLACE_DECODE = False  # ONNX graphs do not mutate their inputs: the step returns the written caches
 _PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -57,14 +60,14 @@ def _check_dtype(dtype: torch.dtype, chosen: list[str]) -> None:
 
 
 class OnnxStage:
-    """An ONNX Runtime session over one decoder stage; call it like the program."""
+    """An ONNX Runtime session over one stage; call it with the stage's inputs in order."""
 
-    def __init__(self, path: Path, exported=None, label: str = "", inputs: list[str] | tuple = stage.INPUT_NAMES):
+    def __init__(self, path: Path, stage, files: list[str] | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.exported = exported
-        self.label = label
+        self.label = stage.name
+        self.files = files or [self.path.name]
         self.providers = providers()
         opts = ort.SessionOptions()
         threads = os.environ.get("VTCOMPILE_ORT_THREADS")
@@ -76,9 +79,8 @@ class OnnxStage:
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise UnsupportedModelError(f"ONNX Runtime could not load {self.path.name} with {self.providers}: "
                                         f"{exc}") from exc
-        self.session_seconds = time.perf_counter() - t0
-        self.compile_seconds = self.session_seconds
-        self.input_names = list(inputs)
+        self.compile_seconds = time.perf_counter() - t0
+        self.input_names = list(stage.inputs)
         # The exporter drops inputs the graph never reads (a stage may take a value only for its size).
         taken = {i.name for i in self.session.get_inputs()}
         if not taken <= set(self.input_names):
@@ -93,81 +95,56 @@ class OnnxStage:
         return tuple(torch.from_numpy(o).to(device) for o in outs)
 
 
-def export_onnx(ep, path: Path, inputs=stage.INPUT_NAMES, outputs=stage.OUTPUT_NAMES) -> list[str]:
-    """Translate an exported program to ONNX at `path`; returns the file names written (model, weights)."""
+def export_onnx(ep, path: Path, stage) -> list[str]:
+    """Translate an exported stage to ONNX at `path`; returns the file names written (model, weights)."""
     try:
-        onnx_program = torch.onnx.export(ep, dynamo=True, input_names=list(inputs), output_names=list(outputs),
-                                         optimize=True, verbose=False)
+        onnx_program = torch.onnx.export(ep, dynamo=True, input_names=list(stage.inputs),
+                                         output_names=_output_names(stage.outputs), optimize=True, verbose=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with what was exported
-        raise UnsupportedModelError(f"torch.onnx.export of {path.stem} failed: {type(exc).__name__}: {exc}") from exc
+        raise UnsupportedModelError(f"torch.onnx.export of {stage.name} failed: {type(exc).__name__}: {exc}") from exc
     onnx_program.save(str(path))
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def _session_in_temp(ep, label: str, inputs=stage.INPUT_NAMES, outputs=stage.OUTPUT_NAMES) -> OnnxStage:
-    """Translate `ep` to ONNX in a temporary directory (removed with the stage) and open a session on it."""
+def _output_names(names: list[str]) -> list[str]:
+    """ONNX output names: distinct from every value name inside the graph (the exporter names those after the
+    export's nodes, which can coincide with the stage's node names) and from each other."""
+    return [f"out{i}.{n}" for i, n in enumerate(names)]
+
+
+def lower(stage, exported) -> OnnxStage:
+    """Translate the exported stage to ONNX in a temporary directory (removed with the session) and open it."""
+    _check_dtype(_dtype(exported), providers())
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="vtcompile-onnx-"))
     try:
-        files = export_onnx(ep, tmp / f"{label}.onnx", inputs, outputs)
-        lowered = OnnxStage(tmp / files[0], exported=ep, label=label, inputs=inputs)
+        files = export_onnx(exported, tmp / f"{stage.name}.onnx", stage)
+        lowered = OnnxStage(tmp / files[0], stage, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    lowered.files = files
     lowered.compile_seconds = time.perf_counter() - t0  # translation + session
     weakref.finalize(lowered, shutil.rmtree, str(tmp), True)
-    print(f"[vtcompile] onnx: exported {label} and opened an ONNX Runtime session "
+    print(f"[vtcompile] onnx: exported {stage.name} and opened an ONNX Runtime session "
           f"({', '.join(lowered.providers)}) in {lowered.compile_seconds:.1f}s", file=sys.stderr, flush=True)
     return lowered
 
 
-def lower(program) -> OnnxStage:
-    chosen = providers()
-    _check_dtype(program.fake_inputs.examples[0].dtype, chosen)
-    t0 = time.perf_counter()
-    lowered = _session_in_temp(stage.export_program(program), stage.stem(program))
-    lowered.compile_seconds = time.perf_counter() - t0  # export + translation + session
-    return lowered
+def _dtype(ep) -> torch.dtype:
+    """The floating dtype of an exported stage (its first floating parameter)."""
+    for t in ep.state_dict.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
 
 
-def _copy_files(lowered: OnnxStage, directory: Path) -> list[str]:
-    for name in lowered.files:
-        shutil.copyfile(lowered.path.parent / name, directory / name)
-    return list(lowered.files)
-
-
-def save_stage(program, lowered: OnnxStage, directory: Path) -> dict:
+def save(stage, exported, lowered, directory: Path) -> list[str]:
     if isinstance(lowered, OnnxStage):
-        files = _copy_files(lowered, directory)
-    else:
-        files = export_onnx(stage.export_program(program), directory / f"{stage.stem(program)}.onnx")
-    return stage.stage_info(program, files, "onnx")
+        for name in lowered.files:
+            shutil.copyfile(lowered.path.parent / name, directory / name)
+        return list(lowered.files)
+    return export_onnx(exported(), directory / f"{stage.name}.onnx", stage)
 
 
-def load_stage(directory: Path, info: dict) -> OnnxStage:
-    return OnnxStage(directory / info["files"][0], label=Path(info["files"][0]).stem)
-
-
-# -- per-layer stages of programs with dynamic exits (targets/staged.py) ------------------------------------
-def lower_graph_stage(ep, label: str, inputs: list[str], outputs: list[str], batched: list[bool]) -> OnnxStage:
-    return _session_in_temp(ep, label, inputs, outputs)
-
-
-def save_graph_stage(ep, lowered, directory: Path, name: str, inputs: list[str], outputs: list[str]) -> list[str]:
-    if isinstance(lowered, OnnxStage):
-        return _copy_files(lowered, directory)
-    return export_onnx(ep, directory / f"{name}.onnx", inputs, outputs)
-
-
-def load_graph_stage(directory: Path, files: list[str], label: str, inputs: list[str], outputs: list[str],
-                     batched: list[bool]) -> OnnxStage:
-    return OnnxStage(directory / files[0], label=label, inputs=inputs)
-
-
-def lower_exits(program):
-    """A program with dynamic exits: every per-layer stage exported to ONNX at its first call."""
-    from .staged import lower_exit_program
-
-    _check_dtype(program.fake_inputs.examples[0].dtype, providers())
-    return lower_exit_program(program, lower_graph_stage)
+def load(stage, directory: Path, files: list[str]) -> OnnxStage:
+    return OnnxStage(directory / files[0], stage, files)

@@ -9,8 +9,8 @@ k = S - removed over every position, then sort and per-row gather):
     residual stream, RoPE tables and bookkeeping becomes index_select on the batch-flattened tensor with row
     offsets (the 4-D mask keeps its element-wise gathers; see _gathers_to_index_select).
 `trt_friendly(program)` does both on a copy of the graph; it runs on CPU, so its numerics are tested in the
-default suite. The compile itself (`lower`), saving as an exported program (`save_stage`) and loading
-(`load_stage`) need CUDA and torch_tensorrt, are imported lazily and are UNTESTED in this repository's CI
+default suite. The compile itself (`lower`), saving as an exported program (`save`) and loading
+(`load`) need CUDA and torch_tensorrt, are imported lazily and are UNTESTED in this repository's CI
 (no GPU); tests/gpu holds their tests, skipped without CUDA.
 """
 from __future__ import annotations
@@ -25,10 +25,13 @@ import torch
 import torch.fx as fx
 
 from ..errors import TargetUnavailableError, UnsupportedModelError
-from . import stage
 
 aten = torch.ops.aten
 REQUIREMENT = "a CUDA GPU and the torch-tensorrt package (pip install 'vtcompile[tensorrt]')"
+NEEDS_EXPORT = True
+FORMAT = "pt2"
+DECODES = False
+DECODE_NOTE = "the decode step is not lowered to TensorRT yet (its in-place cache writes are untested there)"
 # TensorRT optimisation profile: engines are built for batch 1..MAX_BATCH and sequence min_seq..MAX_SEQ
 # (LLaVA-1.5's 4096 positions); the opt shape is one prompt of the captured example length.
 MAX_BATCH = 8
@@ -175,22 +178,38 @@ def trt_friendly(program) -> fx.GraphModule:
     return gm
 
 
+def prepare(program):
+    """The compiler transform TensorRT needs, run before staging: a copy of the program whose graph has static-k
+    selection and index_select gathers (same numerics)."""
+    if program.branches is not None:
+        _require()
+        raise TargetUnavailableError(
+            "target 'tensorrt' does not lower programs with dynamic exits (dyvte with routers) yet: its static-k "
+            "selection transform (trt_friendly) works on whole decoder graphs, not on per-layer stages. Use target "
+            "inductor or onnx for them, or the static form dyvte:exit_layer=K, which tensorrt lowers")
+    out = program.clone()
+    out.gm = trt_friendly(program)
+    return out
+
+
 # -- compile / save / load (CUDA + torch_tensorrt; untested here) ---------------------------------------
-def _inputs(torch_tensorrt, program):
-    ex = stage.example_args(program)
-    lo, opt = stage.min_seq(program), ex[0].shape[1]
+def _inputs(torch_tensorrt, stage, exported):
+    """Optimisation profile: batch 1..MAX_BATCH and each symbolic length from the export's lower bound (at
+    least 1) to MAX_SEQ; the example's shapes are the opt shapes."""
+    (args, _kwargs) = exported.example_inputs
     specs = []
-    for t, name in zip(ex, stage.INPUT_NAMES):
-        tail = tuple(t.shape[2:])
-        specs.append(torch_tensorrt.Input(min_shape=(1, lo) + tail, opt_shape=(1, opt) + tail,
-                                          max_shape=(MAX_BATCH, MAX_SEQ) + tail, dtype=t.dtype, name=name))
+    for t, name, dims in zip(args, stage.inputs, stage.dynamic):
+        lo, opt, hi = list(t.shape), list(t.shape), list(t.shape)
+        for d in dims:
+            lo[d], hi[d] = 1, (MAX_BATCH if d == 0 else MAX_SEQ)
+        specs.append(torch_tensorrt.Input(min_shape=tuple(lo), opt_shape=tuple(opt), max_shape=tuple(hi),
+                                          dtype=t.dtype, name=name))
     return specs
 
 
 class TensorRTStage:
-    def __init__(self, module, exported=None, label: str = "", compile_seconds: float = 0.0):
+    def __init__(self, module, label: str = "", compile_seconds: float = 0.0):
         self.module = module
-        self.exported = exported
         self.label = label
         self.compile_seconds = compile_seconds
 
@@ -203,45 +222,34 @@ class TensorRTStage:
             return tuple(self.module(*args))
 
 
-def lower(program) -> TensorRTStage:
+def lower(stage, exported) -> TensorRTStage:
     torch_tensorrt = _require()
     t0 = time.perf_counter()
-    ep = stage.export_program(program, trt_friendly(program))
-    dtype = stage.example_args(program)[0].dtype
+    dtype = exported.example_inputs[0][0].dtype
     # fp32 engines without TF32, so that they match eager to 1e-4 (TensorRT enables TF32 by default)
     settings = dict(enabled_precisions={dtype}, min_block_size=1, truncate_double=True, disable_tf32=True)
     try:
-        module = torch_tensorrt.dynamo.compile(ep, arg_inputs=_inputs(torch_tensorrt, program), **settings)
+        module = torch_tensorrt.dynamo.compile(exported, arg_inputs=_inputs(torch_tensorrt, stage, exported),
+                                               **settings)
     except TypeError:  # torch-tensorrt < 2.4 names them `inputs`
-        module = torch_tensorrt.dynamo.compile(ep, inputs=_inputs(torch_tensorrt, program), **settings)
+        module = torch_tensorrt.dynamo.compile(exported, inputs=_inputs(torch_tensorrt, stage, exported), **settings)
     seconds = time.perf_counter() - t0
-    print(f"[vtcompile] tensorrt: built {stage.stem(program)} in {seconds:.1f}s", file=sys.stderr, flush=True)
-    lowered = TensorRTStage(module, exported=ep, label=stage.stem(program), compile_seconds=seconds)
-    lowered.example = stage.example_args(program)
+    print(f"[vtcompile] tensorrt: built {stage.name} in {seconds:.1f}s", file=sys.stderr, flush=True)
+    lowered = TensorRTStage(module, label=stage.name, compile_seconds=seconds)
+    lowered.example = exported.example_inputs[0]
     return lowered
 
 
-def save_stage(program, lowered: TensorRTStage, directory: Path) -> dict:
+def save(stage, exported, lowered, directory: Path) -> list[str]:
     torch_tensorrt = _require()
-    name = f"{stage.stem(program)}.pt2"
-    example = [t.cuda() for t in stage.example_args(program)]
+    name = f"{stage.name}.pt2"
+    example = [t.cuda() for t in exported().example_inputs[0]]
     torch_tensorrt.save(lowered.module, str(directory / name), output_format="exported_program",
                         arg_inputs=example, retrace=True)
-    info = stage.stage_info(program, [name], "pt2+tensorrt")
-    info["dynamic"] = {"batch": [1, MAX_BATCH], "seq": [stage.min_seq(program), MAX_SEQ]}
-    return info
+    return [name]
 
 
-def load_stage(directory: Path, info: dict) -> TensorRTStage:
+def load(stage, directory: Path, files: list[str]) -> TensorRTStage:
     _require()  # registers TensorRT's ops with torch before the program is deserialised
-    ep = torch.export.load(str(directory / info["files"][0]))
-    return TensorRTStage(ep.module(), exported=ep, label=Path(info["files"][0]).stem)
-
-
-def lower_exits(program):
-    """Programs with dynamic exits are not lowered to TensorRT (see the message)."""
-    _require()
-    raise TargetUnavailableError(
-        "target 'tensorrt' does not lower programs with dynamic exits (dyvte with routers) yet: its static-k "
-        "selection transform (trt_friendly) works on whole decoder graphs, not on per-layer stages. Use target "
-        "inductor or onnx for them, or the static form dyvte:exit_layer=K, which tensorrt lowers")
+    ep = torch.export.load(str(directory / files[0]))
+    return TensorRTStage(ep.module(), label=stage.name)

@@ -1,0 +1,268 @@
+"""Generation: pruned prefill + compiled decode over per-layer KV caches.
+
+No pass == transformers' own generate; every pass and composition == the masked-key generation oracle (the
+unmodified model decoding with the same per-layer key masks over the prompt, new tokens unmasked, original
+positions), tokens and the logits of every step; batches == rows alone; sampling, eos, KV bytes, bad input.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtcompile import compile_pruned
+from vtcompile.compiler.reference import masked_key_generate
+from vtcompile.errors import InputError, TargetUnavailableError
+from vtcompile.models.llava import example_inputs
+from vtcompile.runtime.generate import generate
+
+from .common import adapter, compiled, prompt
+
+TOL = 1e-4
+NEW = 16
+
+
+def generate_with_logits(cm, ids, pixels, mask, n: int = NEW):
+    """Greedy tokens [B, n] (no eos) and the logits that chose each [B, n, V], from the runtime itself."""
+    prepared = cm.prepare(ids, pixels, mask)
+    exe = cm.executable(prepared.n_visual)
+    step, logits, seen = exe.step_stage(), [], {}
+
+    def prefill(p):
+        seen["result"] = exe.prefill(p)
+        logits.append(seen["result"].values["logits"][:, -1])
+        return seen["result"]
+
+    def recording_step(*args):
+        out = step(*args)
+        logits.append((out[0] if isinstance(out, (tuple, list)) else out)[:, -1])
+        return out
+
+    tokens = generate(prefill, recording_step, cm.frontend.embed_tokens, prepared,
+                      cm.generation_config(max_new_tokens=n, eos_token_id=[]), signature=exe.signature)
+    return tokens[:, ids.shape[1]:], torch.stack(logits, 1), seen["result"], prepared
+
+
+def oracle_keys(cm, prepared, result) -> list:
+    """Per-layer key masks over the prompt: the keys each layer's attention saw in this very prefill (its
+    key_positions outputs; test_identity_oracle and friends check those against the program's own cuts, and
+    randomdrop draws anew on every run). DyVTE rows that exited pad them with -1."""
+    masks = []
+    for layer in range(cm.frontend.geometry.num_layers):
+        pos = result.values[f"key_positions_{layer}"]
+        keep = torch.zeros_like(prepared.attention_mask, dtype=torch.bool)
+        keep.scatter_(1, pos.clamp(min=0), pos >= 0)
+        masks.append(keep)
+    if result.exit_layers is not None:  # independent of the outputs: a row that exited after e lost its images
+        for layer, keep in enumerate(masks):
+            for b, e in enumerate(result.exit_layers):
+                expect = ~prepared.visual_mask[b] if 0 <= e < layer else torch.ones_like(keep[b])
+                assert torch.equal(keep[b] | ~prepared.attention_mask[b].bool(),
+                                   expect | ~prepared.attention_mask[b].bool()), (layer, b)
+    return masks
+
+
+def assert_matches_oracle(cm, ids, pixels, mask, n: int = NEW):
+    tokens, logits, result, prepared = generate_with_logits(cm, ids, pixels, mask, n)
+    ref = masked_key_generate(cm.adapter, prepared.inputs_embeds, prepared.attention_mask,
+                              oracle_keys(cm, prepared, result), tokens)
+    diff = (ref - logits).abs().max().item()
+    assert diff <= TOL, diff
+    assert torch.equal(ref.argmax(-1), tokens)  # the greedy choices are the oracle's
+    return tokens, result
+
+
+@pytest.mark.parametrize("kind", ["mid_pad_b2", "two_images"])
+def test_no_pass_equals_transformers_generate(geometry, kind):
+    ids, pixels, mask = prompt(geometry, kind, seed=4)
+    cm = compiled(geometry, None)
+    out = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
+    with torch.no_grad():
+        ref = cm.adapter.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=NEW,
+                                        min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_testbed_greedy_equals_transformers_generate():
+    from vtcompile.data import PromptEncoder, load_data, sample_image
+
+    cm = compile_pruned("testbed", progress=False)
+    data, _ = load_data("testbed", limit=8, split="test")
+    ids, pixels, mask = PromptEncoder(cm.frontend.processor).batch([s.question for s in data],
+                                                                  [sample_image(s) for s in data])
+    out = cm.generate(ids, pixels, mask, max_new_tokens=NEW)
+    with torch.no_grad():
+        ref = cm.adapter.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=NEW,
+                                        do_sample=False)
+    assert torch.equal(out, ref)
+
+
+PASSES = {"fastv": "fastv", "pyramiddrop": "pyramiddrop", "randomdrop": "randomdrop:k=1,r=0.5",
+          "dyvte static": "dyvte:exit_layer=1", "fastv+pyramiddrop": ["fastv:k=1", "pyramiddrop:layers=2/3,ratios=0.5/0.25"]}
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_pass_generation_equals_masked_key_oracle(geometry, name):
+    spec = PASSES[name]
+    cm = compiled(geometry, spec) if isinstance(spec, str) else compile_pruned(adapter(geometry), spec, progress=False)
+    for kind in ("mid_pad_b2", "two_images"):
+        ids, pixels, mask = prompt(geometry, kind, seed=2)
+        assert_matches_oracle(cm, ids, pixels, mask)
+
+
+def test_fitprune_generation_equals_masked_key_oracle(geometry):
+    from .test_fitprune import fitted
+
+    cm = fitted(geometry)
+    assert any(r.boundary % 1 for r in cm.program.rewrites)  # tokens removed after a layer's attention
+    ids, pixels, mask = prompt(geometry, "mid_pad_b2", seed=2)
+    assert_matches_oracle(cm, ids, pixels, mask)
+
+
+def test_dyvte_rows_exiting_at_different_layers_equal_the_oracle():
+    """Routers send the rows of one batch to different exits; their caches have different lengths after the
+    exits, handled with per-row masks in one decode step."""
+    from .test_dyvte import trained
+
+    cm = trained("tiny")
+    exits = set()
+    for kind, seed in (("mid_pad_b2", 9), ("mid_pad_b2", 11)):
+        ids, pixels, mask = prompt("tiny", kind, seed=seed)
+        _, result = assert_matches_oracle(cm, ids, pixels, mask)
+        assert len(set(result.exit_layers)) == 2  # rows of this batch exit at different layers
+        exits.update(result.exit_layers)
+    assert {-1, 0, 2} <= exits, exits
+
+
+@pytest.mark.parametrize("spec", [None, "fastv", "dyvte:exit_layer=0"])
+def test_batch_equals_each_row_alone(spec):
+    cm = compiled("tiny-gqa", spec)
+    ids, pixels, mask = prompt("tiny-gqa", "mid_pad_b2", seed=6)
+    batch = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
+    for b in range(ids.shape[0]):
+        real = mask[b].bool()
+        alone = cm.generate(ids[b:b + 1, real], pixels[b:b + 1], mask[b:b + 1, real], max_new_tokens=NEW,
+                            eos_token_id=[])
+        assert torch.equal(alone[0, -NEW:], batch[b, -NEW:])
+
+
+def test_seeded_sampling_is_reproducible():
+    cm = compiled("tiny", "fastv")
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2")
+
+    def sample(seed, **kw):
+        return cm.generate(ids, pixels, mask, max_new_tokens=NEW, do_sample=True, eos_token_id=[],
+                           generator=torch.Generator().manual_seed(seed), **kw)
+
+    a, b, c = sample(0, temperature=1.5), sample(0, temperature=1.5), sample(1, temperature=1.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
+    assert torch.equal(sample(3, top_k=1), greedy)  # top-k 1 is greedy whatever the seed
+    assert torch.equal(sample(4, top_p=1e-9), greedy)  # so is a nucleus of one token
+
+
+def test_eos_ends_each_row_and_pads_it():
+    cm = compiled("tiny", None)
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2", seed=4)
+    free = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])[:, -NEW:]
+    eos = int(free[0, 3])  # a token row 0 produces at step 3
+    out = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)[:, ids.shape[1]:]
+    for b in range(2):
+        row, ref = out[b].tolist(), free[b].tolist()
+        stop = ref.index(eos) if eos in ref else None
+        if stop is None:
+            assert row == ref[:len(row)]
+        else:
+            assert row[:stop + 1] == ref[:stop + 1] and all(t == 0 for t in row[stop + 1:])
+    assert out.shape[1] <= NEW
+
+
+def test_kv_cache_bytes_equal_the_analytic_report():
+    """A prompt without padding: the cache each layer holds after prefill is the report's KV bytes for that
+    prompt's text length (per layer), pruned and unpruned."""
+    from vtcompile.compiler.flops import FlopsReport
+
+    for spec in (None, "fastv", "pyramiddrop", "dyvte:exit_layer=1"):
+        cm = compiled("tiny-gqa", spec)
+        ids, pixels, mask = prompt("tiny-gqa", "image_first")
+        cm.generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=[])
+        stats = cm.last_generation
+        f = cm.report.flops
+        text = ids.shape[1] - f.n_visual
+        analytic = FlopsReport(f.geometry, f.n_visual, text, f.schedule, f.mlp_schedule, f.dtype_bytes)
+        assert [stats.kv_prompt_bytes[r["layer"]] for r in analytic.rows()] == [r["kv_bytes"] for r in analytic.rows()]
+        assert sum(stats.kv_prompt_bytes.values()) == analytic.kv_bytes
+
+
+def test_streamer_gets_the_prompt_then_each_token():
+    cm = compiled("tiny", "fastv")
+    ids, pixels, mask = prompt("tiny", "image_first")
+
+    class Recorder:
+        def __init__(self):
+            self.seen, self.ended = [], False
+
+        def put(self, value):
+            self.seen.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    out = cm.generate(ids, pixels, mask, max_new_tokens=5, eos_token_id=[], streamer=rec)
+    assert rec.seen[0] == ids.tolist() and rec.ended
+    assert [s[0] for s in rec.seen[1:]] == out[0, ids.shape[1]:].tolist()
+
+
+def test_inductor_decode_compiles_once():
+    """One compiled step serves every step of a call, and new prompt lengths, batch sizes and max_new_tokens
+    (other cache lengths) do not recompile it."""
+    from .test_targets import fast_inductor
+
+    eager = compiled("tiny-gqa", "fastv")
+    with fast_inductor():
+        cm = eager.with_target("inductor")
+        first = prompt("tiny-gqa", "mid_pad_b2")
+        assert torch.equal(cm.generate(*first, max_new_tokens=6, eos_token_id=[]),
+                           eager.generate(*first, max_new_tokens=6, eos_token_id=[]))
+        step = cm.executable(16).decode.lowered
+        assert step.compiles == 1
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch, before, after, pad, n in [(1, 3, 5, 0, 12), (3, 2, 7, 4, 5), (2, 11, 1, 6, 20)]:
+                ids, pixels, mask = example_inputs(adapter("tiny-gqa"), batch=batch, text_before=before,
+                                                   text_after=after, pad=pad, seed=batch)
+                a = cm.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[])
+                assert torch.equal(a, eager.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[]))
+        assert step.compiles == 1
+
+
+def test_onnx_generates_with_the_functional_step():
+    from .test_targets import lowered
+
+    cm, ref = lowered("onnx", "tiny", "fastv"), compiled("tiny", "fastv")
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2")
+    assert torch.equal(cm.generate(ids, pixels, mask, max_new_tokens=8, eos_token_id=[]),
+                       ref.generate(ids, pixels, mask, max_new_tokens=8, eos_token_id=[]))
+
+
+def test_bad_input():
+    cm = compiled("tiny", "fastv")
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2")
+    for n in (0, -2):
+        with pytest.raises(InputError, match="max_new_tokens must be an integer >= 1"):
+            cm.generate(ids, pixels, mask, max_new_tokens=n)
+    with pytest.raises(InputError, match="exceeds the model's context of 512 positions"):
+        cm.generate(ids, pixels, mask, max_new_tokens=500)
+    with pytest.raises(InputError, match="image tokens .* but 1 image"):
+        cm.generate(ids, pixels[:1], mask)
+    with pytest.raises(InputError, match="temperature must be > 0"):
+        cm.generate(ids, pixels, mask, do_sample=True, temperature=0)
+
+
+def test_target_without_a_decode_step_refuses_clearly():
+    from vtcompile.runtime.executable import Executable
+    from vtcompile.targets import TARGETS
+
+    exe = compiled("tiny", "fastv").executable(16)
+    trt = Executable(exe.n_visual, exe.schedule, exe.plan, TARGETS["tensorrt"])
+    with pytest.raises(TargetUnavailableError, match="target 'tensorrt' runs prefill only"):
+        trt.step_stage()

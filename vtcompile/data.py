@@ -1,0 +1,234 @@
+"""Prompts and data: the one owner of the prompt format, data sets, images and calibration prompts.
+
+Prompt format: the processor's chat template where it has one (apply_chat_template with one image entry per
+image and the question as text, plus the generation prompt), else LLaVA-1.5's "USER: <image>\\n{question}
+ASSISTANT:". A prompt that already holds the image token is taken as already formatted. Models without a
+processor (tiny random presets) take token ids, with one image-token id per image.
+
+Data: "testbed" (a split of the shipped testbed, generated in memory) or a JSONL file with one
+{"image": path, "question": str, "answer": str[, "kind": str]} per line (image paths relative to the file).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+LLAVA_TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
+DEFAULT_TESTBED_LIMIT = 500
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# -- prompts --------------------------------------------------------------------------------------------
+def image_token(processor) -> str:
+    return getattr(processor, "image_token", None) or "<image>"
+
+
+def format_prompt(processor, question: str, n_images: int = 1) -> str:
+    """One user turn with `n_images` images and `question`, ending where the assistant's answer starts."""
+    token = image_token(processor)
+    if n_images and token in question:  # already in the chat format
+        return question
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = "".join(token for _ in range(n_images))
+    return LLAVA_TEMPLATE.format(image=images, question=question) if n_images else \
+        LLAVA_TEMPLATE.replace("{image}\n", "").format(question=question)
+
+
+def open_image(image):
+    """A PIL image in RGB from a path or an image; a clear error for a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(image, (str, Path)):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"image {image} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"image {image} does not open as an image ({exc})") from None
+
+
+def _plain_pixels(frontend, images) -> torch.Tensor:
+    """Resize + CLIP normalisation, for models without a processor (tiny random models)."""
+    import numpy as np
+
+    size = frontend.config.vision_config.image_size
+    out = []
+    for image in images:
+        arr = np.asarray(image.resize((size, size)), dtype=np.float32) / 255.0
+        x = torch.from_numpy(arr).permute(2, 0, 1)
+        out.append((x - torch.tensor(_CLIP_MEAN)[:, None, None]) / torch.tensor(_CLIP_STD)[:, None, None])
+    return torch.stack(out)
+
+
+class PromptEncoder:
+    """Prompts through the model's own processor: left padding, the chat format."""
+
+    def __init__(self, processor):
+        if processor is None:
+            raise InputError("reading prompts as text (eval, calibration, --prompt) needs the model's processor "
+                             "files (tokenizer + image processor); this model has none. Save them next to the "
+                             "weights (processor.save_pretrained(DIR)), give token ids (--input-ids), or calibrate "
+                             "a random-weight model with --calibration synthetic.")
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.tok.padding_side = "left"
+        self.unk = self.tok.unk_token_id
+
+    def answer_id(self, sample: "Sample") -> int:
+        ids = self.tok(sample.answer, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] == self.unk:
+            raise InputError(f"{sample.where}: answer {sample.answer!r} is not a single token of the model's "
+                             "vocabulary; next-token scoring (--max-new-tokens 1) compares one token")
+        return ids[0]
+
+    def batch(self, questions: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(input_ids, pixel_values, attention_mask) for one image per question (None: a text-only prompt)."""
+        prompts = [format_prompt(self.processor, q, 0 if im is None else 1) for q, im in zip(questions, images)]
+        present = [im for im in images if im is not None]
+        if present:
+            enc = self.processor(images=present, text=prompts, return_tensors="pt", padding=True)
+        else:
+            enc = self.processor(text=prompts, return_tensors="pt", padding=True)
+        return enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"]
+
+
+def prompt_inputs(frontend, images: list, prompts: list[str] | None = None, input_ids: list | None = None):
+    """(input_ids, pixel_values, attention_mask) for a batch of prompts, one image (or None) each.
+
+    With a processor: the prompts as text in the model's chat format. Without one (tiny random models):
+    `input_ids`, one list of token ids per prompt where each image is one image-token id (expanded to the visual
+    tokens per image) or already expanded; images are resized and CLIP-normalised."""
+    pil = [open_image(im) if im is not None else None for im in images]
+    if input_ids is None:
+        if prompts is None:
+            raise InputError("give --prompt TEXT (with the model's processor) or --input-ids JSON")
+        if frontend.processor is None:
+            raise InputError(
+                "this model has no processor (tokenizer + image processor), as tiny random models do. Pass token ids "
+                f"instead: --input-ids '[5, 9, {frontend.image_token_id}, 7]' (one image token id "
+                f"{frontend.image_token_id} per --image).")
+        return PromptEncoder(frontend.processor).batch(prompts, pil)
+    per_image = frontend.geometry.visual_tokens_per_image
+    rows = []
+    for ids, im in zip(input_ids, pil):
+        ids = [int(t) for t in ids]
+        n_tok = sum(t == frontend.image_token_id for t in ids)
+        n_img = 0 if im is None else 1
+        if n_tok == n_img and n_img:  # one placeholder per image: expand it like a processor does
+            ids = [x for t in ids for x in ([t] * per_image if t == frontend.image_token_id else [t])]
+        elif n_tok != n_img * per_image:
+            raise InputError(f"--input-ids hold {n_tok} image token(s) (id {frontend.image_token_id}) for {n_img} "
+                             f"image(s); give one placeholder (or {per_image} tokens) per --image")
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    pad = frontend.generation.get("pad_token_id") or 0
+    ids_t = torch.tensor([[pad] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    present = [im for im in pil if im is not None]
+    return ids_t, (_plain_pixels(frontend, present) if present else None), mask
+
+
+# -- data sets ------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    image: object  # PIL image or a path
+    question: str
+    answer: str
+    kind: str
+    where: str  # "line N of FILE" or "testbed test #i", for error messages
+
+
+def check_data_arg(data: str) -> None:
+    """Fail early (before loading a model) on a data argument that is neither 'testbed' nor a file."""
+    if data != "testbed" and not Path(data).is_file():
+        raise InputError(f"data {data!r} is neither 'testbed' nor an existing JSONL file")
+
+
+def load_data(data: str = "testbed", limit: int | None = None, skip_bad: bool = False,
+              split: str = "test") -> tuple[list[Sample], int]:
+    """Samples and the number of bad lines skipped (always 0 unless skip_bad).
+
+    'testbed' generates the testbed's `split` in memory (test for evaluation, train for calibration)."""
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be >= 1 (or None for the default), found {limit}")
+    check_data_arg(data)
+    if data == "testbed":
+        from .testbed.scenes import iter_samples
+
+        n = limit or DEFAULT_TESTBED_LIMIT
+        return [Sample(s.image, s.question, s.answer, s.kind, f"testbed {split} #{s.index}")
+                for s in iter_samples(split, n=n)], 0
+    path = Path(data)
+    samples, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(_parse_line(line, path, number))
+            except InputError:
+                if not skip_bad:
+                    raise
+                bad += 1
+            if limit and len(samples) >= limit:
+                break
+    if not samples:
+        raise InputError(f"{path} holds no usable samples" + (f" ({bad} bad lines skipped)" if bad else ""))
+    return samples, bad
+
+
+def _parse_line(line: str, path: Path, number: int) -> Sample:
+    where = f"line {number} of {path}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where} is not valid JSON ({exc.msg}); expected "
+                         '{"image": ..., "question": ..., "answer": ...}. Fix it or pass --skip-bad.') from None
+    if not isinstance(rec, dict):
+        raise InputError(f"{where} is not a JSON object. Fix it or pass --skip-bad.")
+    missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str)]
+    if missing:
+        raise InputError(f"{where} lacks string field(s) {', '.join(missing)}. Fix it or pass --skip-bad.")
+    image = Path(rec["image"])
+    if not image.is_absolute():
+        image = path.parent / image
+    return Sample(str(image), rec["question"], rec["answer"].strip(), str(rec.get("kind", "all")), where)
+
+
+def sample_image(sample: Sample):
+    try:
+        return open_image(sample.image)
+    except InputError as exc:
+        raise InputError(f"{sample.where}: {exc}. Fix it or pass --skip-bad.") from None
+
+
+# -- calibration ----------------------------------------------------------------------------------------
+def calibration_prompts(frontend, calibration, samples: int) -> list[tuple]:
+    """Calibration prompts, one per batch, as (input_ids, pixel_values, attention_mask).
+
+    calibration: 'testbed' (its train split) or a JSONL file, through the model's processor; 'synthetic' (random
+    prompts, for random-weight smoke tests); or a list of (input_ids, pixel_values, attention_mask) tuples."""
+    from .models.llava import example_inputs
+
+    if isinstance(calibration, str) and calibration == "synthetic":
+        return [example_inputs(frontend, batch=1, seed=1000 + i) for i in range(samples)]
+    if isinstance(calibration, (str, Path)):
+        data, _ = load_data(str(calibration), limit=samples, split="train")
+        enc = PromptEncoder(frontend.processor)
+        return [enc.batch([s.question], [sample_image(s)]) for s in data]
+    if isinstance(calibration, (list, tuple)):
+        items = list(calibration)[:samples]
+        return [(i["input_ids"], i.get("pixel_values"), i.get("attention_mask")) if isinstance(i, dict) else tuple(i)
+                for i in items]
+    raise InputError(f"calibration data {calibration!r} is not understood; give 'testbed', a JSONL file, a list "
+                     "of (input_ids, pixel_values, attention_mask) tuples, or 'synthetic'")

@@ -1,0 +1,152 @@
+"""generate: pruned prefill, then one compiled decode step per new token over per-layer KV caches.
+
+Semantics (DESIGN.md, Generation): new tokens are never pruned; they attend to each layer's own cache (the tokens
+that layer's attention saw in prefill, then the new tokens) and continue the ORIGINAL position numbering per row
+(a row of n real prompt tokens puts its first new token at position n, whatever was pruned), so every step equals
+the unmodified model with the same per-layer key masks over the prompt. Greedy by default; sampling with
+temperature / top-k / top-p from a torch.Generator. Rows that produced eos are padded with pad_token_id; the call
+stops early when every row has ended.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from .cache import KVCache
+from .executor import PrefillResult
+from .inputs import PreparedInputs
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, found {self.max_new_tokens!r}")
+        if self.do_sample:
+            if not self.temperature > 0:
+                raise InputError(f"temperature must be > 0 when sampling, found {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise InputError(f"top_p must be in (0, 1], found {self.top_p}")
+            if self.top_k < 0:
+                raise InputError(f"top_k must be >= 0 (0: off), found {self.top_k}")
+
+
+@dataclass
+class GenerationStats:
+    """Timing and memory of the last generate call (compile time of a first call included in its step)."""
+
+    batch: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # steps taken (the longest row)
+    ttft_seconds: float = 0.0  # vision + merge + prefill + first token
+    decode_seconds: float = 0.0  # every decode step after the first token
+    kv_prompt_bytes: dict[int, int] = field(default_factory=dict)  # per layer, after prefill
+    kv_allocated_bytes: int = 0
+    exit_layers: list[int] | None = None
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        steps = max(0, self.new_tokens - 1)
+        return 1e3 * self.decode_seconds / steps if steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput over the batch (tokens after the first, all rows)."""
+        steps = max(0, self.new_tokens - 1)
+        return steps * self.batch / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "ttft_seconds": self.ttft_seconds, "decode_seconds": self.decode_seconds,
+                "decode_ms_per_token": self.decode_ms_per_token, "tokens_per_second": self.tokens_per_second,
+                "kv_prompt_bytes": sum(self.kv_prompt_bytes.values()), "kv_allocated_bytes": self.kv_allocated_bytes,
+                "exit_layers": self.exit_layers}
+
+
+def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids (greedy, or sampled with temperature / top-k / top-p)."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    scores = logits.float() / config.temperature
+    if config.top_k:
+        kth = torch.topk(scores, min(config.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # drop a token when the mass of the tokens before it already reaches top_p (the first always stays)
+        drop = (probs.cumsum(-1) - probs) >= config.top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable, embed: Callable,
+             prepared: PreparedInputs, config: GenerationConfig, streamer=None,
+             generator: torch.Generator | None = None, stats: GenerationStats | None = None,
+             signature=None, on_prefill: Callable[[PrefillResult], None] | None = None) -> torch.Tensor:
+    """Tokens [B, S + n]: the prompt, then n <= max_new_tokens new tokens per row.
+
+    prefill(prepared) runs the pruned program; step(*decode inputs) is the decode step (compiler.signature);
+    embed(ids) gives token embeddings. `stats` (optional) receives timings and cache sizes."""
+    t0 = time.perf_counter()
+    result = prefill(prepared)
+    if on_prefill is not None:
+        on_prefill(result)
+    batch = prepared.input_ids.shape[0]
+    device = prepared.input_ids.device
+    eos = torch.tensor(list(config.eos_token_id), dtype=torch.long, device=device)
+    token = next_tokens(result.values["logits"][:, -1], config, generator)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    if streamer is not None:
+        streamer.put(prepared.input_ids.cpu())
+    out = [token]
+    done |= torch.isin(token, eos)
+    if streamer is not None:
+        streamer.put(token.cpu())
+    t1 = time.perf_counter()
+    cache = None
+    if config.max_new_tokens > 1 and not bool(done.all()):
+        cache = KVCache.from_prefill(result.values, signature, prepared.attention_mask, config.max_new_tokens - 1)
+        position = prepared.attention_mask.sum(1, keepdim=True)  # the first new token follows the n real tokens
+        for _ in range(config.max_new_tokens - 1):
+            returned = step(embed(token[:, None]), position, cache.write_index, *cache.inputs())
+            logits = returned[0] if isinstance(returned, (tuple, list)) else returned
+            if isinstance(returned, (tuple, list)) and len(returned) > 1:  # a functional step returns the caches
+                cache.replace(list(returned[1:]))
+            cache.advance()
+            position = position + 1
+            token = next_tokens(logits[:, -1], config, generator)
+            token = torch.where(done, torch.full_like(token, config.pad_token_id), token)
+            out.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            done |= torch.isin(token, eos)
+            if bool(done.all()):
+                break
+    t2 = time.perf_counter()
+    if streamer is not None:
+        streamer.end()
+    if stats is not None:
+        stats.batch, stats.prompt_tokens, stats.new_tokens = batch, int(prepared.input_ids.shape[1]), len(out)
+        stats.ttft_seconds, stats.decode_seconds = t1 - t0, t2 - t1
+        stats.exit_layers = result.exit_layers
+        if cache is None:
+            cache = KVCache.from_prefill(result.values, signature, prepared.attention_mask, 0)
+        stats.kv_prompt_bytes = cache.prompt_bytes()
+        stats.kv_allocated_bytes = cache.allocated_bytes()
+    return torch.cat([prepared.input_ids, torch.stack(out, 1)], dim=1)
