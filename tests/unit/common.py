@@ -54,7 +54,7 @@ def masked_key_check(cm, geometry: str, kind: str, seed: int = 0) -> dict:
     outputs, seen = run_with_taps(program.gm, prep.as_args(), {r.positions for r in program.rewrites})
     out = program.signature.unpack(outputs)
     logits, positions, visual = out["logits"], out["positions"], out["visual"]
-    kept = {r.boundary: seen[r.positions] for r in program.rewrites}
+    kept = {r.cut: seen[r.positions] for r in program.rewrites}
     keys = key_masks_from_rewrites(kept, program.geometry.num_layers, ids.shape[1])
     for layer in program.signature.cache_layers():  # the cache of layer l: the keys its attention saw
         expect = torch.ones_like(mask, dtype=torch.bool) if keys[layer] is None else keys[layer]

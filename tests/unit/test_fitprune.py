@@ -39,8 +39,8 @@ def _run(cm, kind):
 
 def test_fitprune_matches_masked_key_reference(geometry, prompt_kind):
     seen = masked_key_check(fitted(geometry), geometry, prompt_kind)
-    cuts = [r.boundary for r in seen["program"].rewrites]
-    assert cuts and all(c % 1 == 0.5 for c in cuts)  # removal after a layer's attention
+    cuts = [r.cut for r in seen["program"].rewrites]
+    assert cuts and all(c.after_attention for c in cuts)  # removal after a layer's attention
     assert seen["diff"] <= 1e-4
 
 
@@ -55,7 +55,7 @@ def test_fitprune_graph_score_equals_offline_statistic(geometry):
     _, seen = run_with_taps(program.gm, prep.as_args(), names)
     present = torch.arange(ids.shape[1]).expand_as(ids)
     for rw in program.rewrites:
-        layer = int(rw.boundary)
+        layer = rw.cut.layer
         q, k, m, scale = taps[layer]
         q, k, m = seen[q], seen[k], seen[m]
         visual = torch.gather(prep.visual_mask, 1, present)
@@ -63,8 +63,8 @@ def test_fitprune_graph_score_equals_offline_statistic(geometry):
         cross, self_mass = cross_self_mass(attn, visual)
         score = (cross * self_mass).masked_fill(~visual, float("inf"))
         top = score.topk(score.shape[1] - (rw.before - rw.after), dim=1).indices.sort(dim=1).values
-        assert torch.equal(torch.gather(present, 1, top), kept[rw.boundary])
-        present = kept[rw.boundary]
+        assert torch.equal(torch.gather(present, 1, top), kept[rw.cut])
+        present = kept[rw.cut]
 
 
 @pytest.mark.parametrize("budget", [0.75, 0.5, 0.3])

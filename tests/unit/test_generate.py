@@ -113,7 +113,7 @@ def test_fitprune_generation_equals_masked_key_oracle(geometry):
     from .test_fitprune import fitted
 
     cm = fitted(geometry)
-    assert any(r.boundary % 1 for r in cm.program.rewrites)  # tokens removed after a layer's attention
+    assert any(r.cut.after_attention for r in cm.program.rewrites)  # tokens removed after a layer's attention
     ids, pixels, mask = prompt(geometry, "mid_pad_b2", seed=2)
     assert_matches_oracle(cm, ids, pixels, mask)
 

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from vtcompile.compiler.cut import Cut
 
 from .common import adapter, compiled, hf_logits, masked_key_check, prompt
 
@@ -30,7 +31,7 @@ def _gather_rows(x, idx):
 def test_fastv_matches_masked_key_reference(geometry, prompt_kind, spec, k):
     cm = compiled(geometry, spec)
     seen = masked_key_check(cm, geometry, prompt_kind)
-    assert [r.boundary for r in seen["program"].rewrites] == [k]
+    assert [r.cut for r in seen["program"].rewrites] == [Cut(k)]
     assert seen["diff"] <= TOL, seen["diff"]
     # the pruning really happened: visual tokens kept per row match the schedule
     per_image = cm.adapter.geometry.visual_tokens_per_image

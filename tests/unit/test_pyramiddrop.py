@@ -33,7 +33,7 @@ def _run(geometry, spec, kind):
 @pytest.mark.parametrize("spec", SPECS)
 def test_pyramiddrop_matches_masked_key_reference(geometry, prompt_kind, spec):
     seen = masked_key_check(compiled(geometry, spec), geometry, prompt_kind)
-    assert sorted(seen["kept"]) == [r.boundary for r in seen["program"].rewrites]
+    assert sorted(seen["kept"]) == [r.cut for r in seen["program"].rewrites]
     assert torch.equal(seen["kept"][max(seen["kept"])], seen["positions"])
     assert seen["diff"] <= 1e-4
 
@@ -48,7 +48,7 @@ def test_pyramiddrop_ranking_uses_next_layer_qk(geometry):
     lm = cm.adapter.model.model.language_model
     present = torch.ones_like(prep.visual_mask)
     for rw in program.rewrites:
-        b = rw.boundary
+        b = rw.cut.layer
         block = lm.layers[b]
         h = block.input_layernorm(states[b])
         attn = block.self_attn
@@ -63,9 +63,9 @@ def test_pyramiddrop_ranking_uses_next_layer_qk(geometry):
         for r in range(ids.shape[0]):
             cand = (prep.visual_mask[r] & present[r]).nonzero().squeeze(1)
             top = cand[score[r, cand].detach().topk(rw.after).indices].sort().values
-            got = kept[b][r][prep.visual_mask[r][kept[b][r]]]
+            got = kept[rw.cut][r][prep.visual_mask[r][kept[rw.cut][r]]]
             assert torch.equal(top, got), (b, r)
-        present = torch.zeros_like(present).scatter_(1, kept[b], True)
+        present = torch.zeros_like(present).scatter_(1, kept[rw.cut], True)
 
 
 def test_pyramiddrop_flops_llava_7b():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vtcompile.compiler.cut import Cut
 from vtcompile.compiler.pipeline import build_program
 from vtcompile.compiler.program import Program
 from vtcompile.compiler.reference import masked_key_logits
@@ -62,7 +63,7 @@ def test_randomdrop_matches_masked_key_reference(geometry, spec, cut):
     cm = compiled(geometry, spec)
     torch.manual_seed(0)
     seen = masked_key_check(cm, geometry, "mid_pad_b2")
-    assert [r.boundary for r in seen["program"].rewrites] == [cut]
+    assert [r.cut for r in seen["program"].rewrites] == [Cut(cut)]
     assert seen["visual"].sum(1).tolist() == [cm.program.visual_at(3)] * 2
     assert seen["diff"] <= 1e-4
     ids, pixels, mask = prompt(geometry, "mid_pad_b2")

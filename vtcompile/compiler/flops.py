@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cut import Cut
 from .geometry import Geometry
 
 
@@ -107,18 +108,16 @@ class FlopsReport:
         }
 
 
-def schedules_from_plan(num_layers: int, n_visual: int,
-                        steps: list[tuple[float, int]]) -> tuple[list[int], list[int]]:
-    """Visual tokens in each layer's attention and MLP after removals [(cut, kept_visual), ...].
-
-    A cut l removes tokens before layer l; a cut l + 0.5 after layer l's attention, before its MLP.
-    """
+def schedules_from_plan(num_layers: int, n_visual: int, steps: list[tuple]) -> tuple[list[int], list[int]]:
+    """Visual tokens in each layer's attention and MLP after removals [(cut, kept_visual), ...] (a cut is a
+    compiler.cut.Cut, or a layer number for the cut before that layer)."""
     attn, mlp = [n_visual] * num_layers, [n_visual] * num_layers
-    for cut, kept in sorted(steps):
+    for cut, kept in steps:
+        cut = Cut.at(cut)
         for layer in range(num_layers):
-            if layer >= cut:
+            if cut.removes_from_attention(layer):
                 attn[layer] = min(attn[layer], kept)
-            if layer + 0.5 >= cut:
+            if cut.removes_from_mlp(layer):
                 mlp[layer] = min(mlp[layer], kept)
     return attn, mlp
 

@@ -125,18 +125,18 @@ def _use_pos(user: fx.Node, node: fx.Node) -> float:
     return user.meta["vt_pos"]
 
 
-def live_ins(gm: fx.GraphModule, boundary: float) -> list[fx.Node]:
-    """Values produced before cut `boundary` (a layer, or layer + 0.5 for its MLP half) and used after it."""
+def live_ins(gm: fx.GraphModule, position: float) -> list[fx.Node]:
+    """Values produced before `position` (a cut's, compiler.cut) and used at or after it."""
     out = []
     for n in gm.graph.nodes:
-        if n.meta["vt_pos"] < boundary and any(_use_pos(u, n) >= boundary for u in n.users):
+        if n.meta["vt_pos"] < position and any(_use_pos(u, n) >= position for u in n.users):
             out.append(n)
     return out
 
 
-def redirect_uses(old: fx.Node, new: fx.Node, boundary: float) -> None:
-    """Uses of `old` at or after cut `boundary` read `new` instead (output slots by their own position)."""
-    old.replace_all_uses_with(new, delete_user_cb=lambda u: u.op != "output" and u.meta.get("vt_pos", -1) >= boundary)
+def redirect_uses(old: fx.Node, new: fx.Node, position: float) -> None:
+    """Uses of `old` at or after `position` read `new` instead (output slots by their own position)."""
+    old.replace_all_uses_with(new, delete_user_cb=lambda u: u.op != "output" and u.meta.get("vt_pos", -1) >= position)
     out = next((u for u in old.users if u.op == "output"), None)
     if out is None:
         return
@@ -144,7 +144,7 @@ def redirect_uses(old: fx.Node, new: fx.Node, boundary: float) -> None:
     values = output_values_of(out)
     if slots is None:
         slots = [out.meta["vt_pos"]] * len(values)
-    out.args = (tuple(new if v is old and s >= boundary else v for v, s in zip(values, slots)),)
+    out.args = (tuple(new if v is old and s >= position else v for v, s in zip(values, slots)),)
 
 
 def _expr(x):
@@ -240,7 +240,7 @@ def refresh_meta(gm: fx.GraphModule, inputs: FakeInputs) -> None:
 class IncrementalMeta:
     """Shape metadata kept fresh across a series of rewrites at increasing cuts, in one ShapeEnv.
 
-    A token selection at cut b changes only nodes at positions >= b - 0.25 (what it emits, and the later
+    A token selection at a cut changes only nodes at positions >= its emit_position (what it emits, and the later
     users it redirects), so values before that stay valid. `refresh(upto)` propagates just the stale
     nodes before `upto` (all a selection at `upto` reads); a pass with a cut in every layer then costs
     about one propagation of the graph instead of one per cut (on the 32-layer 7B decoder that is

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .cut import Cut
 from .geometry import Geometry
 from .graph import (FakeInputs, IncrementalMeta, annotate, layer_nodes, output_values, refresh_meta, set_outputs)
 from .signature import END, Signature, prefill_signature
@@ -24,9 +25,9 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class Rewrite:
-    """One token-removing rewrite: before layer `boundary`, visual tokens go from `before` to `after`."""
+    """One token-removing rewrite: at `cut`, visual tokens go from `before` to `after`."""
 
-    boundary: float
+    cut: Cut
     before: int
     after: int
     by: str  # pass name
@@ -34,7 +35,7 @@ class Rewrite:
     visual: str = ""  # graph node holding the visual mask of the tokens kept from here on
 
     def to_dict(self) -> dict:
-        return {"boundary": self.boundary, "visual_before": self.before, "visual_after": self.after,
+        return {**self.cut.to_dict(), "visual_before": self.before, "visual_after": self.after,
                 "pass": self.by}
 
 
@@ -126,7 +127,7 @@ class Program:
         """Name of the visual-mask value live at the end of `layer`."""
         name = self.visual_origin
         for r in self.rewrites:
-            if r.boundary <= layer + 0.75:
+            if r.cut.layer <= layer:
                 name = r.visual
         return name
 
@@ -150,13 +151,14 @@ class Program:
         return self.positions_node.meta["val"].shape[1]
 
     @property
-    def last_boundary(self) -> int:
-        return self.rewrites[-1].boundary if self.rewrites else 0
+    def last_cut(self) -> Cut:
+        return self.rewrites[-1].cut if self.rewrites else Cut(0)
 
-    def visual_at(self, cut: float) -> int:
-        """Visual tokens present at a cut (layer l, or l + 0.5 for its MLP half)."""
-        layer = min(int(cut), len(self.schedule) - 1)
-        return self.mlp_schedule[layer] if cut % 1 else self.schedule[layer]
+    def visual_at(self, cut: "Cut | int") -> int:
+        """Visual tokens present at a cut (entering its layer's attention, or its MLP after the attention)."""
+        cut = Cut.at(cut)
+        layer = min(cut.layer, len(self.schedule) - 1)
+        return self.mlp_schedule[layer] if cut.after_attention else self.schedule[layer]
 
     def __call__(self, *args) -> dict:
         """Run the graph eagerly: {output name: value} (compiler.signature)."""

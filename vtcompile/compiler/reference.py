@@ -45,18 +45,17 @@ def masked_key_logits(adapter, inputs_embeds: torch.Tensor, attention_mask: torc
     return head(lm.norm(hidden))
 
 
-def key_masks_from_rewrites(kept_by_boundary: dict[float, torch.Tensor], num_layers: int,
-                            seq: int) -> list[torch.Tensor | None]:
-    """Per-layer key masks from the positions kept at each cut ([B, k] original indices).
+def key_masks_from_rewrites(kept_by_cut: dict, num_layers: int, seq: int) -> list[torch.Tensor | None]:
+    """Per-layer key masks from the positions kept at each cut (compiler.cut.Cut -> [B, k] original indices).
 
-    A token removed at cut c (a layer, or layer + 0.5 after its attention) is masked as a key in every
-    layer >= c: a layer cut after its attention still sees the token as a key.
+    A token removed at a cut is masked as a key in every layer whose attention the cut removes it from: a layer
+    cut after its attention still sees the token as a key.
     """
     masks: list[torch.Tensor | None] = []
     for layer in range(num_layers):
         current = None
-        for cut, kept in kept_by_boundary.items():
-            if cut <= layer:
+        for cut, kept in kept_by_cut.items():
+            if cut.removes_from_attention(layer):
                 m = torch.zeros(kept.shape[0], seq, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
                 current = m if current is None else current & m
         masks.append(current)
@@ -72,7 +71,7 @@ def kept_at_boundaries(program, *args) -> dict[float, torch.Tensor]:
     from .taps import run_with_taps
 
     _, seen = run_with_taps(program.gm, args, {r.positions for r in program.rewrites})
-    return {r.boundary: seen[r.positions] for r in program.rewrites}
+    return {r.cut: seen[r.positions] for r in program.rewrites}
 
 
 @torch.no_grad()

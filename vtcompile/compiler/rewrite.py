@@ -1,10 +1,10 @@
 """Token-removing rewrite primitives: every token-pruning pass is built from these.
 
-select_tokens(program, boundary, scorer, k_visual): before decoder layer `boundary`, keep the k_visual
+select_tokens(program, cut, scorer, k_visual): from `cut` (compiler.cut: before a layer, or after its attention) on, keep the k_visual
 highest-scoring visual tokens and every text/padding token. Keep indices have no data-dependent shape:
 scores are forced to +inf at non-visual positions, topk takes k = S_cur - (visual_now - k_visual), and the
 indices are sorted ascending (original order; position ids are gathered, so they stay the originals).
-Then every live-in of layers >= boundary that carries the token axis (residual stream, RoPE cos/sin,
+Then every live-in of the graph after the cut that carries the token axis (residual stream, RoPE cos/sin,
 the 4-D mask on both axes, position/visual bookkeeping) is gathered and its later uses redirected; sym-int
 live-ins equal to the token count are replaced by the new count.
 """
@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import PassConfigError, UnsupportedModelError
+from .cut import Cut
 from .graph import cleanup, live_ins, redirect_uses, same_size, tidy, token_axes
 from .program import Program, Rewrite
 
@@ -46,11 +47,8 @@ class Emitter:
 Scorer = Callable[[Emitter], fx.Node]
 
 
-AFTER_ATTENTION = 0.5  # boundary = layer + AFTER_ATTENTION cuts a layer between its attention and its MLP
-
-
-def _first_node_of(gm: fx.GraphModule, boundary: float) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.meta["vt_pos"] >= boundary)
+def _first_node_of(gm: fx.GraphModule, position: float) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.meta["vt_pos"] >= position)
 
 
 def _gather_token_axes(emit: Emitter, x: fx.Node, axes: list[int], keep: fx.Node, batch: fx.Node) -> fx.Node:
@@ -72,36 +70,36 @@ def _gather_token_axes(emit: Emitter, x: fx.Node, axes: list[int], keep: fx.Node
 SELECTED_FROM = "vt_selected_from"  # meta key on a gathered value: the name of the value it selects tokens of
 
 
-def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_visual: int,
+def select_tokens(program: Program, cut: "Cut | int", scorer: Scorer | None, k_visual: int,
                   by: str = "?") -> Program:
-    """Keep k_visual visual tokens (by score) and all others from cut `boundary` on.
+    """Keep k_visual visual tokens (by score) and all others from `cut` on.
 
-    boundary = l removes tokens before decoder layer l (0: before the decoder, as pre-LLM selection does);
-    boundary = l + AFTER_ATTENTION removes them after layer l's attention (they were still keys there) and
-    before its MLP.
+    cut: a Cut, or a layer l for the cut before it (0: before the decoder, as pre-LLM selection does);
+    Cut(l, after_attention=True) removes them after layer l's attention (they were still keys there) and before
+    its MLP.
     """
     gm, geom = program.gm, program.geometry
-    if not (0 <= boundary <= geom.num_layers - 1) or (boundary * 2) % 1:
-        raise PassConfigError(f"token selection at cut {boundary} is outside 0..{geom.num_layers - 1} (whole or "
-                              f"half layers; 0 = before the decoder) for a {geom.num_layers}-layer decoder")
-    if boundary < program.last_boundary:
+    cut = Cut.at(cut)
+    if not 0 <= cut.layer <= geom.num_layers - 1:
+        raise PassConfigError(f"token selection {cut} is outside layers 0..{geom.num_layers - 1} (0 = before the "
+                              f"decoder) of this {geom.num_layers}-layer decoder")
+    if cut < program.last_cut:
         raise PassConfigError(
-            f"pass {by!r} removes tokens before layer {boundary}, but an earlier pass already removed tokens "
-            f"before layer {program.last_boundary}; list token-removing passes in increasing layer order")
-    visual_now = program.visual_at(boundary)
+            f"pass {by!r} removes tokens {cut}, but an earlier pass already removed tokens "
+            f"{program.last_cut}; list token-removing passes in increasing layer order")
+    visual_now = program.visual_at(cut)
     if not 0 <= k_visual <= visual_now:
-        raise PassConfigError(f"cannot keep {k_visual} visual tokens before layer {boundary}: "
-                              f"{visual_now} are present there")
+        raise PassConfigError(f"cannot keep {k_visual} visual tokens {cut}: {visual_now} are present there")
     if k_visual == visual_now:
         return program  # nothing removed: the graph stays as it is
     if program.meta is not None:
         # Everything read below lies before the cut, or in the layer after it (a cloning scorer's q/k).
-        program.meta.refresh(upto=boundary + 1)
+        program.meta.refresh(upto=cut.layer + 1)
     n_cur = program.token_count()
-    inputs = live_ins(gm, boundary)
+    inputs = live_ins(gm, cut.position)
     graph = gm.graph
-    emit = Emitter(graph, boundary - 0.25, "select")
-    with graph.inserting_before(_first_node_of(gm, boundary)):
+    emit = Emitter(graph, cut.emit_position, "select")
+    with graph.inserting_before(_first_node_of(gm, cut.position)):
         positions = program.positions_node
         vis = program.visual_mask_node
         batch = emit.size(positions, 0)
@@ -138,19 +136,20 @@ def select_tokens(program: Program, boundary: float, scorer: Scorer | None, k_vi
         for x in sym_liveins:
             replaced[x] = new_count
     for old, new in replaced.items():
-        redirect_uses(old, new, boundary)
+        redirect_uses(old, new, cut.position)
     if program.meta is not None:
         tidy(gm)
         program.meta.invalidate_from(emit.pos)
     else:
         cleanup(gm, program.fake_inputs)
-    program.schedule = [v if layer < boundary else k_visual for layer, v in enumerate(program.schedule)]
-    program.mlp_schedule = [v if layer + AFTER_ATTENTION < boundary else k_visual
+    program.schedule = [k_visual if cut.removes_from_attention(layer) else v
+                        for layer, v in enumerate(program.schedule)]
+    program.mlp_schedule = [k_visual if cut.removes_from_mlp(layer) else v
                             for layer, v in enumerate(program.mlp_schedule)]
-    program.rewrites.append(Rewrite(boundary, visual_now, k_visual, by, new_positions.name, replaced[vis].name))
+    program.rewrites.append(Rewrite(cut, visual_now, k_visual, by, new_positions.name, replaced[vis].name))
     return program
 
 
-def drop_visual(program: Program, boundary: int, by: str = "?") -> Program:
-    """Remove every visual token from decoder layer `boundary` on (visual-token exit)."""
-    return select_tokens(program, boundary, None, 0, by=by)
+def drop_visual(program: Program, layer: int, by: str = "?") -> Program:
+    """Remove every visual token from decoder layer `layer` on (visual-token exit)."""
+    return select_tokens(program, Cut(layer), None, 0, by=by)

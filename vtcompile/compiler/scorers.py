@@ -47,8 +47,8 @@ def last_query_attention(program: Program, layer: int, clone: bool = False) -> S
 
     Recomputes one query row (q_last . K^T, scaled, masked, softmax) from the q/k that layer's SDPA
     consumes. The last position is the last prompt token for every row (prompts are left-padded).
-    clone=True scores with a layer at or after the boundary being rewritten (PyramidDrop's "next layer"):
-    its q/k projections are copied in front of the boundary and fed the ungathered states.
+    clone=True scores with a layer at or after the cut being made (PyramidDrop's "next layer"): its q/k
+    projections are copied in front of the cut and fed the ungathered states.
     """
 
     def emit(e: Emitter) -> fx.Node:

@@ -2,7 +2,7 @@
 
 A program without branches is ONE stage: its whole graph. A program with branches (DyVTE's visual-token exit
 after the layer where a router fires) needs control flow between layers, so its graph is split at every layer
-boundary (partitioned by the vt_pos annotation); each branch program (the same program with a rewrite at
+boundary (partitioned by the vt_pos annotation, compiler.cut.stage_layer); each branch program (the same program with a rewrite at
 cut e + 1) is split the same way and shares stages 0..e with the base graph. Values cross stages under their
 node names; every stage takes and returns tensors only (sizes are re-read from tensor shapes), has static token
 counts given its inputs' lengths, and so compiles and exports on its own. Running stages (and asking the router
@@ -10,13 +10,13 @@ between them) is the runtime's job (runtime/executor.py); this module only build
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
 
+from .cut import stage_layer
 from .graph import output_values, same_size, set_outputs, symbolic_dims
 from .program import Program, Router
 from .signature import END, Signature
@@ -144,8 +144,8 @@ def stage_program(program: Program) -> StagePlan:
 
 # -- splitting a graph into one stage per layer -------------------------------------------------------------
 def _stage_of(node: fx.Node, num_layers: int) -> int:
-    # Nodes a rewrite inserts for cut b sit at b - 0.25: they open stage b (they belong to the branch).
-    return max(0, min(num_layers - 1, math.floor(node.meta.get("vt_pos", -1) + 0.25)))
+    # the nodes a selection inserts run in the stage of the layer they cut (they belong to the branch)
+    return stage_layer(node.meta.get("vt_pos", -1), num_layers)
 
 
 def _is_size(x: fx.Node) -> bool:

@@ -1,6 +1,6 @@
 """Taps: read intermediate values of a Program while it runs, without changing its graph.
 
-Offline work (calibration statistics, multi-boundary oracle checks) reads the values a graph already
+Offline work (calibration statistics, multi-cut oracle checks) reads the values a graph already
 computes - the post-RoPE q/k a layer feeds to SDPA, the positions kept at a cut - through an FX Interpreter.
 """
 from __future__ import annotations

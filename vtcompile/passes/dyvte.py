@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compiler.cut import Cut
 from ..compiler.geometry import Geometry
 from ..compiler.program import Branches, Program
 from ..compiler.rewrite import drop_visual
@@ -76,9 +77,8 @@ class DyVTEConfig(PassConfig):
         return self.hidden or min(2048, 2 * geometry.hidden_size)
 
     def candidates(self, program: Program) -> list[int]:
-        first = max(0, int(program.last_boundary + 0.5) - 1)  # exits must follow earlier rewrites
         layers = self.layers or tuple(range(program.geometry.num_layers - 1))
-        return [e for e in layers if e >= first]
+        return [e for e in layers if Cut(e + 1) >= program.last_cut]  # exits must follow earlier rewrites
 
 
 def router_features(hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

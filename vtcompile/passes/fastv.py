@@ -41,8 +41,8 @@ def plan(config: FastVConfig, geometry: Geometry, n_visual: int, recipe=None) ->
 
 def apply(program: Program, config: FastVConfig, recipe=None) -> Program:
     config.check_model(program.geometry)
-    for boundary, keep in plan(config, program.geometry, program.visual_at(config.k)):
-        select_tokens(program, boundary, last_query_attention(program, boundary - 1), keep, by="fastv")
+    for layer, keep in plan(config, program.geometry, program.visual_at(config.k)):
+        select_tokens(program, layer, last_query_attention(program, layer - 1), keep, by="fastv")
     return program
 
 

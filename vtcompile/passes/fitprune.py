@@ -10,7 +10,7 @@ each layer. A binary search on alpha finds the least aggressive recipe whose pap
 `budget` x baseline.
 Inference: at each recipe layer l, score visual tokens by cross x self from layer l's attention and remove
 the lowest after that layer's attention (they were still keys in layer l): select_tokens at cut
-l + AFTER_ATTENTION. Statistics are read through the compiler's taps on the q/k each layer feeds to SDPA.
+Cut(l, after_attention=True). Statistics are read through the compiler's taps on the q/k each layer feeds to SDPA.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch
 from ..compiler.flops import report_from_plan
 from ..compiler.geometry import Geometry
 from ..compiler.program import Program
-from ..compiler.rewrite import AFTER_ATTENTION, select_tokens
+from ..compiler.cut import Cut
+from ..compiler.rewrite import select_tokens
 from ..compiler.scorers import attention_mass, head_max_attention
 from ..compiler.taps import run_with_taps, sdpa_inputs
 from ..errors import PassConfigError
@@ -103,14 +104,14 @@ def plan(config: FitPruneConfig, geometry: Geometry, n_visual: int, recipe: dict
     for layer, count in _scaled(recipe, n_visual).items():
         if count:
             left = max(0, left - count)
-            steps.append((layer + AFTER_ATTENTION, left))
+            steps.append((Cut(layer, after_attention=True), left))
     return steps
 
 
 def apply(program: Program, config: FitPruneConfig, recipe: dict | None = None) -> Program:
     with program.series_of_rewrites():
         for cut, keep in plan(config, program.geometry, program.n_visual, recipe):
-            select_tokens(program, cut, attention_mass(program, int(cut)), keep, by="fitprune")
+            select_tokens(program, cut, attention_mass(program, cut.layer), keep, by="fitprune")
     return program
 
 

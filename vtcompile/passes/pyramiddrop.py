@@ -64,9 +64,9 @@ def plan(config: PyramidDropConfig, geometry: Geometry, n_visual: int, recipe=No
 def apply(program: Program, config: PyramidDropConfig, recipe=None) -> Program:
     config.check_model(program.geometry)
     with program.series_of_rewrites():
-        for boundary, keep in plan(config, program.geometry, program.n_visual):
-            scorer = last_query_attention(program, boundary, clone=True)
-            select_tokens(program, boundary, scorer, min(keep, program.visual_at(boundary)), by="pyramiddrop")
+        for layer, keep in plan(config, program.geometry, program.n_visual):
+            scorer = last_query_attention(program, layer, clone=True)
+            select_tokens(program, layer, scorer, min(keep, program.visual_at(layer)), by="pyramiddrop")
     return program
 
 

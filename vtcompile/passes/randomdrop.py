@@ -39,8 +39,8 @@ def apply(program: Program, config: RandomDropConfig, recipe=None) -> Program:
     def uniform(e: Emitter):
         return e(torch.ops.aten.rand_like.default, program.positions_node, dtype=torch.float32)
 
-    for boundary, keep in plan(config, program.geometry, program.visual_at(config.k)):
-        select_tokens(program, boundary, uniform, keep, by="randomdrop")
+    for layer, keep in plan(config, program.geometry, program.visual_at(config.k)):
+        select_tokens(program, layer, uniform, keep, by="randomdrop")
     return program
 
 

@@ -145,7 +145,7 @@ def _static_k_selection(gm: fx.GraphModule, rewrites: list) -> int:
         forced, k_node = top.args[0], top.args[1]
         removed = k_node.args[1]
         if forced.target is not aten.where.ScalarOther or removed != rw.before - rw.after:
-            raise UnsupportedModelError(f"token selection at cut {rw.boundary} does not have the select_tokens form")
+            raise UnsupportedModelError(f"token selection {rw.cut} does not have the select_tokens form")
         vis, score = forced.args[0], forced.args[1]
         idx_users = [u for u in top.users if u.target is operator.getitem and u.args[1] == 1]
         sort = next(u for u in idx_users[0].users if u.target is aten.sort.default)
