@@ -107,31 +107,41 @@ def test_routers_file_round_trip(tmp_path):
     assert a.exit_layers == b.exit_layers and torch.equal(a.logits, b.logits)
 
 
+def _features(n: int = 12, dim: int = 64, layers=(0, 1, 2), seed: int = 0):
+    """Router inputs and labels on which training has something to learn (labels from a planted direction)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = {e: torch.randn(n, 2 * dim, generator=gen) for e in layers}
+    y = {e: (x[e][:, e] + 0.5 * torch.randn(n, generator=gen) > 0).long() for e in layers}
+    return x, y
+
+
 def test_router_training_is_seeded():
-    """Same calibration data and seed -> the same routers, whatever the caller's random state; another seed
-    -> other initial weights."""
-    spec = "dyvte:samples=4,epochs=5"
+    """Same data and seed -> the same routers, whatever the caller's random state; another seed -> other weights."""
+    from vtcompile.passes.dyvte import DyVTEConfig, train_routers
+
+    x, y = _features()
+    cfg = DyVTEConfig(epochs=5)
     torch.manual_seed(123)
-    a = compile_pruned(adapter("tiny"), spec, calibration="synthetic", progress=False).recipes["dyvte"]["_tensors"]
+    a = train_routers(x, y, 64, 16, cfg, progress=False)[0].state_dict()
     torch.manual_seed(7)
-    b = compile_pruned(adapter("tiny"), spec, calibration="synthetic", progress=False).recipes["dyvte"]["_tensors"]
-    c = compile_pruned(adapter("tiny"), spec + ",seed=1", calibration="synthetic",
-                       progress=False).recipes["dyvte"]["_tensors"]
+    b = train_routers(x, y, 64, 16, cfg, progress=False)[0].state_dict()
+    c = train_routers(x, y, 64, 16, DyVTEConfig(epochs=5, seed=1), progress=False)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_exit_labels_follow_agreement_and_loss_bound():
     """A prompt's label at layer e is 'exit' iff the static exit after e gives the same greedy answer and its
-    answer loss stays below ratio x the loss without it + slack; checked against the static-exit programs on the
-    12 calibration prompts (calibration 'synthetic' = example_inputs seeds 1000..1011)."""
+    answer loss stays below ratio x the loss without it + slack; checked against the static-exit programs on 12
+    prompts."""
     from vtcompile.models.llava import example_inputs
+    from vtcompile.passes.dyvte import DyVTEConfig, router_labels
 
     full = compiled("tiny", None)
     cuts = {e: compiled("tiny", f"dyvte:exit_layer={e}") for e in range(3)}
+    prompts = [example_inputs(full.adapter, batch=1, seed=1000 + i) for i in range(12)]
     agree, excess = {e: [] for e in cuts}, {e: [] for e in cuts}
-    for i in range(12):
-        args = example_inputs(full.adapter, batch=1, seed=1000 + i)
+    for args in prompts:
         last = full(*args).logits[:, -1].float()
         answer = last.argmax(-1)
         base = torch.nn.functional.cross_entropy(last, answer)
@@ -139,33 +149,35 @@ def test_exit_labels_follow_agreement_and_loss_bound():
             cut = cm(*args).logits[:, -1].float()
             agree[e].append(bool(cut.argmax(-1) == answer))
             excess[e].append(float(torch.nn.functional.cross_entropy(cut, answer) - base))
+    batches = [full.prepare(*args).as_args() for args in prompts]
     for slack in (0.0, 0.05, 1e6):
-        rates = compile_pruned(adapter("tiny"), f"dyvte:samples=12,epochs=1,loss_ratio=1,loss_slack={slack:g}",
-                               calibration="synthetic", progress=False).recipes["dyvte"]["exit_label_rate"]
+        _, labels = router_labels(full.program, DyVTEConfig(loss_ratio=1, loss_slack=slack), batches, progress=False)
         for e in cuts:
-            expected = [a and x < slack for a, x in zip(agree[e], excess[e])]
+            expected = [int(a and x < slack) for a, x in zip(agree[e], excess[e])]
             assert all(abs(x - slack) > 1e-4 for x in excess[e])  # no label sits on the bound
-            assert rates[str(e)] == pytest.approx(sum(expected) / 12), (slack, e)
+            assert labels[e].tolist() == expected, (slack, e)
     assert any(0 < sum(a) < 12 for a in agree.values())  # the agreement part decides some labels
 
 
 def test_holdout_keeps_each_router_at_its_best_held_out_epoch():
     """With holdout, router e ends with the weights it had after its chosen epoch k_e: the same as a run of
     k_e epochs (full-batch training is deterministic); holdout=0 trains every epoch on every prompt."""
-    spec = "dyvte:samples=12,epochs=60,loss_slack=0.05"
-    rec = compile_pruned(adapter("tiny"), spec, calibration="synthetic", progress=False).recipes["dyvte"]
-    hold = rec["holdout"]
-    assert hold["prompts"] == 3 and sorted(hold["epochs"], key=int) == [str(e) for e in rec["layers"]]
+    from vtcompile.passes.dyvte import DyVTEConfig, train_routers
+
+    x, y = _features(n=12, seed=3)
+    cfg = DyVTEConfig(epochs=60, lr=3e-2)
+    routers, info = train_routers(x, y, 64, 16, cfg, progress=False)
+    hold = info["holdout"]
+    assert hold["prompts"] == 3 and sorted(hold["epochs"], key=int) == ["0", "1", "2"]
     assert any(k < 60 for k in hold["epochs"].values()), hold  # early stopping happened somewhere
+    state = routers.state_dict()
     for e, k in hold["epochs"].items():
         assert 1 <= k <= 60
-        short = compile_pruned(adapter("tiny"), spec.replace("epochs=60", f"epochs={k}"), calibration="synthetic",
-                               progress=False).recipes["dyvte"]
-        assert short["holdout"]["epochs"][e] == k
+        short, short_info = train_routers(x, y, 64, 16, DyVTEConfig(epochs=k, lr=3e-2), progress=False)
+        assert short_info["holdout"]["epochs"][e] == k
         for name in (f"mlps.{e}.0.weight", f"mlps.{e}.2.weight"):
-            assert torch.equal(rec["_tensors"][name], short["_tensors"][name]), (e, k)
-    assert compile_pruned(adapter("tiny"), spec + ",holdout=0", calibration="synthetic",
-                          progress=False).recipes["dyvte"]["holdout"] is None
+            assert torch.equal(state[name], short.state_dict()[name]), (e, k)
+    assert train_routers(x, y, 64, 16, DyVTEConfig(epochs=5, holdout=0), progress=False)[1]["holdout"] is None
 
 
 def test_always_firing_routers_exit_at_first_layer(tmp_path):

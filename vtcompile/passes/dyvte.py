@@ -168,11 +168,10 @@ def load_routers(config: DyVTEConfig, geometry: Geometry, recipe: dict | None) -
     return routers.eval()
 
 
-def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = True) -> dict:
-    """Train the routers on labels the frozen model gives itself (see the module docstring)."""
+def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool = True):
+    """Router inputs and exit labels from the frozen model: ({layer: features [N, 2D]}, {layer: labels [N]})."""
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
     layers = config.candidates(program)
     if not layers:
         raise PassConfigError("dyvte: no candidate exit layer follows the earlier passes' rewrites")
@@ -193,13 +192,22 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
             bound = config.loss_ratio * full_loss + config.loss_slack + 1e-6
             labels[e].append(((cut.argmax(-1) == answer) & (loss < bound)).long())
             feats[e].append(router_features(seen[residual[e]], seen[program.visual_name_at(e)]))
-    if not any(feats.values()) or not feats[layers[0]]:
+    if not feats[layers[0]]:
         raise PassConfigError("dyvte: the calibration set is empty; give at least one prompt with an image")
+    return ({e: torch.cat(feats[e]).detach().cpu() for e in layers}, {e: torch.cat(labels[e]).cpu() for e in layers})
+
+
+def train_routers(x: dict, y: dict, dim: int, width: int, config: DyVTEConfig,
+                  progress: bool = True) -> tuple[Routers, dict]:
+    """Fit one router per layer on features x[e] [N, 2 dim] and labels y[e] [N] (full-batch AdamW, cross-entropy;
+    with holdout, each router keeps its weights of the epoch with the lowest held-out loss). Seeded: the same data
+    and config.seed give the same routers whatever the caller's random state. Returns (routers, training facts)."""
+    from tqdm import tqdm
+
+    layers = sorted(x)
     with torch.random.fork_rng(devices=[]):  # seeded init, the caller's random state untouched
         torch.manual_seed(config.seed)
-        routers = Routers(layers, program.geometry.hidden_size, config.width(program.geometry))
-    x = {e: torch.cat(feats[e]).detach().cpu() for e in layers}
-    y = {e: torch.cat(labels[e]).cpu() for e in layers}
+        routers = Routers(layers, dim, width)
     n = len(y[layers[0]])
     n_hold = int(round(config.holdout * n)) if n > 1 else 0
     n_hold = min(n_hold, n - 1)
@@ -207,6 +215,7 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
     fit, held = order[n_hold:], order[:n_hold]
     opt = torch.optim.AdamW(routers.parameters(), lr=config.lr)
     best = {e: (math.inf, 0, None) for e in layers}  # per router: (held-out loss, epoch, weights)
+    loss = torch.tensor(math.nan)
     for epoch in tqdm(range(config.epochs), desc="dyvte: router training", unit="epoch", disable=not progress):
         opt.zero_grad()
         loss = sum(nn.functional.cross_entropy(routers.logits(e, x[e][fit]), y[e][fit]) for e in layers) / len(layers)
@@ -228,15 +237,24 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
         for e in layers:
             logits = routers.logits(e, x[e])
             margins[str(e)] = (logits[:, 1] - logits[:, 0]).tolist()
-    return {"pass": "dyvte", "layers": layers, "hidden": config.width(program.geometry),
-            "exit_label_rate": {str(e): float(y[e].float().mean()) for e in layers},
-            "router_train_accuracy": acc, "samples": n, "final_loss": loss.item(),
-            "holdout": None if not n_hold else {
-                "prompts": n_hold, "epochs": {str(e): best[e][1] for e in layers},
-                "loss": {str(e): best[e][0] for e in layers}},
+    return routers, {
+        "router_train_accuracy": acc, "samples": n, "final_loss": loss.item(),
+        "holdout": None if not n_hold else {"prompts": n_hold, "epochs": {str(e): best[e][1] for e in layers},
+                                            "loss": {str(e): best[e][0] for e in layers}},
+        "_margins": margins}
+
+
+def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = True) -> dict:
+    """Train the routers on labels the frozen model gives itself (see the module docstring)."""
+    t0 = time.perf_counter()
+    x, y = router_labels(program, config, batches, progress)
+    layers = sorted(x)
+    width = config.width(program.geometry)
+    routers, info = train_routers(x, y, program.geometry.hidden_size, width, config, progress)
+    return {"pass": "dyvte", "layers": layers, "hidden": width,
+            "exit_label_rate": {str(e): float(y[e].float().mean()) for e in layers}, **info,
             "calibration_seconds": time.perf_counter() - t0, "config_hash": program.geometry.config_hash(),
-            "_tensors": {k: v.detach().clone() for k, v in routers.state_dict().items()},
-            "_margins": margins}
+            "_tensors": {k: v.detach().clone() for k, v in routers.state_dict().items()}}
 
 
 def calibration_exits(recipe: dict | None, config: DyVTEConfig) -> dict[int, int] | None:
