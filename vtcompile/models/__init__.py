@@ -49,6 +49,16 @@ def _find_in_cache(repo: str) -> tuple[Path | None, list[Path]]:
     return None, looked
 
 
+def _checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory that holds a config.json (checked before anything is loaded)."""
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"checkpoint directory {path} has no config.json; expected a transformers LLaVA checkpoint "
+            "directory (config.json + *.safetensors)"
+        )
+    return path
+
+
 def _check_dtype(dtype: str) -> str:
     if dtype not in _DTYPES:
         raise VtcompileError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
@@ -70,7 +80,7 @@ def resolve_spec(name: str = DEFAULT_MODEL, weights: str | None = None, random_w
                 f"unknown model {name!r}. Known models: {', '.join(PRESETS)}; or pass a local checkpoint "
                 "directory (one holding config.json and the weights)."
             )
-        return ModelSpec(name=str(path), source="checkpoint", path=str(path), layers=layers,
+        return ModelSpec(name=str(path), source="checkpoint", path=str(_checkpoint_dir(path)), layers=layers,
                          dtype=_check_dtype(dtype or "float32"))
     dtype = _check_dtype(dtype or preset.default_dtype)
     if preset.shipped:
@@ -90,7 +100,8 @@ def resolve_spec(name: str = DEFAULT_MODEL, weights: str | None = None, random_w
     if random_weights:
         return ModelSpec(name=name, source="random", seed=seed, layers=layers, dtype=dtype)
     if weights is not None:
-        return ModelSpec(name=name, source="checkpoint", path=str(weights), layers=layers, dtype=dtype)
+        return ModelSpec(name=name, source="checkpoint", path=str(_checkpoint_dir(Path(weights))), layers=layers,
+                         dtype=dtype)
     found, looked = _find_in_cache(preset.hf_repo)
     if found is None:
         where = "\n  ".join(str(p) for p in looked)
@@ -116,12 +127,7 @@ def model_config(spec: ModelSpec):
     else:
         from transformers import AutoConfig
 
-        path = Path(spec.path)
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"checkpoint directory {path} has no config.json; expected a transformers LLaVA checkpoint "
-                "directory (config.json + *.safetensors)"
-            )
+        path = _checkpoint_dir(Path(spec.path))
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if type(config).__name__ != "LlavaConfig":
             raise VtcompileError(f"{path} holds a {type(config).__name__}; vtcompile supports LLaVA checkpoints")
