@@ -66,3 +66,22 @@ def masked_key_check(cm, geometry: str, kind: str, seed: int = 0) -> dict:
     real = torch.gather(mask, 1, positions).bool()  # padding rows are undefined in both
     return {"diff": (ref - logits).abs().amax(-1)[real].max().item(), "kept": kept, "program": program,
             "positions": positions, "visual": visual, "ids": ids, "mask": mask, "prep": prep}
+
+
+def prefill_oracle_diff(cm, ids, pixels, mask) -> float:
+    """Largest |logit diff| at real kept positions between the compiled prefill and the masked-key reference whose
+    per-layer key masks are the keys that layer's attention saw (its key_positions output; -1 pads rows that kept
+    fewer, after a DyVTE exit)."""
+    from vtcompile.compiler.reference import masked_key_logits
+
+    out = cm(ids, pixels, mask)
+    prep = cm.prepare(ids, pixels, mask)
+    keys = []
+    for layer in range(cm.frontend.geometry.num_layers):
+        pos = out.outputs[f"key_positions_{layer}"]
+        keys.append(torch.zeros_like(mask, dtype=torch.bool).scatter_(1, pos.clamp(min=0), pos >= 0))
+    ref = masked_key_logits(cm.adapter, prep.inputs_embeds, prep.attention_mask, prep.position_ids, keys)
+    positions = out.kept_positions
+    ref = torch.gather(ref, 1, positions.clamp(min=0)[..., None].expand(-1, -1, ref.shape[-1]))
+    real = (positions >= 0) & torch.gather(mask, 1, positions.clamp(min=0)).bool()
+    return (ref - out.logits).abs().amax(-1)[real].max().item()

@@ -97,7 +97,8 @@ def test_testbed_greedy_equals_transformers_generate():
 
 
 PASSES = {"fastv": "fastv", "pyramiddrop": "pyramiddrop", "randomdrop": "randomdrop:k=1,r=0.5",
-          "dyvte static": "dyvte:exit_layer=1", "fastv+pyramiddrop": ["fastv:k=1", "pyramiddrop:layers=2/3,ratios=0.5/0.25"]}
+          "dyvte static": "dyvte:exit_layer=1", "fastv+pyramiddrop": ["fastv:k=1", "pyramiddrop:layers=2/3,ratios=0.5/0.25"],
+          "gprune": "gprune", "divprune+fastv": ["divprune:keep=0.5", "fastv"]}
 
 
 @pytest.mark.parametrize("name", list(PASSES))

@@ -37,11 +37,12 @@ aten = torch.ops.aten
 # randomdrop draws from the backend's own generator, so no target can match eager's draws; its token
 # counts and the oracle are tested in test_rewrite_primitives.py.
 PASSES = {"none": None, "fastv": "fastv", "pyramiddrop": "pyramiddrop", "fitprune": "fitprune:budget=0.5,samples=6",
-          "dyvte": "dyvte:exit_layer=1"}
+          "dyvte": "dyvte:exit_layer=1", "gprune": "gprune", "divprune": "divprune:keep=0.25"}
 _SPLIT = {("inductor", "none"): "tiny", ("inductor", "fastv"): "tiny-gqa", ("inductor", "pyramiddrop"): "tiny",
           ("inductor", "fitprune"): "tiny-gqa", ("inductor", "dyvte"): "tiny",
           ("onnx", "none"): "tiny-gqa", ("onnx", "fastv"): "tiny", ("onnx", "pyramiddrop"): "tiny-gqa",
-          ("onnx", "fitprune"): "tiny", ("onnx", "dyvte"): "tiny-gqa"}
+          ("onnx", "fitprune"): "tiny", ("onnx", "dyvte"): "tiny-gqa", ("inductor", "gprune"): "tiny-gqa",
+          ("inductor", "divprune"): "tiny", ("onnx", "gprune"): "tiny", ("onnx", "divprune"): "tiny-gqa"}
 
 
 def _matrix():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -152,3 +153,41 @@ def attention_mass(program: Program, layer: int) -> Scorer:
                       bool_mask=bool_mask)
 
     return emit
+
+
+def visual_selection(program: Program, select, keep_per_image: int, **constants) -> Scorer:
+    """Selector form beside scorers: `select(feats, keep, **constants)` - a plain torch function (inlined, as for
+    FitPrune's statistic) - picks `keep_per_image` tokens of each image from that image's projected visual tokens
+    feats [rows x images, P, D] and returns their indices [rows x images, keep]; the scorer gives those tokens 1
+    and the image's other tokens 0, so select_tokens keeps exactly them (each image its own share, any image
+    position, several images, batches). Reads the decoder's input embeddings: use it at the cut before layer 0."""
+
+    def emit(e: Emitter) -> fx.Node:
+        embeds = next(n for n in program.gm.graph.nodes if n.op == "placeholder")
+        vis = program.visual_mask_node
+        n_vis = program.visual_at(0)
+        per_image = program.geometry.visual_tokens_per_image
+        if n_vis % per_image:
+            raise ValueError(f"{n_vis} visual tokens are not whole images of {per_image}")
+        seq = e.size(vis, 1)
+        position = e(aten._to_copy.default, e(aten.arange.default, seq, device=_device(vis)), dtype=torch.float32)
+        # visual positions, ascending: the largest of -position over the visual tokens
+        key = e(aten.where.ScalarOther, vis, e(aten.neg.default, position), float("-inf"))
+        vis_idx = e(operator.getitem, e(aten.topk.default, key, n_vis, 1), 1)  # [B, n_vis]
+        batch = e.size(vis, 0)
+        dim = embeds.meta["val"].shape[-1]
+        idx = e(aten.expand.default, e(aten.unsqueeze.default, vis_idx, 2), [batch, n_vis, dim])
+        feats = e(aten._to_copy.default, e(aten.gather.default, embeds, 1, idx), dtype=torch.float32)
+        feats = e(aten.reshape.default, feats, [-1, per_image, dim])
+        chosen = inline(e, select, [feats], keep=keep_per_image, **constants)  # [B * images, keep]
+        none = e(aten.zeros_like.default, e(aten.select.int, feats, 2, 0))  # [B * images, P]
+        marks = e(aten.scatter.value, none, 1, chosen, 1.0)
+        marks = e(aten.reshape.default, marks, [batch, n_vis])
+        score = e(aten.zeros_like.default, vis, dtype=torch.float32)
+        return e(aten.scatter.src, score, 1, vis_idx, marks)
+
+    return emit
+
+
+def _device(node: fx.Node) -> torch.device:
+    return node.meta["val"].device

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import PassConfigError
-from . import dyvte, fastv, fitprune, pyramiddrop, randomdrop  # noqa: F401  (registers)
+from . import divprune, dyvte, fastv, fitprune, gprune, pyramiddrop, randomdrop  # noqa: F401  (registers)
 from .base import REGISTRY, PassConfig, PassDef, describe_fields
 
 __all__ = ["REGISTRY", "PassConfig", "PassDef", "get_pass", "parse_pass_spec", "resolve_passes"]

@@ -1,0 +1,89 @@
+"""G-Prune: visual tokens chosen before the LLM by information propagation on a similarity graph (2501.02268).
+
+Algorithm (per image, on the projected visual tokens X [P, D]): cosine-similarity graph, entries below 0.5
+zeroed, divided by the temperature 0.03, row softmax -> A; each token's L2 norm is its initial information
+s = ||X||, propagated 5 steps s <- s A (each token passes its information to its neighbours in proportion to
+their similarity); score = s / degree (the number of tokens at similarity >= 0.5, itself included), so a
+token that many similar tokens point to but that has few neighbours of its own - a distinctive token - ranks
+high; keep the top `keep` of the image's tokens. Our reading of the method summary in ../shared/METHODS.md (the
+propagation direction and the degree are not spelled out there); the graph (before the LLM) is the same either
+way. The selection is compiler.scorers.visual_selection at the cut before layer 0 (compiler.rewrite.
+select_tokens), so it composes with the in-decoder passes and lowers to every target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler.cut import Cut
+from ..compiler.geometry import Geometry
+from ..compiler.program import Program
+from ..compiler.rewrite import select_tokens
+from ..compiler.scorers import visual_selection
+from ..errors import PassConfigError
+from .base import PassConfig, PassDef, param, register
+
+
+@dataclass(frozen=True)
+class GPruneConfig(PassConfig):
+    name = "gprune"
+    keep: float = param(0.5, "fraction of each image's visual tokens kept", low=0.0, high=1.0, low_open=True)
+    threshold: float = param(0.5, "similarity below which graph edges are dropped", low=-1.0, high=1.0)
+    temperature: float = param(0.03, "softmax temperature of the graph's edge weights", low=0.0, low_open=True)
+    steps: int = param(5, "propagation steps", low=1)
+
+
+def kept_per_image(keep: float, per_image: int) -> int:
+    return max(1, int(round(keep * per_image)))
+
+
+def gprune_scores(feats: torch.Tensor, threshold: float = 0.5, temperature: float = 0.03, steps: int = 5):
+    """[R, P, D] projected visual tokens (one image a row) -> [R, P] G-Prune scores."""
+    x = feats.float()
+    norms = x.norm(dim=-1)
+    unit = x / norms.clamp_min(1e-6).unsqueeze(-1)
+    sim = torch.matmul(unit, unit.transpose(-1, -2))
+    sim = torch.where(sim < threshold, torch.zeros_like(sim), sim)
+    adj = torch.softmax(sim / temperature, dim=-1)
+    degree = (sim > 0).float().sum(-1)
+    info = norms
+    for _ in range(steps):
+        info = torch.matmul(info.unsqueeze(1), adj).squeeze(1)
+    return info / degree.clamp_min(1.0)
+
+
+def gprune_keep(feats: torch.Tensor, keep: int, threshold: float = 0.5, temperature: float = 0.03,
+                steps: int = 5) -> torch.Tensor:
+    """The indices of the `keep` highest-scoring tokens of each row."""
+    return torch.topk(gprune_scores(feats, threshold, temperature, steps), keep, dim=-1)[1]
+
+
+def plan(config: GPruneConfig, geometry: Geometry, n_visual: int, recipe=None):
+    per_image = geometry.visual_tokens_per_image
+    return [(Cut(0), (n_visual // per_image) * kept_per_image(config.keep, per_image))]
+
+
+def check_first(program: Program, name: str) -> None:
+    """Pre-LLM selection must come before every in-decoder cut."""
+    if program.rewrites:
+        raise PassConfigError(f"{name} selects visual tokens before the LLM, but {program.rewrites[-1].by!r} already "
+                              f"removed tokens {program.rewrites[-1].cut}; list {name} before the in-decoder passes "
+                              f"(e.g. --pass {name} --pass fastv)")
+
+
+def apply(program: Program, config: GPruneConfig, recipe=None) -> Program:
+    check_first(program, "gprune")
+    k = kept_per_image(config.keep, program.geometry.visual_tokens_per_image)
+    for cut, keep in plan(config, program.geometry, program.visual_at(0)):
+        scorer = visual_selection(program, gprune_keep, k, threshold=config.threshold,
+                                  temperature=config.temperature, steps=config.steps)
+        select_tokens(program, cut, scorer, keep, by="gprune")
+    return program
+
+
+PASS = register(PassDef(
+    name="gprune",
+    summary="before the LLM, keep each image's tokens that score highest by information propagation on their "
+            "similarity graph (G-Prune)",
+    config=GPruneConfig, plan=plan, apply=apply))
