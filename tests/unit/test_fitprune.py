@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vtcompile import compile_pruned
+from vtcompile.compiler.cut import Cut
 from vtcompile.compiler.flops import report_from_plan
 from vtcompile.compiler.reference import kept_at_boundaries
 from vtcompile.compiler.scorers import cross_self_mass, head_max_attention
@@ -89,7 +90,7 @@ def test_recipe_file_round_trip(tmp_path):
     bare.write_text(json.dumps({"0": 4, "2": 2}))
     _, cfg = parse_pass_spec(f"fitprune:recipe={bare}")
     geom = geometry_of(resolve_spec("tiny"))
-    assert plan(cfg, geom, 16) == [(0.5, 12), (2.5, 10)]
+    assert plan(cfg, geom, 16) == [(Cut(0, after_attention=True), 12), (Cut(2, after_attention=True), 10)]
 
 
 def test_search_terminates_on_degenerate_statistics():

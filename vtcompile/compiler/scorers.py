@@ -157,10 +157,14 @@ def attention_mass(program: Program, layer: int) -> Scorer:
 
 def visual_selection(program: Program, select, keep_per_image: int, **constants) -> Scorer:
     """Selector form beside scorers: `select(feats, keep, **constants)` - a plain torch function (inlined, as for
-    FitPrune's statistic) - picks `keep_per_image` tokens of each image from that image's projected visual tokens
-    feats [rows x images, P, D] and returns their indices [rows x images, keep]; the scorer gives those tokens 1
-    and the image's other tokens 0, so select_tokens keeps exactly them (each image its own share, any image
-    position, several images, batches). Reads the decoder's input embeddings: use it at the cut before layer 0."""
+    FitPrune's statistic) - picks `keep_per_image` tokens of one image from that image's projected visual tokens
+    feats [rows, P, D] and returns their indices [rows, keep]; the scorer gives those tokens 1 and the image's
+    other tokens 0, so select_tokens keeps exactly them (each image its own share, any image position, several
+    images, batches). Reads the decoder's input embeddings: use it at the cut before layer 0.
+
+    The selector is inlined once per image (the image count is static per executable): a reshape folding the
+    images into the batch axis [rows x images, P, D] made Inductor guard the unbacked batch to the example's
+    range (torch 2.13, `_dynamic_reshape_indexer`) and fail on other batch sizes with two images."""
 
     def emit(e: Emitter) -> fx.Node:
         embeds = next(n for n in program.gm.graph.nodes if n.op == "placeholder")
@@ -178,11 +182,13 @@ def visual_selection(program: Program, select, keep_per_image: int, **constants)
         dim = embeds.meta["val"].shape[-1]
         idx = e(aten.expand.default, e(aten.unsqueeze.default, vis_idx, 2), [batch, n_vis, dim])
         feats = e(aten._to_copy.default, e(aten.gather.default, embeds, 1, idx), dtype=torch.float32)
-        feats = e(aten.reshape.default, feats, [-1, per_image, dim])
-        chosen = inline(e, select, [feats], keep=keep_per_image, **constants)  # [B * images, keep]
-        none = e(aten.zeros_like.default, e(aten.select.int, feats, 2, 0))  # [B * images, P]
-        marks = e(aten.scatter.value, none, 1, chosen, 1.0)
-        marks = e(aten.reshape.default, marks, [batch, n_vis])
+        marks = []
+        for start in range(0, n_vis, per_image):
+            image = e(aten.slice.Tensor, feats, 1, start, start + per_image)  # [B, P, D]
+            chosen = inline(e, select, [image], keep=keep_per_image, **constants)  # [B, keep]
+            none = e(aten.zeros_like.default, e(aten.select.int, image, 2, 0))  # [B, P]
+            marks.append(e(aten.scatter.value, none, 1, chosen, 1.0))
+        marks = marks[0] if len(marks) == 1 else e(aten.cat.default, marks, 1)  # [B, n_vis]
         score = e(aten.zeros_like.default, vis, dtype=torch.float32)
         return e(aten.scatter.src, score, 1, vis_idx, marks)
 
