@@ -1,4 +1,5 @@
-"""Accuracy vs paper-convention FLOPs on the testbed: fastv, pyramiddrop, fitprune and random selection.
+"""Accuracy vs paper-convention FLOPs on the testbed: fastv, pyramiddrop, fitprune, the pre-LLM selectors gprune
+and divprune, and random selection at the decoder's entry (the baseline both selectors must beat).
 
 For each budget (fraction of the unpruned model's paper-convention FLOPs) every method is configured to
 the largest kept-token count that meets it, evaluated on the same held-out questions, and reported as a
@@ -65,8 +66,18 @@ def configs(geom, n, budget):
             break
     out["fitprune"] = f"fitprune:budget={budget}"
     keep = largest_meeting(geom, n, budget, lambda kv: [(0, kv)])
+    # Selectors before layer 0 keep `keep` tokens of the image (kept_per_image rounds keep * n back to it).
+    for name in ("gprune", "divprune"):
+        out[name] = f"{name}:keep={keep / n:.6f}" if keep is not None else None
     out["random"] = f"randomdrop:k=0,r={(n - keep) / n:.6f}" if keep is not None else None
     return out
+
+
+# Every token pass at its published defaults (FitPrune's default budget is 0.5) and DyVTE's chosen setting
+# (bench/README: routers on 2048 prompts, slack 0.1, threshold 0.95): the rows per-pass accuracy floors are to be
+# taken from.
+DEFAULT_ROWS = ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune",
+                "dyvte:samples=2048,loss_slack=0.1,threshold=0.95")
 
 
 def main(argv=None) -> int:
@@ -78,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     ap.add_argument("--max-new-tokens", type=int, default=24,
                     help="answers are generated up to this many tokens and compared whole (1: next-token scoring)")
+    ap.add_argument("--defaults", nargs="*", default=list(DEFAULT_ROWS), metavar="SPEC",
+                    help="pass specs evaluated as given, after the budget rows (default: every token pass at its "
+                         "published defaults and DyVTE's chosen setting; none: --defaults with no spec)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/accuracy_flops"))
     args = ap.parse_args(argv)
     adapter = load_model(args.model)
@@ -87,19 +101,21 @@ def main(argv=None) -> int:
     base = evaluate(compile_pruned(adapter), "testbed", limit=args.limit, progress=False,
                     max_new_tokens=args.max_new_tokens)
     rows.append({"method": "unpruned", "budget": 1.0, "spec": "-", "paper_ratio": 1.0,
-                 "accuracy": base["accuracy"], "top1_agreement": 1.0})
+                 "accuracy": base["accuracy"], "top1_agreement": 1.0,
+                 "identical_answers": 1.0 if args.max_new_tokens > 1 else None})
     print(f"unpruned: {100 * base['accuracy']:.1f}%", file=sys.stderr)
     for budget in [float(b) for b in args.budgets.split(",")]:
         for method, spec in configs(geom, n, budget).items():
             if spec is None:
                 rows.append({"method": method, "budget": budget, "spec": "cannot reach this budget",
-                             "paper_ratio": None, "accuracy": None, "top1_agreement": None})
+                             "paper_ratio": None, "accuracy": None, "top1_agreement": None,
+                             "identical_answers": None})
                 continue
             if method == "fitprune":
                 spec = f"{spec},samples={args.calibration_samples}"
             torch.manual_seed(args.seed)
             cm = compile_pruned(adapter, spec, calibration="testbed" if method == "fitprune" else None,
-                                progress=False, max_new_tokens=args.max_new_tokens)
+                                progress=False)
             torch.manual_seed(args.seed)
             res = evaluate(cm, "testbed", limit=args.limit, progress=False, max_new_tokens=args.max_new_tokens)
             extra = ""
@@ -108,20 +124,38 @@ def main(argv=None) -> int:
                 extra = f" (calibration {r['calibration_seconds']:.1f}s, {r['samples']} samples)"
             rows.append({"method": method, "budget": budget, "spec": spec + extra,
                          "paper_ratio": res["paper_flops_ratio"], "accuracy": res["accuracy"],
-                         "top1_agreement": res["fidelity"]["top1_agreement"]})
+                         "top1_agreement": res["fidelity"]["top1_agreement"],
+                         "identical_answers": res["fidelity"].get("identical_answers")})
             print(f"{budget} {method}: {100 * res['accuracy']:.1f}% at {res['paper_flops_ratio']:.3f}", file=sys.stderr)
+    for spec in args.defaults:
+        torch.manual_seed(args.seed)
+        calibrates = spec.split(":")[0] in ("fitprune", "dyvte")
+        cm = compile_pruned(adapter, spec, calibration="testbed" if calibrates else None, progress=False)
+        torch.manual_seed(args.seed)
+        res = evaluate(cm, "testbed", limit=args.limit, progress=False, max_new_tokens=args.max_new_tokens)
+        rows.append({"method": spec.split(":")[0], "budget": "default", "spec": spec,
+                     "paper_ratio": res["paper_flops_ratio"], "accuracy": res["accuracy"],
+                     "top1_agreement": res["fidelity"]["top1_agreement"],
+                     "identical_answers": res["fidelity"].get("identical_answers")})
+        print(f"default {spec}: {100 * res['accuracy']:.1f}% at {res['paper_flops_ratio']:.3f}", file=sys.stderr)
     seconds = time.perf_counter() - t0
     table = tabulate([[r["method"], r["budget"], "-" if r["paper_ratio"] is None else f"{r['paper_ratio']:.3f}",
                        "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}",
-                       "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}", r["spec"]] for r in rows],
-                     headers=["method", "budget", "paper FLOPs ratio", "accuracy %", "top-1 agree", "config"],
+                       "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}",
+                       "-" if r["identical_answers"] is None else f"{r['identical_answers']:.3f}", r["spec"]]
+                      for r in rows],
+                     headers=["method", "budget", "paper FLOPs ratio", "accuracy %", "top-1 agree",
+                              "identical answers", "config"],
                      tablefmt="github")
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python bench/accuracy_flops.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.with_suffix(".md").write_text(
         f"# Accuracy vs paper-convention FLOPs ({adapter.spec.label})\n\nCommand: `{cmd}`\n\n"
-        f"{args.limit} held-out test questions per point; {seconds:.0f} s in all on "
+        f"{args.limit} held-out test questions per point, "
+        f"{'the greedy next token' if args.max_new_tokens == 1 else f'whole generated answers (greedy, until eos, at most {args.max_new_tokens} new tokens)'}"
+        f" against the answer; top-1 agree: first answer token equal to the unpruned model's; identical answers: "
+        f"the whole answer equal to the unpruned model's; {seconds:.0f} s in all on "
         f"{torch.get_num_threads()} CPU threads.\n\n{table}\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     _plot(rows, args.out.with_suffix(".png"), adapter.spec.label)
@@ -137,9 +171,9 @@ def _plot(rows, path: Path, label: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     base = next(r for r in rows if r["method"] == "unpruned")
     ax.axhline(100 * base["accuracy"], color="gray", linestyle="--", label="unpruned")
-    for method in ("fastv", "pyramiddrop", "fitprune", "random"):
+    for method in ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "random"):
         pts = sorted((r["paper_ratio"], 100 * r["accuracy"]) for r in rows
-                     if r["method"] == method and r["accuracy"] is not None)
+                     if r["method"] == method and r["budget"] != "default" and r["accuracy"] is not None)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=method)
     ax.set_xlabel("paper-convention FLOPs (fraction of unpruned)")

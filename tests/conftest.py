@@ -16,7 +16,40 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _PRIVATE_INDUCTOR_CACHE
 
 
+def pytest_configure(config):
+    # pytest-xdist runs the suite in worker processes (pyproject: -n auto): each gets an equal share of the cores
+    # for torch's own threads instead of every worker starting one thread per core.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+# The fast tier (`pytest -m "not slow"`, the inner loop) leaves out what lowers to a compiled target (Inductor and
+# ONNX lowering, their artifacts, TensorRT's graph transform), starts the CLI in a subprocess, trains or evaluates
+# the testbed, or compares the per-rewrite build's slow path; each costs 10-150 s on two cores. The default suite
+# runs everything.
+SLOW_WORDS = ("inductor", "onnx", "tensorrt_graph_transform")
+SLOW_TESTS = {
+    "test_optimize_prints_report_and_writes_artifact", "test_bad_input_from_the_shell",  # subprocess smoke tests
+    "test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact",
+    "test_cli_run_with_processor", "test_loads_in_a_new_process_without_the_model",
+    "test_dyvte_routers_artifact_round_trip", "test_threshold_field_reaches_the_routers_and_the_artifact",
+    "test_bench_chooses_router_setting_on_val_within_one_point", "test_bench_oracle_row",
+    "test_trainer_smoke_writes_a_loadable_checkpoint", "test_compiled_training_step_matches_eager",
+    "test_accuracy_on_fixed_test_slice", "test_random_pruning_hurts_fastv_much_less",
+    "test_checkpoint_generate_ends_every_answer_with_eos", "test_testbed_greedy_equals_transformers_generate",
+    "test_series_of_rewrites_builds_the_per_rewrite_graph", "test_eval_json_schema",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        name = item.name.split("[")[0]
+        if name in SLOW_TESTS or any(w in item.name for w in SLOW_WORDS):
+            item.add_marker(slow)
     try:
         import torch
 

@@ -152,32 +152,6 @@ def test_dyvte_routers_artifact_round_trip(tmp_path):
         load_compiled(path)
 
 
-@pytest.mark.parametrize("target", ["inductor", "onnx"])
-def test_dynamic_exit_artifact_on_a_target(target, tmp_path):
-    """A program with dynamic exits lowered to inductor / onnx saves every stage in the target's format and
-    loads back to the same exits and logits (inductor: one prompt, as each stage it runs compiles again)."""
-    from .test_targets import EXIT_PROMPTS, assert_exit_parity, lowered_exits
-
-    cm = lowered_exits(target)
-    prompts = EXIT_PROMPTS if target == "onnx" else {("mid_pad_b2", 9): [2, -1]}
-    with fast_inductor():
-        # the lowered program runs first: the save then reuses the stages it lowered (onnx: their files)
-        refs = {key: (prompt("tiny", key[0], seed=key[1]), cm(*prompt("tiny", key[0], seed=key[1])))
-                for key in prompts}
-        path = cm.save(tmp_path / target)
-        program = json.loads((path / "manifest.json").read_text())["programs"][0]
-        ext = ".onnx" if target == "onnx" else ".pt2"
-        files = [f for s in program["stages"].values() for f in s["files"]]
-        assert sum(f.endswith(ext) for f in files) == 4 + 3 + 2 + 1
-        lm = load_compiled(path)
-        assert lm.target.name == target
-        for key, exits in prompts.items():
-            (ids, pixels, mask), ref = refs[key]
-            out = lm(ids, pixels, mask)
-            assert out.exit_layers == exits
-            assert_exit_parity(out, ref, mask)
-
-
 def _tiny_processor():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
@@ -204,15 +178,20 @@ def image(tmp_path_factory):
     return path
 
 
-def test_cli_run_with_processor(image, tmp_path):
+def test_cli_run_with_processor(image, tmp_path, capsys):
+    """In-process (the subprocess runs are test_cli_optimize_onnx_then_run and test_loads_in_a_new_process)."""
+    from vtcompile.cli import main
+
     base = adapter("tiny")
     with_proc = LlavaAdapter(base.model, base.spec, _tiny_processor())
     path = compile_pruned(with_proc, "fastv").save(tmp_path / "p")
     assert (path / "processor").is_dir()
-    r = _run("run", str(path), "--image", str(image), "--prompt", "what color is the shape ?", "--json",
-             "--max-new-tokens", "5")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    capsys.readouterr()
+    code = main(["run", str(path), "--image", str(image), "--prompt", "what color is the shape ?", "--json",
+                 "--max-new-tokens", "5"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    res = json.loads(out.out)
     assert res["prompt_tokens"] > 16 and isinstance(res["answers"][0], str) and len(res["token_ids"][0]) <= 5
     assert res["kv_prompt_bytes"] > 0
 

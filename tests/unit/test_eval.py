@@ -3,8 +3,7 @@ the testbed geometry with real processor files (fast; accuracy of the trained te
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import types
 
 import pytest
 
@@ -30,11 +29,20 @@ def data(tmp_path_factory):
     return write_split(tmp_path_factory.mktemp("data"), "test", 6)
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "vtcompile", *args], capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def run(capsys):
+    """The CLI's main() in-process (test_cli.py keeps the subprocess smoke tests): (exit code, stdout, stderr)."""
+    from vtcompile.cli import main
+
+    def call(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return call
 
 
-def test_eval_json_schema(checkpoint, data):
+def test_eval_json_schema(checkpoint, data, run):
     r = run("eval", "--model", str(checkpoint), "--pass", "fastv", "--data", str(data), "--json",
             "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
@@ -107,7 +115,7 @@ def test_unreadable_image_and_unknown_answer(tmp_path, checkpoint):
     assert res["n"] == 2 and res["skipped_bad"] == 0
 
 
-def test_checkpoint_without_processor_is_refused(tmp_path, data):
+def test_checkpoint_without_processor_is_refused(tmp_path, data, run):
     from vtcompile.models import load_model
 
     model = load_model("tiny").model
@@ -116,7 +124,7 @@ def test_checkpoint_without_processor_is_refused(tmp_path, data):
     assert r.returncode != 0 and "needs the model's processor files" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_missing_data_file():
+def test_missing_data_file(run):
     r = run("eval", "--model", "tiny", "--data", "/nonexistent.jsonl")
     assert r.returncode != 0 and "neither 'testbed' nor an existing JSONL file" in r.stderr
 

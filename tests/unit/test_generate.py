@@ -6,6 +6,8 @@ positions), tokens and the logits of every step; batches == rows alone; sampling
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -101,7 +103,21 @@ PASSES = {"fastv": "fastv", "pyramiddrop": "pyramiddrop", "randomdrop": "randomd
           "gprune": "gprune", "divprune+fastv": ["divprune:keep=0.5", "fastv"]}
 
 
-@pytest.mark.parametrize("name", list(PASSES))
+# Each pass and composition generates on one geometry (MHA / GQA alternating); VTCOMPILE_FULL_MATRIX=1 runs
+# each on both.
+_GEOMETRY = {"fastv": ("tiny",), "pyramiddrop": ("tiny-gqa",), "randomdrop": ("tiny",),
+             "dyvte static": ("tiny-gqa",), "fastv+pyramiddrop": ("tiny-gqa",), "gprune": ("tiny-gqa",),
+             "divprune+fastv": ("tiny",)}
+
+
+def _generation_matrix():
+    full = os.environ.get("VTCOMPILE_FULL_MATRIX") == "1"
+    for name in PASSES:
+        for geometry in (("tiny", "tiny-gqa") if full else _GEOMETRY[name]):
+            yield pytest.param(geometry, name, id=f"{geometry}-{name}")
+
+
+@pytest.mark.parametrize("geometry,name", list(_generation_matrix()))
 def test_pass_generation_equals_masked_key_oracle(geometry, name):
     spec = PASSES[name]
     cm = compiled(geometry, spec) if isinstance(spec, str) else compile_pruned(adapter(geometry), spec, progress=False)
@@ -217,11 +233,11 @@ def test_streamer_gets_the_prompt_then_each_token():
 def test_inductor_decode_compiles_once():
     """One compiled step serves every step of a call, and new prompt lengths, batch sizes and max_new_tokens
     (other cache lengths) do not recompile it."""
-    from .test_targets import fast_inductor
+    from .test_targets import fast_inductor, lowered
 
     eager = compiled("tiny-gqa", "fastv")
     with fast_inductor():
-        cm = eager.with_target("inductor")
+        cm = lowered("inductor", "tiny-gqa", "fastv")  # shared with test_artifacts (one prefill compile)
         first = prompt("tiny-gqa", "mid_pad_b2")
         assert torch.equal(cm.generate(*first, max_new_tokens=6, eos_token_id=[]),
                            eager.generate(*first, max_new_tokens=6, eos_token_id=[]))

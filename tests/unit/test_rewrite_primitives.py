@@ -77,17 +77,20 @@ def _graph_and_shapes(program):
 
 
 # One geometry per pass (MHA and GQA each once): the per-rewrite build this compares against is the slow path.
+# FitPrune's cuts come from a recipe file (cuts after the attention of layers 0 and 2), not a calibration.
 @pytest.mark.parametrize("geometry,spec", [("tiny", "pyramiddrop:layers=1/2/3,ratios=0.5/0.25/0.125"),
-                                           ("tiny-gqa", "fitprune:budget=0.5")])
-def test_series_of_rewrites_builds_the_per_rewrite_graph(geometry, spec, monkeypatch):
+                                           ("tiny-gqa", "fitprune:recipe={}")])
+def test_series_of_rewrites_builds_the_per_rewrite_graph(geometry, spec, monkeypatch, tmp_path):
     """Incremental metadata (one propagation per pass) gives the same graph, metadata and outputs as a
     full refresh after every cut."""
     import contextlib
+    import json
 
     from vtcompile import compile_pruned
 
-    calibration = "synthetic" if spec.startswith("fitprune") else None
-    rt = compile_pruned(adapter(geometry), spec, calibration=calibration, progress=False)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"0": 4, "2": 2}))
+    rt = compile_pruned(adapter(geometry), spec.format(recipe), progress=False)
     fast = build_program(rt.captured, 16, rt.passes, rt.recipes)
     assert len(fast.rewrites) >= 2  # a series, not a single cut
     monkeypatch.setattr(Program, "series_of_rewrites", lambda self: contextlib.nullcontext(self))

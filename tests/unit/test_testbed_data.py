@@ -394,9 +394,11 @@ def test_compiled_training_step_matches_eager():
     row_exit = torch.tensor([2, 6, 1, 6])  # rows 0 and 2 exit after layers 2 and 1
     exempt = train._turn_mask(ids, pos, [j % 2 == 1 for j in range(len(pos))], model.config.image_token_id)
     runs = []
+    from .test_targets import fast_inductor  # scalar kernels: half the compile time, the same graph-level lowering
+
     for compiled in (False, True):
         model.zero_grad(set_to_none=True)
-        with train._attention(model, ("eager", "eager")), train._compiled_layers(model, compiled):
+        with train._attention(model, ("eager", "eager")), train._compiled_layers(model, compiled), fast_inductor():
             logits, _, att, ids2, pos2, ev2, _ = train._forward(model, ids, pv, pos, ev, obj, row_exit=row_exit,
                                                                 exit_exempt=exempt)
             loss = (torch.nn.functional.cross_entropy(logits, target)
@@ -406,7 +408,10 @@ def test_compiled_training_step_matches_eager():
     (eager_loss, eager_grads), (comp_loss, comp_grads) = runs
     assert comp_loss == pytest.approx(eager_loss, rel=1e-5)
     assert eager_grads.keys() == comp_grads.keys() and len(eager_grads) > 50
+    # atol from the largest gradient of the model: a key bias's gradient is zero up to rounding (softmax ignores
+    # a shift shared by every key), and its rounding noise differs between kernels
+    scale = max(g.abs().max().item() for g in eager_grads.values())
     for name, g in eager_grads.items():
-        assert torch.allclose(comp_grads[name], g, rtol=1e-3, atol=1e-6 * g.abs().max().item() + 1e-9), name
+        assert torch.allclose(comp_grads[name], g, rtol=1e-3, atol=1e-6 * scale), name
     layers = [*model.model.language_model.layers, *model.model.vision_tower.encoder.layers]
     assert all(layer._compiled_call_impl is None for layer in layers)
