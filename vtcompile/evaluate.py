@@ -179,7 +179,8 @@ def _exit_flops(flops, exits: list[int]) -> tuple[float, float]:
     for e in exits:
         attn = [0 if e >= 0 and layer > e else v for layer, v in enumerate(flops.schedule)]
         mlp = [0 if e >= 0 and layer > e else v for layer, v in enumerate(flops.mlp_schedule)]
-        rep = FlopsReport(flops.geometry, flops.n_visual, flops.n_text, attn, mlp)
+        rep = FlopsReport(flops.geometry, flops.n_visual, flops.n_text, attn, mlp, q_heads=flops.q_heads,
+                          kv_heads=flops.kv_heads, adapted=flops.adapted)
         paper += rep.paper / rep.baseline_paper
         true += rep.true / rep.baseline_true
     return paper / len(exits), true / len(exits)

@@ -44,7 +44,8 @@ class Report:
         f = d["flops"]
         mlp = f.get("visual_tokens_per_layer_mlp")
         d["flops"] = FlopsReport(geometry, f["n_visual"], f["n_text"], list(f["visual_tokens_per_layer"]),
-                                 list(mlp) if mlp else None, f.get("dtype_bytes", 2))
+                                 list(mlp) if mlp else None, f.get("dtype_bytes", 2), f.get("q_heads_per_layer"),
+                                 f.get("kv_heads_per_layer"), f.get("attention_adapters"))
         names = {fl.name for fl in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -112,7 +113,7 @@ def exit_rows(program, text_tokens: int, counts: dict[int, int] | None, dtype_by
     rows = []
     for e, p in ways:
         f = FlopsReport(program.geometry, program.n_visual, text_tokens, list(p.schedule), list(p.mlp_schedule),
-                        dtype_bytes)
+                        dtype_bytes, list(p.q_heads), list(p.kv_heads), list(p.adapted))
         rows.append({"after_layer": e, "paper_ratio": f.paper / f.baseline_paper, "true_ratio": f.true / f.baseline_true,
                      "kv_ratio": f.kv_bytes / f.baseline_kv_bytes,
                      "calibration_prompts": None if counts is None else counts.get(e, 0)})
@@ -122,14 +123,26 @@ def exit_rows(program, text_tokens: int, counts: dict[int, int] | None, dtype_by
 def layer_table(flops: FlopsReport) -> str:
     """Per-layer visual tokens (attention / MLP half), FLOPs and KV-cache bytes."""
     base_kv = flops.baseline_kv_bytes / max(1, len(flops.schedule))
-    rows = [[r["layer"], r["visual_tokens"], r["visual_tokens_mlp"], r["tokens"], f"{r['paper_gflops']:.4g}",
-             f"{r['true_gflops']:.4g}", f"{fmt_bytes(r['kv_bytes'])} ({r['kv_bytes'] / base_kv:.0%})"]
+    g = flops.geometry
+    sliced = flops.q_heads != [g.num_heads] * len(flops.schedule) or flops.kv_heads != [g.num_kv_heads] * len(
+        flops.schedule)
+    rows = [[r["layer"], r["visual_tokens"], r["visual_tokens_mlp"], r["tokens"]]
+            + ([f"{r['q_heads']}/{r['kv_heads']}"] if sliced else [])
+            + [f"{r['paper_gflops']:.4g}", f"{r['true_gflops']:.4g}",
+               f"{fmt_bytes(r['kv_bytes'])} ({r['kv_bytes'] / base_kv:.0%})"]
             for r in flops.rows()]
-    return tabulate(rows, headers=["layer", "visual (attn)", "visual (MLP)", "tokens", "paper GFLOPs", "true GFLOPs",
-                                   "KV cache (vs unpruned)"], tablefmt="simple_outline")
+    return tabulate(rows, headers=["layer", "visual (attn)", "visual (MLP)", "tokens"]
+                    + (["heads (q/kv)"] if sliced else []) + ["paper GFLOPs", "true GFLOPs", "KV cache (vs unpruned)"],
+                    tablefmt="simple_outline")
 
 
 def _fmt_recipe(r: dict) -> str:
+    if r.get("pass") == "headskip":
+        return (f"heads removed {' '.join(r['heads']) or 'none'} (criterion {r['criterion']}, budget {r['budget']}, "
+                f"{r['samples']} prompts)")
+    if r.get("pass") == "attnskip":
+        return (f"attention removed in layers {r['layers']}" + (" (+ linear adapters)" if "_tensors" in r else "")
+                + f"; {r['samples']} prompts")
     if "exit_label_rate" in r:
         rates = " ".join(f"L{k}:{v:.0%}" for k, v in r["exit_label_rate"].items())
         return f"routers at layers {r['layers']}; exit-label rate {rates}; {r['samples']} prompts"

@@ -100,7 +100,9 @@ def test_fastv_config_round_trip_and_ranges():
 # is registered without a case here fails below: add it.
 DEFAULTS = {"fastv": ("fastv", None), "pyramiddrop": ("pyramiddrop", None), "randomdrop": ("randomdrop", None),
             "fitprune": ("fitprune:samples=8", "synthetic"), "dyvte": ("dyvte:samples=8,epochs=20", "synthetic"),
-            "gprune": ("gprune", None), "divprune": ("divprune", None)}
+            "gprune": ("gprune", None), "divprune": ("divprune", None),
+            "headskip": ("headskip:samples=4", "synthetic"), "attnskip": ("attnskip:count=1,samples=4", "synthetic")}
+HEAD_PASSES = {"headskip", "attnskip"}  # their reference also zeroes the removed heads / attention (test_headskip)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -118,8 +120,11 @@ def test_every_registered_pass_at_its_defaults_meets_the_oracle(name):
     spec, calibration = DEFAULTS[name]
     cm = compile_pruned(adapter("tiny"), spec, calibration=calibration, progress=False)
     assert cm.report.flops.paper < cm.report.flops.baseline_paper or cm.report.exits  # it prunes something
+    from .test_headskip import head_oracle_diff
+
+    oracle = head_oracle_diff if name in HEAD_PASSES else prefill_oracle_diff
     for kind in ("mid_pad_b2", "two_images"):
-        assert prefill_oracle_diff(cm, *prompt("tiny", kind)) <= 1e-4
+        assert oracle(cm, *prompt("tiny", kind)) <= 1e-4
 
 
 def test_resolve_passes_forms():
@@ -127,7 +132,7 @@ def test_resolve_passes_forms():
     resolved = [resolve_passes(f)[0][1] for f in forms]
     assert all(r == FastVConfig() for r in resolved)
     assert len(resolve_passes(forms)) == 4
-    with pytest.raises(PassConfigError, match="unknown pass 'nope'; registered passes: divprune, dyvte, fastv"):
+    with pytest.raises(PassConfigError, match="unknown pass 'nope'; registered passes: attnskip, divprune, dyvte"):
         resolve_passes("nope")
 
 

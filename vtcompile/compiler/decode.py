@@ -118,10 +118,8 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
             k_all = emit(write, k_cache, 2, slots, k_new)
             v_all = emit(write, v_cache, 2, slots, v_new)
             written[layer] = (k_all, v_all)
-            if q_heads != kv_heads:
-                groups = int(q_heads // kv_heads)
-                k_all = emit(aten.repeat_interleave.self_int, k_all, groups, 1)
-                v_all = emit(aten.repeat_interleave.self_int, v_all, groups, 1)
+            k_all, v_all = (_repeat_heads(emit, args[i], x, int(q_heads), int(kv_heads))
+                            for i, x in ((1, k_all), (2, v_all)))
             length = emit(aten.sym_size.int, k_cache, 2)
             key_slot = emit(aten.arange.default, length, dtype=torch.long, device=_device(q))  # [C]
             causal = emit(aten.le.Tensor, emit(aten.unsqueeze.default, key_slot, 0),
@@ -159,6 +157,19 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
     stage = Stage(f"{stem(program)}-decode", gm, list(sig.inputs), sig.output_names, [True, True, False] +
                   [True] * (3 * len(layers)), dims, role="decode")
     return DecodeGraph(stage, sig, layers, shapes, dtype, hidden)
+
+
+def _repeat_heads(emit, prefill_arg: fx.Node, cache: fx.Node, q_heads: int, kv_heads: int) -> fx.Node:
+    """The cache's k/v heads repeated for the query heads as the prefill graph repeats them: a head slicing
+    (compiler.heads) leaves a repeat_interleave or, for uneven groups, an index_select with its head map; the
+    captured graph's GQA repeat is r = q_heads / kv_heads copies of each head."""
+    if prefill_arg.target is aten.index_select.default:
+        return emit(aten.index_select.default, cache, 1, prefill_arg.args[2])
+    if prefill_arg.target is aten.repeat_interleave.self_int:
+        return emit(aten.repeat_interleave.self_int, cache, prefill_arg.args[1], 1)
+    if q_heads != kv_heads:
+        return emit(aten.repeat_interleave.self_int, cache, q_heads // kv_heads, 1)
+    return cache
 
 
 def _device(node: fx.Node) -> torch.device:

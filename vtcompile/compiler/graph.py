@@ -95,6 +95,10 @@ def layer_nodes(gm: fx.GraphModule, layer: int, role: str | None = None) -> list
 
 def sdpa_node(gm: fx.GraphModule, layer: int) -> fx.Node:
     found = layer_nodes(gm, layer, "sdpa")
+    if not found and not layer_nodes(gm, layer, "o_proj"):
+        raise UnsupportedModelError(
+            f"layer {layer} has no attention: an earlier pass (attnskip) removed it; list the pass that reads "
+            f"layer {layer}'s attention before the one that removes it")
     if len(found) != 1:
         raise UnsupportedModelError(
             f"layer {layer} has {len(found)} scaled_dot_product_attention nodes, expected 1; the model must "

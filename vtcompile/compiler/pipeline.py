@@ -14,14 +14,19 @@ def verify(program: Program, sdpa_count: int) -> None:
     gm = program.gm
     gm.graph.lint()
     found = count_ops(gm, SDPA)
-    if found != sdpa_count:
-        raise AssertionError(f"{found} SDPA nodes after the pass, expected {sdpa_count}")
+    removed = sum(1 for h in program.q_heads if h == 0)  # attention sub-blocks removed (compiler.heads)
+    if found != sdpa_count - removed:
+        raise AssertionError(f"{found} SDPA nodes after the pass, expected {sdpa_count - removed}")
     seq = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[1]
     for layer in range(program.geometry.num_layers):
         sdpa = layer_nodes(gm, layer, "sdpa")
         if not sdpa:
             continue
         q_tokens = sdpa[0].args[0].meta["val"].shape[2]
+        heads = sdpa[0].args[0].meta["val"].shape[1]
+        if heads != program.q_heads[layer]:
+            raise AssertionError(f"layer {layer} attends with {heads} query heads, the program says "
+                                 f"{program.q_heads[layer]}")
         expect = seq - (program.n_visual - program.schedule[layer])
         if not same_size(q_tokens, expect):
             raise AssertionError(f"layer {layer} attends over {q_tokens} tokens, the schedule says {expect}")

@@ -89,6 +89,13 @@ class Program:
     visual_origin: str = ""  # the visual-mask node before any rewrite
     signature: Signature | None = None
     branches: Branches | None = None  # dynamic exits (DyVTE with routers)
+    # Head slicing (compiler.heads): per layer the query and k/v heads its attention runs (0: attention removed),
+    # and for sliced layers the ORIGINAL indices of the query heads kept.
+    q_heads: list[int] = field(default_factory=list)
+    kv_heads: list[int] = field(default_factory=list)
+    kept_heads: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # Removed attentions a linear adapter stands in for: layer -> (weight [D, D], bias [D]) as fitted.
+    adapted: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # Set inside series_of_rewrites(): shape metadata refreshed incrementally, not after every rewrite.
     meta: IncrementalMeta | None = field(default=None, repr=False, compare=False)
 
@@ -100,14 +107,17 @@ class Program:
         return cls(gm=gm, geometry=cap.geometry, n_visual=n_visual,
                    fake_inputs=fake, schedule=[n_visual] * cap.geometry.num_layers,
                    mlp_schedule=[n_visual] * cap.geometry.num_layers, visual_origin=output_values(gm)[2].name,
-                   signature=cap.signature)
+                   signature=cap.signature, q_heads=[cap.geometry.num_heads] * cap.geometry.num_layers,
+                   kv_heads=[cap.geometry.num_kv_heads] * cap.geometry.num_layers)
 
     def clone(self) -> "Program":
         """An independent copy of the graph and bookkeeping (parameters shared)."""
         return Program(gm=_copy_graph_module(self.gm), geometry=self.geometry, n_visual=self.n_visual,
                        fake_inputs=self.fake_inputs, schedule=list(self.schedule),
                        mlp_schedule=list(self.mlp_schedule), rewrites=list(self.rewrites),
-                       applied=list(self.applied), visual_origin=self.visual_origin, signature=self.signature)
+                       applied=list(self.applied), visual_origin=self.visual_origin, signature=self.signature,
+                       q_heads=list(self.q_heads), kv_heads=list(self.kv_heads), kept_heads=dict(self.kept_heads),
+                       adapted=dict(self.adapted))
 
     @contextmanager
     def series_of_rewrites(self):
@@ -221,9 +231,11 @@ def capture_decoder(stage: nn.Module, geometry: Geometry, device, dtype,
 
 
 # Ops between a layer's RoPE'd keys (or its values) and the SDPA call: GQA's repeat_kv (unsqueeze, slice,
-# expand, reshape) and layout no-ops. The cache holds the value before them.
+# expand, reshape), the head repeats a head slicing emits instead (compiler.heads: repeat_interleave, index_select)
+# and layout no-ops. The cache holds the value before them.
 _VIEW_LIKE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default,
-              aten.slice.Tensor, aten.unsqueeze.default, aten.clone.default, aten.alias.default}
+              aten.slice.Tensor, aten.unsqueeze.default, aten.clone.default, aten.alias.default,
+              aten.repeat_interleave.self_int, aten.index_select.default}
 
 
 def cache_source(node: fx.Node) -> fx.Node:

@@ -6,6 +6,8 @@ masks, so every pruned program has an independent reference for its kept positio
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -15,16 +17,70 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
+def head_plan(program) -> dict:
+    """What a program's head rewrites (compiler.heads) did, as masked_key_logits keywords: the query heads kept in
+    each sliced layer and the removed attentions (with the linear adapter standing in for one, if any)."""
+    return {"head_keep": {l: h for l, h in program.kept_heads.items() if h},
+            "attention_removed": {l: program.adapted.get(l) for l, h in enumerate(program.q_heads) if h == 0}}
+
+
+@contextmanager
+def _heads_zeroed(layers, head_keep: dict | None, attention_removed: dict | None, head_dim: int):
+    """Temporary hooks on the unmodified decoder layers: the o_proj input columns of the heads not in head_keep[l]
+    are zeroed (exactly what slicing them out computes), and a removed attention outputs zeros (or its adapter
+    applied to the normed layer input). The hooks are gone on exit."""
+    handles = []
+
+    def zero_columns(keep):
+        def hook(module, args):
+            x = args[0]
+            mask = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+            for h in keep:
+                mask[h * head_dim:(h + 1) * head_dim] = 1
+            return (x * mask,) + tuple(args[1:])
+        return hook
+
+    def replace_output(adapter):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if adapter is None:
+                new = torch.zeros_like(out)
+            else:
+                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                new = torch.nn.functional.linear(x, adapter[0].to(x), adapter[1].to(x))
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    try:
+        for layer, keep in (head_keep or {}).items():
+            handles.append(layers[layer].self_attn.o_proj.register_forward_pre_hook(zero_columns(keep)))
+        for layer, adapter in (attention_removed or {}).items():
+            handles.append(layers[layer].self_attn.register_forward_hook(replace_output(adapter), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def masked_key_logits(adapter, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor, key_keep: list[torch.Tensor | None],
-                      layer_inputs: dict | None = None) -> torch.Tensor:
+                      layer_inputs: dict | None = None, head_keep: dict | None = None,
+                      attention_removed: dict | None = None) -> torch.Tensor:
     """Logits [B,S,V] of the original decoder where layer l only attends to keys with key_keep[l] True.
 
     key_keep[l] is a [B,S] bool tensor or None (all keys). A token always attends to itself so that rows
     of removed tokens stay finite; they are never compared. If `layer_inputs` is a dict, the hidden
     states entering each layer are stored in it (for checking scorers against an independent computation).
+    head_keep {layer: query heads} / attention_removed {layer: None or (adapter weight, bias)} give the reference of
+    a head-sliced program (head_plan): removed heads' o_proj input columns zeroed, removed attentions output zero.
     """
+    lm = adapter.model.model.language_model
+    with _heads_zeroed(lm.layers, head_keep, attention_removed, lm.layers[0].self_attn.head_dim):
+        return _masked_key_logits(adapter, inputs_embeds, attention_mask, position_ids, key_keep, layer_inputs)
+
+
+def _masked_key_logits(adapter, inputs_embeds, attention_mask, position_ids, key_keep, layer_inputs):
     lm = adapter.model.model.language_model
     head = adapter.model.lm_head
     batch, seq = attention_mask.shape
@@ -76,11 +132,12 @@ def kept_at_boundaries(program, *args) -> dict[float, torch.Tensor]:
 
 @torch.no_grad()
 def masked_key_generate(adapter, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                        key_keep: list[torch.Tensor | None], tokens: torch.Tensor) -> torch.Tensor:
+                        key_keep: list[torch.Tensor | None], tokens: torch.Tensor, head_keep: dict | None = None,
+                        attention_removed: dict | None = None) -> torch.Tensor:
     """The generation oracle: logits [B, n, V] of the unmodified model that decodes the given new `tokens` [B, n]
     (teacher-forced) with per-layer key masks over the PROMPT and every new token unmasked, at the original
     positions. Step i's row is the distribution of new token i (step 0: after the prompt). Recomputes the whole
-    sequence at every step: slow, independent of any cache."""
+    sequence at every step: slow, independent of any cache. head_keep / attention_removed: as masked_key_logits."""
     batch, seq = attention_mask.shape
     embed = adapter.model.get_input_embeddings()
     steps = tokens.shape[1]
@@ -90,6 +147,7 @@ def masked_key_generate(adapter, inputs_embeds: torch.Tensor, attention_mask: to
         embeds = torch.cat([inputs_embeds, new], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, i)], dim=1)
         keys = [None if k is None else torch.cat([k, k.new_ones(batch, i)], dim=1) for k in key_keep]
-        logits = masked_key_logits(adapter, embeds, mask, position_ids_from_mask(mask), keys)
+        logits = masked_key_logits(adapter, embeds, mask, position_ids_from_mask(mask), keys,
+                                   head_keep=head_keep, attention_removed=attention_removed)
         out.append(logits[:, -1])
     return torch.stack(out, dim=1)

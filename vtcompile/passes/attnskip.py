@@ -1,0 +1,189 @@
+"""attnskip: whole attention sub-blocks removed from chosen decoder layers (EAS, 2403.15226, training-free).
+
+Algorithm: the attention sub-block of each chosen layer is deleted from the graph - no q/k/v/o projections, no
+SDPA, no KV cache for that layer (its cache outputs leave the prefill signature, so generation has no cache
+there); the layer's MLP still runs on the residual stream. Layers are given (`attnskip:layers=3/5`) or chosen on
+calibration data (`attnskip:count=N`) among layers >= first_layer by a cheap proxy: how much each attention block
+changes the residual stream, mean over real tokens of ||attention output|| / ||residual stream entering the
+layer||; the N smallest go.
+Optional `adapter=true`: a linear map (weight and bias) from the layer's normed input (what its attention read) to
+its attention output, fitted in closed form by ridge least squares on calibration activations, stands in for each
+removed attention - a training-free analogue of EAS's fine-tuned propagation-of-information adapter; it costs one
+d x d matmul per token (counted in the FLOPs report).
+Not done: EAS's skip-set search (sampled sets rewarded by exp(-loss)); the proxy above is used instead, and it is
+not measured against that search here. The adapter is not folded into the MLP weights (EAS's re-parameterisation):
+it stays one extra linear.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler.geometry import Geometry
+from ..compiler.heads import attention_nodes, remove_attention
+from ..compiler.program import Program
+from ..compiler.taps import run_with_taps
+from ..errors import PassConfigError
+from .base import PassConfig, PassDef, param, register
+
+
+@dataclass(frozen=True)
+class AttnSkipConfig(PassConfig):
+    name = "attnskip"
+    layers: tuple[int, ...] = param((), "layers whose attention is removed (attnskip:layers=3/5); empty: count")
+    count: int = param(0, "number of layers chosen on calibration data by the residual-change proxy", low=0)
+    first_layer: int = param(2, "the proxy chooses among layers >= first_layer", low=0)
+    adapter: bool = param(False, "fit a linear map (least squares on calibration activations) that stands in for "
+                                 "each removed attention")
+    samples: int = param(16, "calibration samples (proxy and adapter)", low=1)
+    ridge: float = param(1e-3, "adapter ridge, relative to the mean diagonal of X^T X", low=0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(set(self.layers)) != len(self.layers):
+            raise PassConfigError(f"attnskip: a layer is given twice in layers={'/'.join(map(str, self.layers))}")
+        if self.layers and self.count:
+            raise PassConfigError("attnskip: give layers=L1/L2/... or count=N, not both")
+
+    def check_model(self, geometry: Geometry) -> None:
+        n = geometry.num_layers
+        for layer in self.layers:
+            if not 0 <= layer < n:
+                raise PassConfigError(f"attnskip: layer {layer} does not exist; the model has decoder layers "
+                                      f"0..{n - 1}")
+        if not self.layers and self.count > n - self.first_layer:
+            raise PassConfigError(f"attnskip: count={self.count} but only {max(0, n - self.first_layer)} layers "
+                                  f"(>= first_layer={self.first_layer} of {n}) can be chosen")
+
+    def needs_calibration(self) -> bool:
+        return self.adapter or (not self.layers and self.count > 0)
+
+
+def plan(config: AttnSkipConfig, geometry: Geometry, n_visual: int, recipe=None):
+    return []  # no token is removed; the removed attentions reach the FLOPs report through the Program (or head_counts)
+
+
+def head_counts(config: AttnSkipConfig, geometry: Geometry, recipe: dict | None = None) -> tuple[list[int], list[int]]:
+    """Per layer the query and k/v heads left (0 where the attention is removed), without weights (FLOPs/KV tables
+    of a geometry: compiler.flops.FlopsReport(..., q_heads=, kv_heads=, adapted=))."""
+    config.check_model(geometry)
+    gone = set(skipped_layers(config, recipe))
+    q = [0 if layer in gone else geometry.num_heads for layer in range(geometry.num_layers)]
+    kv = [0 if layer in gone else geometry.num_kv_heads for layer in range(geometry.num_layers)]
+    return q, kv
+
+
+def skipped_layers(config: AttnSkipConfig, recipe: dict | None) -> list[int]:
+    if config.layers:
+        return sorted(config.layers)
+    if config.count == 0:
+        raise PassConfigError("attnskip: give the layers (attnskip:layers=3/5) or how many to choose on calibration "
+                              "data (attnskip:count=N)")
+    if recipe is None:
+        raise PassConfigError("attnskip:count=N chooses layers on calibration data: give --calibration DATA "
+                              "(calibration= in Python) or the layers with layers=L1/L2")
+    return sorted(int(x) for x in recipe["layers"])
+
+
+def apply(program: Program, config: AttnSkipConfig, recipe: dict | None = None) -> Program:
+    if config.adapter and (recipe is None or "_tensors" not in recipe):
+        raise PassConfigError("attnskip:adapter=true fits its adapters on calibration data: give --calibration DATA "
+                              "(calibration= in Python)")
+    t = recipe["_tensors"] if config.adapter else None
+    layers = {layer: (t[f"{layer}.weight"], t[f"{layer}.bias"]) if t else None
+              for layer in skipped_layers(config, recipe)}
+    return remove_attention(program, layers, by="attnskip")
+
+
+# -- calibration ------------------------------------------------------------------------------------
+def _real(args, x: torch.Tensor) -> torch.Tensor:
+    real = args[1].bool()
+    if real.shape[1] != x.shape[1]:  # tokens removed by an earlier pass: every position counts
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return real
+
+
+@torch.no_grad()
+def residual_change(program: Program, batches, layers: list[int], progress: bool = True) -> dict[int, float]:
+    """The proxy: per layer, mean over real tokens of ||attention output|| / ||residual stream entering it||."""
+    from tqdm import tqdm
+
+    taps = {}
+    for layer in layers:
+        nodes = attention_nodes(program.gm, layer)
+        taps[layer] = (nodes.o.name, next(a for a in nodes.residual_add.args if a is not nodes.o).name)
+    names = {n for pair in taps.values() for n in pair}
+    sums, counts = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0)
+    for args in tqdm(batches, desc="attnskip: proxy", unit="batch", disable=not progress):
+        _, seen = run_with_taps(program.gm, args, names)
+        for layer, (o, r) in taps.items():
+            out, res = seen[o].float(), seen[r].float()
+            real = _real(args, out)
+            sums[layer] += float((out.norm(dim=-1) / res.norm(dim=-1).clamp_min(1e-6))[real].sum())
+            counts[layer] += int(real.sum())
+    return {layer: sums[layer] / max(1, counts[layer]) for layer in layers}
+
+
+@torch.no_grad()
+def fit_adapters(program: Program, batches, layers: list[int], ridge: float,
+                 progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per layer: W, b minimising sum ||[x, 1] [W^T; b] - attn_out||^2 + ridge' ||W||^2 over real tokens, x the normed
+    layer input, in closed form (normal equations in float64)."""
+    from tqdm import tqdm
+
+    taps = {}
+    for layer in layers:
+        nodes = attention_nodes(program.gm, layer)
+        taps[layer] = (nodes.q.args[0].name, nodes.o.name)
+    names = {n for pair in taps.values() for n in pair}
+    d = program.geometry.hidden_size
+    xtx = {layer: torch.zeros(d + 1, d + 1, dtype=torch.float64) for layer in layers}
+    xty = {layer: torch.zeros(d + 1, d, dtype=torch.float64) for layer in layers}
+    for args in tqdm(batches, desc="attnskip: adapters", unit="batch", disable=not progress):
+        _, seen = run_with_taps(program.gm, args, names)
+        for layer, (xn, yn) in taps.items():
+            x, y = seen[xn], seen[yn]
+            real = _real(args, x)
+            x = x[real].double().cpu()
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+            xtx[layer] += x.T @ x
+            xty[layer] += x.T @ y[real].double().cpu()
+    out = {}
+    for layer in layers:
+        a = xtx[layer]
+        reg = torch.eye(d + 1, dtype=a.dtype) * ridge * float(a.diagonal()[:d].mean())
+        reg[d, d] = 0.0  # the bias is not shrunk
+        sol = torch.linalg.solve(a + reg, xty[layer])  # [d + 1, d]
+        out[f"{layer}.weight"] = sol[:d].T.float().contiguous()
+        out[f"{layer}.bias"] = sol[d].float().contiguous()
+    return out
+
+
+def calibrate(program: Program, config: AttnSkipConfig, batches, progress: bool = True) -> dict:
+    """Choose the layers by the proxy (count form) and fit the adapters (adapter=true)."""
+    config.check_model(program.geometry)
+    t0 = time.perf_counter()
+    if not batches:
+        raise PassConfigError("attnskip: the calibration set is empty; give at least one sample")
+    recipe = {"pass": "attnskip", "samples": len(batches), "config_hash": program.geometry.config_hash()}
+    if config.layers:
+        layers = sorted(config.layers)
+    else:
+        candidates = [l for l in range(config.first_layer, program.geometry.num_layers) if program.q_heads[l] > 0]
+        proxy = residual_change(program, batches, candidates, progress)
+        layers = sorted(sorted(candidates, key=lambda l: (proxy[l], l))[:config.count])
+        recipe["proxy"] = {str(l): v for l, v in proxy.items()}
+    recipe["layers"] = layers
+    if config.adapter:
+        recipe["_tensors"] = fit_adapters(program, batches, layers, config.ridge, progress)
+    recipe["calibration_seconds"] = time.perf_counter() - t0
+    return recipe
+
+
+PASS = register(PassDef(
+    name="attnskip",
+    summary="remove the attention sub-block of chosen layers (given, or the ones that change the residual stream "
+            "least on calibration data), optionally with a least-squares linear stand-in (EAS, training-free)",
+    config=AttnSkipConfig, plan=plan, apply=apply, calibrate=calibrate))
