@@ -183,6 +183,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-anchor", action="store_true", help="skip the published-style FastV anchor")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers (sdpa) unpruned baseline")
     p.add_argument("--out", type=Path, help="markdown file (default bench/results/speed-<model>-<dtype>.md)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when a pruned program's realization (speedup over the same target's unpruned "
+                        "stage x its true-FLOPs ratio) measured in this run is below --floor")
+    p.add_argument("--floor", type=float, default=0.8,
+                   help="realization floor of --check (default 0.8: the committed CPU results measure 0.91-1.02)")
     args = p.parse_args(argv)
     batches = args.batch or [1]
     if any(b < 1 for b in batches) or len(set(batches)) != len(batches):
@@ -235,7 +240,7 @@ def main(argv=None) -> int:
                 out = hf(*stage_args[b])
                 hf_diff[b] = (out[0].float() - refs["unpruned", b][0].float()).abs().max().item()
 
-    rows, notes, summary = [], [], []
+    rows, notes, summary, checks = [], [], [], []
     base_median = {}
 
     def row(target, name, batch, times, peak, speedup, ratio_, hf_med, compile_s, diff, speedup_text=None):
@@ -288,6 +293,10 @@ def main(argv=None) -> int:
             for name in variants:
                 row(target, name, b, res[name]["times"], res[name]["peak"], med["unpruned"] / med[name], ratio[name],
                     hf_med, compile_s[name], diffs[name])
+                if ratio[name] < 1.0:
+                    real = med["unpruned"] / med[name] * ratio[name]
+                    checks.append((f"{target} {name}, batch {b}: realization {real:.2f} (floor {args.floor:.2f})",
+                                   real >= args.floor))
                 if ratio[name] < 1.0 and hf_med:
                     need = 0.85 / ratio[name]
                     got = hf_med / med[name]
@@ -352,9 +361,13 @@ def main(argv=None) -> int:
         tabulate(rows, headers=headers, tablefmt="github"),
         "",
     ] + [f"- {n}" for n in summary] + [f"- note: {n}" for n in notes]
+    if args.check:
+        for text, ok in checks:
+            lines.append(f"- check: {'ok' if ok else 'FAILED'}: {text}")
+            print(f"check: {'ok' if ok else 'FAILED'}: {text}")
     out.write_text("\n".join(lines) + "\n")
     print(f"written {out}")
-    return 0
+    return 1 if args.check and not all(ok for _, ok in checks) else 0
 
 
 if __name__ == "__main__":
