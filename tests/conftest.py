@@ -28,9 +28,10 @@ def pytest_configure(config):
 
 # The fast tier (`pytest -m "not slow"`, the inner loop) leaves out what lowers to a compiled target (Inductor and
 # ONNX lowering, their artifacts, TensorRT's graph transform), starts the CLI in a subprocess, trains or evaluates
-# the testbed, or compares the per-rewrite build's slow path; each costs 10-150 s on two cores. The default suite
-# runs everything.
-SLOW_WORDS = ("inductor", "onnx", "tensorrt_graph_transform")
+# the testbed, or compares the per-rewrite build's slow path; each costs 10-150 s on two cores. It also runs the
+# geometry-parametrised oracle tests on the MHA geometry only (their tiny-gqa cases are slow) and leaves out the
+# artifact round trips through torch.export. The default suite runs everything.
+SLOW_WORDS = ("inductor", "onnx", "tensorrt_graph_transform", "tiny-gqa")
 SLOW_TESTS = {
     "test_optimize_prints_report_and_writes_artifact", "test_bad_input_from_the_shell",  # subprocess smoke tests
     "test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact",
@@ -41,6 +42,9 @@ SLOW_TESTS = {
     "test_accuracy_on_fixed_test_slice", "test_random_pruning_hurts_fastv_much_less",
     "test_checkpoint_generate_ends_every_answer_with_eos", "test_testbed_greedy_equals_transformers_generate",
     "test_series_of_rewrites_builds_the_per_rewrite_graph", "test_eval_json_schema",
+    "test_inspect_verifies_checksums_and_shows_every_field", "test_save_load_round_trip",
+    "test_in_memory_transformers_model_is_accepted", "test_save_refuses_existing_dir_and_force_replaces_only_artifacts",
+    "test_layout_and_manifest", "test_load_refuses_bad_manifests", "test_recipe_file_round_trip",
 }
 
 
