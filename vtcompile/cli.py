@@ -3,6 +3,7 @@ error a user can fix is one line on stderr and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -243,6 +244,9 @@ def cmd_flops(args) -> int:
         steps += p.plan(cfg, geom, n_visual)
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[spec.dtype]
     report = report_from_plan(geom, n_visual, args.text_tokens, steps, dtype_bytes)
+    heads = _head_counts(passes, geom)
+    if heads is not None:  # head passes (headskip, attnskip): per-layer head counts from their configs
+        report = dataclasses.replace(report, q_heads=heads[0], kv_heads=heads[1])
     d = report.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))
@@ -257,6 +261,22 @@ def cmd_flops(args) -> int:
          f"{d['kv_ratio']:.1%}", f"{1 - d['kv_ratio']:.1%}"]],
         headers=["per prompt", "unpruned", "pruned", "ratio", "saved"], tablefmt="simple_outline"))
     return 0
+
+
+def _head_counts(passes, geom):
+    """Per-layer (query, k/v) heads left by the passes that remove heads (a module-level `head_counts(config,
+    geometry)`), the smallest per layer; None when no pass removes heads."""
+    import importlib
+
+    found = None
+    for p, cfg in passes:
+        counts = getattr(importlib.import_module(f"vtcompile.passes.{p.name}"), "head_counts", None)
+        if counts is None:
+            continue
+        q, kv = counts(cfg, geom)
+        found = (q, kv) if found is None else ([min(a, b) for a, b in zip(found[0], q)],
+                                               [min(a, b) for a, b in zip(found[1], kv)])
+    return found
 
 
 def cmd_passes(args) -> int:

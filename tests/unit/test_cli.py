@@ -183,3 +183,18 @@ def test_testbed_data_writes_jsonl_that_eval_reads(tmp_path, capsys):
 def test_testbed_train_help_lists_its_options():
     r = run("testbed", "train", "--help")
     assert r.returncode == 0 and "--out" in r.stdout and "--turn-weights" in r.stdout
+
+
+def test_flops_of_head_passes_without_weights(capsys):
+    """`vtcompile flops` counts the heads a head pass removes (from its config, no weights)."""
+    assert main(["flops", "--model", "llava-1.5-7b", "--pass", "attnskip:layers=2/4", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["paper_tflops"] < d["baseline_paper_tflops"]
+    # MHA: two layers without attention keep no K/V cache (bf16, 576 visual + 64 text tokens)
+    assert d["baseline_kv_cache_bytes"] - d["kv_cache_bytes"] == 2 * 2 * 4096 * 2 * (576 + 64)
+    assert main(["flops", "--model", "llava-1.5-7b", "--pass", "headskip:heads=3.0/3.1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["paper_tflops"] < d["baseline_paper_tflops"]
+    assert d["baseline_kv_cache_bytes"] - d["kv_cache_bytes"] == 2 * 2 * 128 * 2 * (576 + 64)
+    assert main(["flops", "--model", "llava-1.5-7b", "--pass", "headskip:budget=0.25"]) != 0
+    assert "give --calibration" in capsys.readouterr().err
