@@ -297,6 +297,37 @@ def test_attnskip_count_and_adapter():
     print(f"attnskip layer {skipped}: mean max|logit - unpruned| zeroed {errs[0]:.3g}, adapter {errs[1]:.3g}")
 
 
+def test_attnskip_search_scores_every_set_by_its_loss():
+    """criterion=search: each skip set's loss is the KL divergence of the last prompt token's distribution from the
+    unpruned model's, mean over the calibration prompts (checked against compiled models with those layers given
+    explicitly, run on the same prompts); the set of lowest loss is the one removed."""
+    prompts = [prompt("tiny", kind, seed=seed) for kind, seed in (("mid_pad_b2", 3), ("image_first", 4))]
+    cm = compile_pruned(adapter("tiny"), "attnskip:count=1,criterion=search", calibration=prompts, progress=False)
+    recipe = cm.recipes["attnskip"]
+    assert "proxy" not in recipe and set(recipe["search"]) == {"2", "3"}
+    base = compiled("tiny", None)
+    for layers, loss in recipe["search"].items():
+        skip = compile_pruned(adapter("tiny"), f"attnskip:layers={layers}", progress=False)
+        kl = []
+        for ids, pixels, mask in prompts:
+            ref = torch.log_softmax(base(ids, pixels, mask).logits[:, -1].float(), -1)
+            got = torch.log_softmax(skip(ids, pixels, mask).logits[:, -1].float(), -1)
+            kl.append((ref.exp() * (ref - got)).sum(-1))
+        assert loss == pytest.approx(torch.cat(kl).mean().item(), rel=1e-4, abs=1e-7)
+    assert recipe["layers"] == [int(min(recipe["search"], key=recipe["search"].get))]
+
+
+def test_attnskip_search_sets():
+    from vtcompile.passes.attnskip import skip_sets
+
+    assert skip_sets([2, 3, 4, 5], 2, 64, 0) == [(2, 3), (2, 4), (2, 5), (3, 4), (3, 5), (4, 5)]
+    drawn = skip_sets(list(range(2, 32)), 12, 64, seed=1)
+    assert len(drawn) == len(set(drawn)) == 64 and all(len(s) == 12 and list(s) == sorted(s) for s in drawn)
+    assert drawn == skip_sets(list(range(2, 32)), 12, 64, seed=1) != skip_sets(list(range(2, 32)), 12, 64, seed=2)
+    with pytest.raises(PassConfigError, match="criterion='loss' is not known; expected one of proxy, search"):
+        AttnSkipConfig(count=1, criterion="loss")
+
+
 # -- configs and bad input -----------------------------------------------------------------------------
 def test_config_round_trip():
     for cfg in (HeadSkipConfig(heads=("1.0", "2.4")), HeadSkipConfig(budget=0.5, first_layer=1, criterion="random"),
@@ -325,6 +356,8 @@ def test_config_round_trip():
     ("attnskip", "give the layers"),
     (["attnskip:layers=2", "headskip:heads=2.1"], "layer 2's attention was removed"),
     (["attnskip:layers=1", "fastv:k=2"], "layer 1 has no attention: an earlier pass .attnskip. removed it"),
+    (["fastv:k=2", "attnskip:layers=1"], "layer 1.s q/k projections also feed the token scores of a pass applied "
+                                         "before it"),
 ])
 def test_bad_input(spec, match):
     with pytest.raises(VtcompileError, match=match):

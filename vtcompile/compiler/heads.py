@@ -221,14 +221,14 @@ def remove_attention(program: Program, layers: dict, by: str = "?") -> Program:
     with an adapter the attention output is replaced by linear(normed layer input, weight, bias) instead of nothing
     (module docstring). One shape refresh for all layers."""
     gm, g = program.gm, program.geometry
-    drop = set()
+    drop, removed = set(), {}
     for layer, adapter in sorted(layers.items()):
         if not 0 <= layer < g.num_layers:
             raise PassConfigError(f"{by}: layer {layer} does not exist; this decoder has layers "
                                   f"0..{g.num_layers - 1}")
         if program.q_heads[layer] == 0:
             raise PassConfigError(f"{by}: layer {layer}'s attention was already removed")
-        nodes = attention_nodes(gm, layer)
+        nodes = removed[layer] = attention_nodes(gm, layer)
         add = nodes.residual_add
         if adapter is None:
             residual = next(a for a in add.args if a is not nodes.o)
@@ -256,4 +256,12 @@ def remove_attention(program: Program, layers: dict, by: str = "?") -> Program:
     set_outputs(gm, [values[i] for i in keep], [slots[i] for i in keep])
     program.signature = Signature(program.signature.inputs, tuple(program.signature.outputs[i] for i in keep))
     cleanup(gm, program.fake_inputs)
+    left = set(gm.graph.nodes)
+    for layer, nodes in removed.items():
+        if nodes.q in left or nodes.k in left:
+            # A token pass applied before (fastv, pyramiddrop) scores tokens with this layer's q/k: they would stay
+            # in the graph while the FLOPs report counts the attention as gone.
+            raise PassConfigError(f"{by}: layer {layer}'s q/k projections also feed the token scores of a pass "
+                                  "applied before it (fastv/pyramiddrop score with a layer's attention); remove "
+                                  "another layer's attention, or list this pass first")
     return program

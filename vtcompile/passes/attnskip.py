@@ -10,12 +10,19 @@ Optional `adapter=true`: a linear map (weight and bias) from the layer's normed 
 its attention output, fitted in closed form by ridge least squares on calibration activations, stands in for each
 removed attention - a training-free analogue of EAS's fine-tuned propagation-of-information adapter; it costs one
 d x d matmul per token (counted in the FLOPs report).
-Not done: EAS's skip-set search (sampled sets rewarded by exp(-loss)); the proxy above is used instead, and it is
-not measured against that search here. The adapter is not folded into the MLP weights (EAS's re-parameterisation):
-it stays one extra linear.
+`criterion=search`: EAS's skip-set search instead of the proxy. Skip sets of `count` layers (every set when there
+are at most `trials` of them, else `trials` sets drawn with `seed`) are each removed from a copy of the program and
+scored on the calibration prompts by a loss; the set of highest reward exp(-loss) (lowest loss) goes. Training-free,
+the loss is the unpruned model's own next-token distribution at each prompt's last token against the skipped
+model's (KL divergence, mean over prompts), not EAS's task loss on labelled answers; and the sets are drawn
+uniformly, not re-weighted by their rewards as the search proceeds. bench/heads.py measures the proxy against it.
+The adapter is not folded into the MLP weights (EAS's re-parameterisation): it stays one extra linear.
 """
 from __future__ import annotations
 
+import itertools
+import math
+import random
 import time
 from dataclasses import dataclass
 
@@ -29,12 +36,21 @@ from ..errors import PassConfigError
 from .base import PassConfig, PassDef, param, register
 
 
+CRITERIA = ("proxy", "search")
+
+
 @dataclass(frozen=True)
 class AttnSkipConfig(PassConfig):
     name = "attnskip"
     layers: tuple[int, ...] = param((), "layers whose attention is removed (attnskip:layers=3/5); empty: count")
     count: int = param(0, "number of layers chosen on calibration data by the residual-change proxy", low=0)
-    first_layer: int = param(2, "the proxy chooses among layers >= first_layer", low=0)
+    first_layer: int = param(2, "count=N chooses among layers >= first_layer", low=0)
+    criterion: str = param("proxy", "how count=N chooses: 'proxy' (the attention blocks that change the residual "
+                                    "stream least) or 'search' (EAS: skip sets scored by the KL divergence of the "
+                                    "last token's distribution from the unpruned model's, the lowest chosen)")
+    trials: int = param(64, "criterion=search: skip sets scored (every set when there are at most this many)",
+                        low=1)
+    seed: int = param(0, "criterion=search: seed of the sets drawn when there are more than trials", low=0)
     adapter: bool = param(False, "fit a linear map (least squares on calibration activations) that stands in for "
                                  "each removed attention")
     samples: int = param(16, "calibration samples (proxy and adapter)", low=1)
@@ -46,6 +62,9 @@ class AttnSkipConfig(PassConfig):
             raise PassConfigError(f"attnskip: a layer is given twice in layers={'/'.join(map(str, self.layers))}")
         if self.layers and self.count:
             raise PassConfigError("attnskip: give layers=L1/L2/... or count=N, not both")
+        if self.criterion not in CRITERIA:
+            raise PassConfigError(f"attnskip: criterion={self.criterion!r} is not known; expected one of "
+                                  f"{', '.join(CRITERIA)}")
 
     def check_model(self, geometry: Geometry) -> None:
         n = geometry.num_layers
@@ -161,6 +180,40 @@ def fit_adapters(program: Program, batches, layers: list[int], ridge: float,
     return out
 
 
+def skip_sets(candidates: list[int], count: int, trials: int, seed: int) -> list[tuple[int, ...]]:
+    """Every skip set of `count` candidates when there are at most `trials`, else `trials` distinct sets drawn
+    uniformly with `seed`."""
+    total = math.comb(len(candidates), count)
+    if total <= trials:
+        return list(itertools.combinations(sorted(candidates), count))
+    rng, sets = random.Random(seed), set()
+    while len(sets) < trials:
+        sets.add(tuple(sorted(rng.sample(candidates, count))))
+    return sorted(sets)
+
+
+@torch.no_grad()
+def search_losses(program: Program, batches, candidates: list[int], config: AttnSkipConfig,
+                  progress: bool = True) -> dict[tuple[int, ...], float]:
+    """Per skip set: mean over the calibration prompts of KL(unpruned || skipped) of the next-token distribution at
+    the prompt's last token (the position every row's prompt ends at, with left padding), the program before the
+    skip as the reference."""
+    from tqdm import tqdm
+
+    def last_logprobs(p: Program) -> list[torch.Tensor]:
+        return [torch.log_softmax(p(*args)["logits"][:, -1].float(), -1) for args in batches]
+
+    reference = last_logprobs(program)
+    losses = {}
+    for s in tqdm(skip_sets(candidates, config.count, config.trials, config.seed), desc="attnskip: search",
+                  unit="set", disable=not progress):
+        trial = remove_attention(program.clone(), dict.fromkeys(s), by="attnskip")
+        kl = [torch.nn.functional.kl_div(got, ref, log_target=True, reduction="none").sum(-1)
+              for got, ref in zip(last_logprobs(trial), reference)]
+        losses[s] = float(torch.cat(kl).mean())
+    return losses
+
+
 def calibrate(program: Program, config: AttnSkipConfig, batches, progress: bool = True) -> dict:
     """Choose the layers by the proxy (count form) and fit the adapters (adapter=true)."""
     config.check_model(program.geometry)
@@ -172,9 +225,14 @@ def calibrate(program: Program, config: AttnSkipConfig, batches, progress: bool 
         layers = sorted(config.layers)
     else:
         candidates = [l for l in range(config.first_layer, program.geometry.num_layers) if program.q_heads[l] > 0]
-        proxy = residual_change(program, batches, candidates, progress)
-        layers = sorted(sorted(candidates, key=lambda l: (proxy[l], l))[:config.count])
-        recipe["proxy"] = {str(l): v for l, v in proxy.items()}
+        if config.criterion == "search":
+            losses = search_losses(program, batches, candidates, config, progress)
+            layers = list(min(losses, key=lambda s: (losses[s], s)))
+            recipe["search"] = {"/".join(map(str, s)): v for s, v in sorted(losses.items())}
+        else:
+            proxy = residual_change(program, batches, candidates, progress)
+            layers = sorted(sorted(candidates, key=lambda l: (proxy[l], l))[:config.count])
+            recipe["proxy"] = {str(l): v for l, v in proxy.items()}
     recipe["layers"] = layers
     if config.adapter:
         recipe["_tensors"] = fit_adapters(program, batches, layers, config.ridge, progress)
