@@ -18,10 +18,6 @@ from .common import adapter, compiled, prompt
 from .test_targets import assert_parity, fast_inductor, lowered
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "vtcompile", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def eager_art(tmp_path_factory):
     # lowered() holds the one-image program only, whatever other tests ran on the shared compiled model
@@ -105,7 +101,9 @@ def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
         lm(ids, pixels, mask)
 
 
-@pytest.mark.parametrize("target,geometry,family", [("onnx", "tiny", "fastv"), ("inductor", "tiny-gqa", "fastv")])
+# The ONNX artifact's round trip is test_cli_optimize_onnx_then_run_with_input_ids (one ONNX export for the CLI,
+# the artifact's layout and parity, and the exported graph's dynamic axes).
+@pytest.mark.parametrize("target,geometry,family", [("inductor", "tiny-gqa", "fastv")])
 def test_target_artifact_round_trip(target, geometry, family, tmp_path):
     cm = lowered(target, geometry, family)
     path = cm.save(tmp_path / target)
@@ -179,7 +177,7 @@ def image(tmp_path_factory):
 
 
 def test_cli_run_with_processor(image, tmp_path, capsys):
-    """In-process (the subprocess runs are test_cli_optimize_onnx_then_run and test_loads_in_a_new_process)."""
+    """In-process (the subprocess runs are test_loads_in_a_new_process and test_cli.py's smoke tests)."""
     from vtcompile.cli import main
 
     base = adapter("tiny")
@@ -196,15 +194,35 @@ def test_cli_run_with_processor(image, tmp_path, capsys):
     assert res["kv_prompt_bytes"] > 0
 
 
-def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path):
+def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path, capsys):
+    """`vtcompile optimize --target onnx` then `vtcompile run` on the artifact (the CLI in-process; test_cli.py has
+    the subprocess smoke tests): the artifact's files, parity of the loaded programs with eager, the exported
+    graph's symbolic batch and sequence, and an answer generated from token ids."""
+    from vtcompile.cli import main
+
     out = tmp_path / "o"
-    r = _run("optimize", "--model", "tiny", "--pass", "fastv", "--target", "onnx", "--out", str(out), "--no-check")
-    assert r.returncode == 0, r.stderr
-    assert (out / "decoder-v16.onnx").is_file() and "target" in r.stdout and "onnx" in r.stdout
-    r = _run("run", str(out), "--image", str(image), "--input-ids", "[5, 9, 127, 7, 8]", "--json",
-             "--max-new-tokens", "4")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+    assert main(["optimize", "--model", "tiny", "--pass", "fastv", "--target", "onnx", "--out", str(out),
+                 "--no-check"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "target" in printed and "onnx" in printed
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"] == "onnx" and m["programs"][0]["stages"]["decoder-v16"]["files"] == ["decoder-v16.onnx"]
+    assert m["programs"][0]["decode"]["files"] == ["decoder-v16-decode.onnx"]
+    lm = load_compiled(out)
+    for kind in ("mid_pad_b2", "image_first"):
+        ids, pixels, mask = prompt("tiny", kind)
+        assert_parity(lm(ids, pixels, mask), compiled("tiny", "fastv")(ids, pixels, mask), mask)
+    (lazy,) = lm.executable(16).prefill_stages()
+    sess = lazy.lowered.session
+    dims = [i.shape[:2] for i in sess.get_inputs()]
+    assert all(isinstance(b, str) and isinstance(s, str) for b, s in dims), dims
+    assert [i.name for i in sess.get_inputs()] == ["inputs_embeds", "attention_mask", "position_ids", "visual_mask"]
+    outs = sess.get_outputs()  # logits, positions, visual, then each layer's distinct key positions, keys, values
+    assert len(outs[0].shape) == 3 and len(outs) == 3 + 2 * 4 + 1  # the positions of layers 0-1 once, then 2-3
+    assert all(isinstance(o.shape[0], str) for o in outs)  # every output has the symbolic batch
+    assert main(["run", str(out), "--image", str(image), "--input-ids", "[5, 9, 127, 7, 8]", "--json",
+                 "--max-new-tokens", "4"]) == 0, capsys.readouterr().err
+    res = json.loads(capsys.readouterr().out)
     assert res["prompt_tokens"] == 20 and res["answers"] == [None] and len(res["token_ids"][0]) == 4
     assert res["target"] == "onnx"
 

@@ -163,10 +163,13 @@ def test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact(tmp_
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert main(["optimize", "--model", "tiny", "--out", str(out), "--no-check", "--force"]) != 0
     assert "is not a vtcompile artifact" in capsys.readouterr().err and (out / "keep.txt").read_text() == "x"
-    art = tmp_path / "art"
-    assert main(["optimize", "--model", "tiny", "--out", str(art), "--no-check"]) == 0
+    art = tmp_path / "art"  # a directory with a manifest is an artifact: --force replaces it whole
+    art.mkdir()
+    (art / "manifest.json").write_text("{}")
+    (art / "decoder-v16.pt2").write_text("old")
     assert main(["optimize", "--model", "tiny", "--pass", "fastv", "--out", str(art), "--no-check", "--force"]) == 0
     assert json.loads((art / "manifest.json").read_text())["passes"][0]["pass"] == "fastv"
+    assert (art / "decoder-v16.pt2").read_bytes() != b"old"
 
 
 def test_testbed_data_writes_jsonl_that_eval_reads(tmp_path, capsys):
