@@ -232,7 +232,9 @@ def test_llava_7b_flops_of_removed_attention_and_heads():
 
 # -- calibrated forms ----------------------------------------------------------------------------------
 def test_budget_form_removes_the_lowest_scoring_heads_after_first_layer():
-    cm = compile_pruned(adapter("tiny"), "headskip:budget=0.25,samples=3", calibration="synthetic", progress=False)
+    # the budget form's mechanics with the one-run criterion (the default, ablation, is tested below)
+    cm = compile_pruned(adapter("tiny"), "headskip:budget=0.25,criterion=output,samples=3", calibration="synthetic",
+                        progress=False)
     recipe = cm.recipes["headskip"]
     assert len(recipe["heads"]) == 2  # 0.25 of the 8 heads of layers 2-3
     scores = recipe["scores"]
@@ -297,6 +299,17 @@ def test_attnskip_count_and_adapter():
     print(f"attnskip layer {skipped}: mean max|logit - unpruned| zeroed {errs[0]:.3g}, adapter {errs[1]:.3g}")
 
 
+def _last_token_kl(cm, prompts) -> float:
+    """KL(unpruned || cm) of the next-token distribution at each prompt's last position, mean over the rows,
+    computed from the compiled models' logits (not through the library's calibration code)."""
+    base, kl = compiled("tiny", None), []
+    for ids, pixels, mask in prompts:
+        ref = torch.log_softmax(base(ids, pixels, mask).logits[:, -1].float(), -1)
+        got = torch.log_softmax(cm(ids, pixels, mask).logits[:, -1].float(), -1)
+        kl.append((ref.exp() * (ref - got)).sum(-1))
+    return torch.cat(kl).mean().item()
+
+
 def test_attnskip_search_scores_every_set_by_its_loss():
     """criterion=search: each skip set's loss is the KL divergence of the last prompt token's distribution from the
     unpruned model's, mean over the calibration prompts (checked against compiled models with those layers given
@@ -305,16 +318,63 @@ def test_attnskip_search_scores_every_set_by_its_loss():
     cm = compile_pruned(adapter("tiny"), "attnskip:count=1,criterion=search", calibration=prompts, progress=False)
     recipe = cm.recipes["attnskip"]
     assert "proxy" not in recipe and set(recipe["search"]) == {"2", "3"}
-    base = compiled("tiny", None)
     for layers, loss in recipe["search"].items():
         skip = compile_pruned(adapter("tiny"), f"attnskip:layers={layers}", progress=False)
-        kl = []
-        for ids, pixels, mask in prompts:
-            ref = torch.log_softmax(base(ids, pixels, mask).logits[:, -1].float(), -1)
-            got = torch.log_softmax(skip(ids, pixels, mask).logits[:, -1].float(), -1)
-            kl.append((ref.exp() * (ref - got)).sum(-1))
-        assert loss == pytest.approx(torch.cat(kl).mean().item(), rel=1e-4, abs=1e-7)
+        assert loss == pytest.approx(_last_token_kl(skip, prompts), rel=1e-4, abs=1e-7)
     assert recipe["layers"] == [int(min(recipe["search"], key=recipe["search"].get))]
+
+
+def test_headskip_ablation_scores_each_head_by_its_loss():
+    """criterion=ablation: each head's score is the KL divergence of the last token's distribution when that head
+    alone is removed (checked against compiled models with the head given explicitly); the lowest go."""
+    prompts = [prompt("tiny", kind, seed=seed) for kind, seed in (("mid_pad_b2", 3), ("image_first", 4))]
+    cm = compile_pruned(adapter("tiny"), "headskip:budget=0.25,criterion=ablation,first_layer=2",
+                        calibration=prompts, progress=False)
+    recipe = cm.recipes["headskip"]
+    assert set(recipe["scores"]) == {f"{l}.{h}" for l in (2, 3) for h in range(4)}
+    for head in ("2.1", "3.2"):
+        alone = compile_pruned(adapter("tiny"), f"headskip:heads={head}", progress=False)
+        assert recipe["scores"][head] == pytest.approx(_last_token_kl(alone, prompts), rel=1e-4, abs=1e-7)
+    lowest = sorted(recipe["scores"], key=lambda h: (recipe["scores"][h], h))[:2]  # 25% of 8 heads
+    assert sorted(recipe["heads"]) == sorted(lowest)
+
+
+def test_head_passes_after_dyvte_routers_rewrite_every_exit_branch():
+    """Head passes listed after DyVTE with routers rewrite the exit branches too: each row equals the static exit it
+    took, composed with the same head passes (itself checked against the zeroed-heads reference), in prefill and in
+    generation (a branch without the removed attention once returned its cache: the signature did not match)."""
+    from .test_dyvte import trained
+
+    heads = ["headskip:heads=1.0/2.3", "attnskip:layers=2"]
+    cm = compile_pruned(adapter("tiny"), ["dyvte", *heads], recipes={"dyvte": trained("tiny").recipes["dyvte"]},
+                        progress=False)
+    statics = {}
+
+    def static(e):  # the static exit after layer e (-1: none) with the same head passes
+        if e not in statics:
+            statics[e] = compile_pruned(adapter("tiny"), ([f"dyvte:exit_layer={e}"] if e >= 0 else []) + heads,
+                                        progress=False)
+        return statics[e]
+
+    for kind, seed in (("mid_pad_b2", 9), ("mid_pad_b2", 11)):  # rows of one batch exit at different layers
+        ids, pixels, mask = prompt("tiny", kind, seed=seed)
+        out = cm(ids, pixels, mask)
+        for row, e in enumerate(out.exit_layers):
+            fresh = e not in statics
+            if fresh:
+                assert head_oracle_diff(static(e), ids, pixels, mask) <= TOL
+            ref = static(e)(ids, pixels, mask)
+            got_pos, ref_pos = out.kept_positions[row], ref.kept_positions[row]
+            got, want = got_pos >= 0, ref_pos >= 0  # a row's kept positions, the rest padding
+            assert torch.equal(got_pos[got], ref_pos[want])
+            real = mask[row].bool()[got_pos[got]]
+            diff = (out.logits[row][got] - ref.logits[row][want]).abs().amax(-1)[real].max().item()
+            assert diff <= TOL, (kind, seed, row, e, diff)
+        generated = cm.generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=[])
+        by_exit = {e: static(e).generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=[])
+                   for e in set(out.exit_layers)}
+        assert torch.equal(generated, torch.stack([by_exit[e][row] for row, e in enumerate(out.exit_layers)]))
+    assert len(statics) >= 2, sorted(statics)  # rows took different ways through the branches
 
 
 def test_attnskip_search_sets():
@@ -376,12 +436,10 @@ def test_inductor_matches_eager():
     eager = compile_pruned(adapter("tiny-gqa"), ["fastv", "headskip:heads=1.0/2.1/2.3", "attnskip:layers=3"],
                            progress=False)
     ids, pixels, mask = prompt("tiny-gqa", "mid_pad_b2")
-    with fast_inductor():
-        cm = eager.with_target("inductor")
+    with fast_inductor():  # prefill; the decode step over the sliced caches is the eager generation tests' (the
+        cm = eager.with_target("inductor")  # inductor decode step itself: test_generate.py)
         diff = (cm(ids, pixels, mask).logits - eager(ids, pixels, mask).logits).abs().max().item()
         assert diff <= TOL
-        assert torch.equal(cm.generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=[]),
-                           eager.generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=[]))
 
 
 def test_literal_head_counts_in_reshapes_are_rewritten():

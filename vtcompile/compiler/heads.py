@@ -265,3 +265,18 @@ def remove_attention(program: Program, layers: dict, by: str = "?") -> Program:
                                   "applied before it (fastv/pyramiddrop score with a layer's attention); remove "
                                   "another layer's attention, or list this pass first")
     return program
+
+
+@torch.no_grad()
+def last_token_logprobs(program: Program, batches) -> list[torch.Tensor]:
+    """Log-probabilities of the next token at each calibration prompt's last position (where every row's prompt
+    ends, with left padding), one tensor [B, vocab] per batch."""
+    return [torch.log_softmax(program(*args)["logits"][:, -1].float(), -1) for args in batches]
+
+
+def last_token_kl(reference: list[torch.Tensor], program: Program, batches) -> float:
+    """Mean over the prompts of KL(reference || program) of the next-token distribution at the last position: how
+    far a removal moves the model's prediction (the loss of EAS's skip-set search and of headskip's ablation)."""
+    kl = [torch.nn.functional.kl_div(got, ref, log_target=True, reduction="none").sum(-1)
+          for got, ref in zip(last_token_logprobs(program, batches), reference)]
+    return float(torch.cat(kl).mean())

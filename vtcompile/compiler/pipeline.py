@@ -49,6 +49,10 @@ def build_program(captured: Captured, n_visual: int, passes: list, recipes: dict
             p.check_supports(program.geometry)
             config.check_model(program.geometry)
             program = p.apply(program, config, recipes.get(p.name))
+            if program.branches is not None and p.rewrites_branches:
+                branches = program.branches.programs
+                for e in sorted(branches):
+                    branches[e] = p.apply(branches[e], config, recipes.get(p.name))
             verify(program, sdpa_count)
         except VtcompileError:
             raise

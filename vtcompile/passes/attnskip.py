@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler.geometry import Geometry
-from ..compiler.heads import attention_nodes, remove_attention
+from ..compiler.heads import attention_nodes, last_token_kl, last_token_logprobs, remove_attention
 from ..compiler.program import Program
 from ..compiler.taps import run_with_taps
 from ..errors import PassConfigError
@@ -200,17 +200,12 @@ def search_losses(program: Program, batches, candidates: list[int], config: Attn
     skip as the reference."""
     from tqdm import tqdm
 
-    def last_logprobs(p: Program) -> list[torch.Tensor]:
-        return [torch.log_softmax(p(*args)["logits"][:, -1].float(), -1) for args in batches]
-
-    reference = last_logprobs(program)
+    reference = last_token_logprobs(program, batches)
     losses = {}
     for s in tqdm(skip_sets(candidates, config.count, config.trials, config.seed), desc="attnskip: search",
                   unit="set", disable=not progress):
-        trial = remove_attention(program.clone(), dict.fromkeys(s), by="attnskip")
-        kl = [torch.nn.functional.kl_div(got, ref, log_target=True, reduction="none").sum(-1)
-              for got, ref in zip(last_logprobs(trial), reference)]
-        losses[s] = float(torch.cat(kl).mean())
+        losses[s] = last_token_kl(reference, remove_attention(program.clone(), dict.fromkeys(s), by="attnskip"),
+                                  batches)
     return losses
 
 
@@ -244,4 +239,4 @@ PASS = register(PassDef(
     name="attnskip",
     summary="remove the attention sub-block of chosen layers (given, or the ones that change the residual stream "
             "least on calibration data), optionally with a least-squares linear stand-in (EAS, training-free)",
-    config=AttnSkipConfig, plan=plan, apply=apply, calibrate=calibrate))
+    config=AttnSkipConfig, plan=plan, apply=apply, calibrate=calibrate, rewrites_branches=True))

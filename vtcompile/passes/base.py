@@ -134,6 +134,9 @@ class PassDef:
     calibrate: Callable | None = None  # (program, config, batches, progress) -> recipe dict
     load_router: Callable | None = None  # (config, geometry, tensors) -> the Router its apply() makes
     calibration_exits: Callable | None = None  # (recipe, config) -> {branch layer (-1: none): calibration prompts}
+    # A pass that rewrites the layers themselves (weights, heads, attention), not the token set: listed after a pass
+    # that made branches (DyVTE's exits), it rewrites every branch too, so a row that exits runs the same layers.
+    rewrites_branches: bool = False
 
     def check_supports(self, geometry: Geometry) -> None:
         if geometry.family not in self.families:
