@@ -1,0 +1,96 @@
+"""Accuracy floors of the per-pass regression tests (test_accuracy_floors.py): the one table of them.
+
+Source: the rows "default" of the committed bench table bench/results/accuracy_flops.json - every registered pass at
+its published defaults, attnskip with one layer chosen and DyVTE's chosen setting - measured on the first 300
+test questions with the shipped testbed checkpoint (`python bench/accuracy_flops.py --model testbed --limit 300
+--max-new-tokens 1`: the checkpoint answers in one token, so the next token is scored). test_floors_come_from_the_
+committed_bench checks that BENCH below still equals that file.
+
+The tests evaluate a fixed slice, the first SLICE of those questions, which costs a fraction of the bench. The
+slice's accuracy differs from the bench's by sampling alone; the margin is the one-sided 99% binomial bound for the
+slice size, Z * sqrt(p (1 - p) / SLICE) with the bench's p (at least one question), so a pass that keeps its
+bench accuracy passes, and one that loses more than the margin fails. Fidelity (first-token top-1 agreement with
+the unpruned model) gets a floor the same way.
+
+Two rows load the recipe their calibration gave instead of calibrating again: DyVTE's routers (2048 prompts, two
+to three minutes; stored in ROUTERS, 1.5 MB) and headskip's heads (criterion=ablation: one calibration run per
+head, 17 s; HEADSKIP_HEADS below). They gate the runtime with those routers and heads; the calibrations
+themselves are tested in test_dyvte.py and test_headskip.py.
+
+When the testbed checkpoint or a pass's defaults change, re-run the bench, commit its table, copy the new numbers
+into BENCH (the test above names the rows that differ) and rewrite ROUTERS:
+`python -c "from tests.unit.accuracy_floors import write_routers; write_routers()"`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+ROUTERS = Path(__file__).resolve().parent / "data" / "dyvte-testbed-routers.safetensors"
+# The heads headskip's default (budget 0.25, criterion=ablation, 16 train prompts) removes on the shipped testbed:
+# the bench's row (bench/results/heads.md, "budget 0.25, ablation"; write_routers() prints them again).
+HEADSKIP_HEADS = ["2.0", "2.1", "5.0", "5.1"]
+DYVTE = "dyvte:samples=2048,loss_slack=0.1,threshold=0.95"  # the bench's chosen setting (bench/README.md)
+
+SLICE = 150  # the first SLICE test questions (seed 0) of the bench's 300
+Z = 2.326  # one-sided 99%
+MAX_NEW_TOKENS = 1  # the bench's scoring: the shipped checkpoint answers in one token
+
+# spec -> (accuracy, first-token top-1 agreement) of the bench's "default" rows (bench/results/accuracy_flops.json,
+# 2026-12-03, the shipped checkpoint; unpruned: 0.960)
+BENCH: dict[str, tuple[float, float]] = {
+    "fastv": (0.9166666666666666, 0.9433333277702332),
+    "pyramiddrop": (0.8933333333333333, 0.9133333563804626),
+    "fitprune": (0.9133333333333333, 0.9399999976158142),
+    "gprune": (0.9033333333333333, 0.9233333468437195),
+    "divprune": (0.87, 0.8866666555404663),
+    "randomdrop": (0.5666666666666667, 0.5833333134651184),
+    "headskip": (0.95, 0.9766666889190674),
+    "attnskip:count=1": (0.9466666666666667, 0.9733333587646484),
+    "dyvte:samples=2048,loss_slack=0.1,threshold=0.95": (0.9566666666666667, 0.9900000095367432),
+}
+
+
+def margin(p: float, n: int = SLICE) -> float:
+    return max(Z * math.sqrt(p * (1.0 - p) / n), 1.0 / n)
+
+
+def floors(spec: str) -> tuple[float, float]:
+    """(accuracy floor, top-1 agreement floor) of a bench row."""
+    acc, top1 = BENCH[spec]
+    return acc - margin(acc), top1 - margin(top1)
+
+
+def write_routers(path: Path = ROUTERS) -> Path:
+    """Calibrate DYVTE on the testbed as bench/accuracy_flops.py does (seed 0) and store its routers."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vtcompile import compile_pruned
+
+    torch.manual_seed(0)
+    heads = compile_pruned("testbed", "headskip", calibration="testbed", progress=False).recipes["headskip"]["heads"]
+    print(f"headskip's default removes {heads} (HEADSKIP_HEADS: {HEADSKIP_HEADS})")
+    torch.manual_seed(0)
+    recipe = compile_pruned("testbed", DYVTE, calibration="testbed", progress=False).recipes["dyvte"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in recipe.items() if k != "_tensors"}
+    save_file({k: v.contiguous() for k, v in recipe["_tensors"].items()}, str(path),
+              metadata={"recipe": json.dumps(meta)})
+    return path
+
+
+def recipes(spec: str) -> dict | None:
+    """Stored recipes for a row (DyVTE's routers, headskip's heads), else None (the test calibrates as the bench
+    did)."""
+    if spec == "headskip":
+        return {"headskip": {"pass": "headskip", "heads": list(HEADSKIP_HEADS)}}
+    if spec != DYVTE:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(ROUTERS), "pt") as f:
+        recipe = json.loads(f.metadata()["recipe"])
+        recipe["_tensors"] = {k: f.get_tensor(k) for k in f.keys()}
+    return {"dyvte": recipe}
