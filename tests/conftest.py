@@ -36,7 +36,7 @@ SLOW_TESTS = {
     "test_optimize_prints_report_and_writes_artifact", "test_bad_input_from_the_shell",  # subprocess smoke tests
     "test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact",
     "test_cli_run_with_processor", "test_loads_in_a_new_process_without_the_model",
-    "test_dyvte_routers_artifact_round_trip", "test_threshold_field_reaches_the_routers_and_the_artifact",
+    "test_dyvte_routers_artifact_round_trip", "test_threshold_field_reaches_the_routers",
     "test_bench_chooses_router_setting_on_val_within_one_point", "test_bench_oracle_row",
     "test_trainer_smoke_writes_a_loadable_checkpoint", "test_compiled_training_step_matches_eager",
     "test_accuracy_on_fixed_test_slice", "test_random_pruning_hurts_fastv_much_less",
@@ -45,6 +45,7 @@ SLOW_TESTS = {
     "test_inspect_verifies_checksums_and_shows_every_field", "test_save_load_round_trip",
     "test_in_memory_transformers_model_is_accepted", "test_save_refuses_existing_dir_and_force_replaces_only_artifacts",
     "test_layout_and_manifest", "test_load_refuses_bad_manifests", "test_recipe_file_round_trip",
+    "test_head_passes_after_dyvte_routers_rewrite_every_exit_branch",  # trains routers, compiles a program per exit
 }
 
 

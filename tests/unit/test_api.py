@@ -46,7 +46,8 @@ def test_save_refuses_existing_dir_and_force_replaces_only_artifacts(tmp_path):
     with pytest.raises(ArtifactError, match="is not a vtcompile artifact .*--force only replaces an artifact"):
         cm.save(tmp_path / "x", force=True)
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"  # nothing of the user's was deleted
-    cm.save(tmp_path / "y")
+    (tmp_path / "y").mkdir()  # a directory with a manifest is an artifact
+    (tmp_path / "y" / "manifest.json").write_text("{}")
     (tmp_path / "y" / "stale.txt").write_text("from an older artifact")
     cm.save(tmp_path / "y", force=True)  # an artifact is replaced whole
     assert (tmp_path / "y" / "manifest.json").is_file() and not (tmp_path / "y" / "stale.txt").exists()

@@ -142,6 +142,21 @@ def test_dyvte_routers_artifact_round_trip(tmp_path):
         assert_exit_parity(out, cm(ids, pixels, mask), mask)
         seen.update(out.exit_layers)
     assert {0, 1, 2} <= seen  # the trained routers still route as this test assumes
+    # The threshold is part of the saved program (the manifest's pass config): the same files with another threshold
+    # route as the program compiled with it (test_dyvte: a higher threshold never exits a row earlier).
+    high = compile_pruned(adapter("tiny"), "dyvte:threshold=0.999", recipes={"dyvte": cm.recipes["dyvte"]},
+                          progress=False)
+    (entry,) = [p for p in m["passes"] if p["pass"] == "dyvte"]
+    assert entry["config"]["threshold"] == 0.5
+    entry["config"]["threshold"] = 0.999
+    (path / "manifest.json").write_text(json.dumps(m))
+    lm, changed = load_compiled(path), False
+    for kind, seed in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11)):
+        ids, pixels, mask = prompt("tiny", kind, seed=seed)
+        exits = lm(ids, pixels, mask).exit_layers
+        assert exits == high(ids, pixels, mask).exit_layers
+        changed |= exits != cm(ids, pixels, mask).exit_layers
+    assert changed  # the threshold decided something on these prompts
     routers_file = path / "decoder-v16-router.safetensors"
     data = bytearray(routers_file.read_bytes())
     data[-1] ^= 0xFF
@@ -196,8 +211,8 @@ def test_cli_run_with_processor(image, tmp_path, capsys):
 
 def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path, capsys):
     """`vtcompile optimize --target onnx` then `vtcompile run` on the artifact (the CLI in-process; test_cli.py has
-    the subprocess smoke tests): the artifact's files, parity of the loaded programs with eager, the exported
-    graph's symbolic batch and sequence, and an answer generated from token ids."""
+    the subprocess smoke tests): the artifact's files, parity of the loaded programs with eager, generation through
+    the exported decode step, the exported graph's symbolic batch and sequence, and an answer from token ids."""
     from vtcompile.cli import main
 
     out = tmp_path / "o"
@@ -212,6 +227,9 @@ def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path, capsys):
     for kind in ("mid_pad_b2", "image_first"):
         ids, pixels, mask = prompt("tiny", kind)
         assert_parity(lm(ids, pixels, mask), compiled("tiny", "fastv")(ids, pixels, mask), mask)
+    # generation through the exported functional decode step equals eager's
+    assert torch.equal(lm.generate(ids, pixels, mask, max_new_tokens=8, eos_token_id=[]),
+                       compiled("tiny", "fastv").generate(ids, pixels, mask, max_new_tokens=8, eos_token_id=[]))
     (lazy,) = lm.executable(16).prefill_stages()
     sess = lazy.lowered.session
     dims = [i.shape[:2] for i in sess.get_inputs()]

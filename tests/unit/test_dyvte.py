@@ -207,11 +207,8 @@ def test_router_fires_above_its_threshold():
         assert routers.decide(0, hidden, visual).tolist() == [fires]
 
 
-def test_threshold_field_reaches_the_routers_and_the_artifact(tmp_path):
-    """The same trained routers with a higher threshold never exit a row earlier; 0.5 is the default rule; the
-    threshold is part of the saved program."""
-    from vtcompile import load_compiled
-
+def test_threshold_field_reaches_the_routers():
+    """The same trained routers with a higher threshold never exit a row earlier; 0.5 is the default rule."""
     cm = trained("tiny")
     prompts = [prompt("tiny", kind, seed=s) for kind, s in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11))]
     exits, programs = {}, {}
@@ -225,8 +222,7 @@ def test_threshold_field_reaches_the_routers_and_the_artifact(tmp_path):
 
     assert no_earlier(exits[0.5], exits[0.9]) and no_earlier(exits[0.9], exits[0.999])
     assert exits[0.5] != exits[0.999], exits  # the threshold changed some decision on these prompts
-    loaded = load_compiled(programs[0.9].save(tmp_path / "t"))
-    assert sum((loaded(*p).exit_layers for p in prompts), []) == exits[0.9]
+    # that the artifact keeps the threshold: test_artifacts.py::test_dyvte_routers_artifact_round_trip
 
 
 def test_report_exit_table_matches_the_runtime_and_static_exits():
