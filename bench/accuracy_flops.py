@@ -73,11 +73,13 @@ def configs(geom, n, budget):
     return out
 
 
-# Every token pass at its published defaults (FitPrune's default budget is 0.5) and DyVTE's chosen setting
-# (bench/README: routers on 2048 prompts, slack 0.1, threshold 0.95): the rows per-pass accuracy floors are to be
-# taken from.
-DEFAULT_ROWS = ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune",
-                "dyvte:samples=2048,loss_slack=0.1,threshold=0.95")
+# Every registered pass at its published defaults (FitPrune's default budget is 0.5; randomdrop drops half the
+# visual tokens before the decoder; headskip removes 25% of the heads of layers >= 2), attnskip with one layer
+# chosen (it has no default count: EAS skips 12 of LLaVA's 32 layers, the testbed has 6) and DyVTE's chosen
+# setting (bench/README: routers on 2048 prompts, slack 0.1, threshold 0.95): the rows the per-pass accuracy
+# floors (tests/unit/accuracy_floors.py) are taken from.
+DEFAULT_ROWS = ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "randomdrop", "headskip",
+                "attnskip:count=1", "dyvte:samples=2048,loss_slack=0.1,threshold=0.95")
 
 
 def main(argv=None) -> int:
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
             print(f"{budget} {method}: {100 * res['accuracy']:.1f}% at {res['paper_flops_ratio']:.3f}", file=sys.stderr)
     for spec in args.defaults:
         torch.manual_seed(args.seed)
-        calibrates = spec.split(":")[0] in ("fitprune", "dyvte")
+        calibrates = get_pass(spec.split(":")[0]).calibrate is not None
         cm = compile_pruned(adapter, spec, calibration="testbed" if calibrates else None, progress=False)
         torch.manual_seed(args.seed)
         res = evaluate(cm, "testbed", limit=args.limit, progress=False, max_new_tokens=args.max_new_tokens)

@@ -75,3 +75,12 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+
+
+def write_results(out: Path, markdown: str, rows) -> None:
+    """`out`.md (the table with its command and conditions) and `out`.json (the rows), creating the folder."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
