@@ -356,7 +356,7 @@ def test_head_passes_after_dyvte_routers_rewrite_every_exit_branch():
                                         progress=False)
         return statics[e]
 
-    for kind, seed in (("mid_pad_b2", 9), ("mid_pad_b2", 11)):  # rows of one batch exit at different layers
+    for kind, seed in (("mid_pad_b2", 9),):  # the batch's rows exit at different layers
         ids, pixels, mask = prompt("tiny", kind, seed=seed)
         out = cm(ids, pixels, mask)
         for row, e in enumerate(out.exit_layers):
@@ -429,17 +429,7 @@ def test_bad_count_is_refused_before_calibrating():
         compile_pruned(adapter("tiny"), "attnskip:count=3,samples=1", calibration="synthetic", progress=False)
 
 
-@pytest.mark.slow
-def test_inductor_matches_eager():
-    from .test_targets import fast_inductor
-
-    eager = compile_pruned(adapter("tiny-gqa"), ["fastv", "headskip:heads=1.0/2.1/2.3", "attnskip:layers=3"],
-                           progress=False)
-    ids, pixels, mask = prompt("tiny-gqa", "mid_pad_b2")
-    with fast_inductor():  # prefill; the decode step over the sliced caches is the eager generation tests' (the
-        cm = eager.with_target("inductor")  # inductor decode step itself: test_generate.py)
-        diff = (cm(ids, pixels, mask).logits - eager(ids, pixels, mask).logits).abs().max().item()
-        assert diff <= TOL
+# Inductor and ONNX parity of the head passes: test_targets.py's fitprune+heads family.
 
 
 def test_literal_head_counts_in_reshapes_are_rewritten():

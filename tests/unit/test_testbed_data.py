@@ -250,11 +250,12 @@ def test_random_pruning_hurts_fastv_much_less():
     from vtcompile.evaluate import evaluate, load_data
 
     samples, _ = load_data("testbed", limit=200)
-    acc = {}
+    acc, unpruned = {}, None
     for spec in (None, "randomdrop:k=0,r=0.75", "fastv:k=2,r=0.75"):
         torch.manual_seed(0)
         cm = compile_pruned("testbed", spec, progress=False)
-        res = evaluate(cm, samples, progress=False, max_new_tokens=1)  # single-token answers
+        unpruned = unpruned or cm  # fidelity against it, not a second unpruned build per spec
+        res = evaluate(cm, samples, progress=False, max_new_tokens=1, reference=unpruned)  # single-token answers
         if spec:
             assert res["visual_tokens_kept_mean"] == 36
         acc[spec] = res["accuracy"]
