@@ -24,6 +24,9 @@ from vtcompile.compiler.flops import report_from_plan
 from vtcompile.evaluate import evaluate
 from vtcompile.passes import get_pass
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import scoring  # noqa: E402
+
 
 def paper_ratio(geom, n_visual, steps) -> float:
     rep = report_from_plan(geom, n_visual, 0, steps)
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     args.out.with_suffix(".md").write_text(
         f"# Accuracy vs paper-convention FLOPs ({adapter.spec.label})\n\nCommand: `{cmd}`\n\n"
         f"{args.limit} held-out test questions per point, "
-        f"{'the greedy next token' if args.max_new_tokens == 1 else f'whole generated answers (greedy, until eos, at most {args.max_new_tokens} new tokens)'}"
+        f"{scoring(args.max_new_tokens)}"
         f" against the answer; top-1 agree: first answer token equal to the unpruned model's; identical answers: "
         f"the whole answer equal to the unpruned model's; {seconds:.0f} s in all on "
         f"{torch.get_num_threads()} CPU threads.\n\n{table}\n")

@@ -84,3 +84,10 @@ def write_results(out: Path, markdown: str, rows) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+
+
+def scoring(max_new_tokens: int) -> str:
+    """How an accuracy bench scores an answer, for its results file."""
+    if max_new_tokens == 1:
+        return "the greedy next token"
+    return f"whole generated answers (greedy, until eos, at most {max_new_tokens} new tokens)"

@@ -23,7 +23,7 @@ from vtcompile.evaluate import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_flops import configs  # noqa: E402  (FastV / PyramidDrop at the same paper-FLOPs budget)
-from common import write_results  # noqa: E402
+from common import scoring, write_results  # noqa: E402
 
 
 def kind_prompts(adapter, kind: str, n: int) -> list[tuple]:
@@ -86,11 +86,9 @@ def main(argv=None) -> int:
                            headers=["row", *[f"layer {i}" for i in layers]], tablefmt="github")
     print(acc_table + "\n\n" + sched_table)
     cmd = "python bench/fitprune_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    scoring = ("the greedy next token" if args.max_new_tokens == 1 else
-               f"whole generated answers (greedy, until eos, at most {args.max_new_tokens} new tokens)")
     write_results(args.out,
         f"# FitPrune at budget {args.budget}: per kind, per layer, calibration ({adapter.spec.label})\n\n"
-        f"Command: `{cmd}`\n\n{len(test)} held-out test questions per row, {scoring} against the answer; "
+        f"Command: `{cmd}`\n\n{len(test)} held-out test questions per row, {scoring(args.max_new_tokens)} against the answer; "
         f"{seconds:.0f} s in all on {torch.get_num_threads()} CPU threads.\n\n## Accuracy per question kind\n\n"
         f"{acc_table}\n\n## Visual tokens per layer (in its attention / in its MLP)\n\n{sched_table}\n", rows)
     return 0

@@ -30,7 +30,7 @@ from vtcompile.evaluate import evaluate
 from vtcompile.passes import get_pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import scoring, write_results  # noqa: E402
 
 # Analytic FLOPs/KV of a real geometry (no weights): budgets by criterion=random (the heads a calibrated criterion
 # picks would differ, their count not), EAS's 12 of 32 layers (as the deepest
@@ -163,11 +163,9 @@ def main(argv=None) -> int:
                f"budget's heads drawn by criterion=random (a calibrated criterion picks other heads, as many).\n\n"
                f"{geo_table}\n")
     cmd = "python bench/heads.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    scoring = ("the greedy next token" if args.max_new_tokens == 1 else
-               f"whole generated answers (greedy, until eos, at most {args.max_new_tokens} new tokens)")
     write_results(args.out,
         f"# Head and attention skipping ({adapter.spec.label})\n\nCommand: `{cmd}`\n\n"
-        f"{args.limit} held-out test questions per row, {scoring} against the answer; calibration on the train "
+        f"{args.limit} held-out test questions per row, {scoring(args.max_new_tokens)} against the answer; calibration on the train "
         f"split; top-1 agree: first "
         f"answer token equal to the unpruned model's; identical answers: the whole answer equal to the unpruned "
         f"model's; FLOPs ratios of the prompt against the unpruned model (vtcompile.compiler.flops: true FLOPs "
