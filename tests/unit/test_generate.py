@@ -232,7 +232,7 @@ def test_streamer_gets_the_prompt_then_each_token():
 
 def test_inductor_decode_compiles_once():
     """One compiled step serves every step of a call, and new prompt lengths, batch sizes and max_new_tokens
-    (other cache lengths) do not recompile it."""
+    (other cache lengths) do not recompile it; the steps after a call's first skip marking their inputs."""
     from .test_targets import fast_inductor, lowered
 
     eager = compiled("tiny-gqa", "fastv")
@@ -247,8 +247,11 @@ def test_inductor_decode_compiles_once():
             for batch, before, after, pad, n in [(1, 3, 5, 0, 12), (3, 2, 7, 4, 5), (2, 11, 1, 6, 20)]:
                 ids, pixels, mask = example_inputs(adapter("tiny-gqa"), batch=batch, text_before=before,
                                                    text_after=after, pad=pad, seed=batch)
+                marked = step.marked_calls
                 a = cm.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[])
                 assert torch.equal(a, eager.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[]))
+                # only a call's first step marks its inputs dynamic: the others have its shapes
+                assert step.marked_calls == marked + 1
         assert step.compiles == 1
 
 

@@ -94,6 +94,15 @@ def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
+def _end_test(eos_token_id, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """token [B] -> [B] bool, whether it ends its row: one comparison per step for the usual single eos id."""
+    ids = list(eos_token_id)
+    if len(ids) == 1:
+        return lambda token: token == ids[0]
+    eos = torch.tensor(ids, dtype=torch.long, device=device)
+    return lambda token: torch.isin(token, eos)
+
+
 @torch.no_grad()
 def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable, embed: Callable,
              prepared: PreparedInputs, config: GenerationConfig, streamer=None,
@@ -109,13 +118,13 @@ def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable,
         on_prefill(result)
     batch = prepared.input_ids.shape[0]
     device = prepared.input_ids.device
-    eos = torch.tensor(list(config.eos_token_id), dtype=torch.long, device=device)
+    ends = _end_test(config.eos_token_id, device)
     token = next_tokens(result.values["logits"][:, -1], config, generator)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     if streamer is not None:
         streamer.put(prepared.input_ids.cpu())
     out = [token]
-    done |= torch.isin(token, eos)
+    done |= ends(token)
     if streamer is not None:
         streamer.put(token.cpu())
     t1 = time.perf_counter()
@@ -129,13 +138,12 @@ def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable,
             if isinstance(returned, (tuple, list)) and len(returned) > 1:  # a functional step returns the caches
                 cache.replace(list(returned[1:]))
             cache.advance()
-            position = position + 1
-            token = next_tokens(logits[:, -1], config, generator)
-            token = torch.where(done, torch.full_like(token, config.pad_token_id), token)
+            position += 1  # a tensor of this call's own: the step has read it
+            token = next_tokens(logits[:, -1], config, generator).masked_fill_(done, config.pad_token_id)
             out.append(token)
             if streamer is not None:
                 streamer.put(token.cpu())
-            done |= torch.isin(token, eos)
+            done |= ends(token)
             if bool(done.all()):
                 break
     t2 = time.perf_counter()
