@@ -2,7 +2,8 @@
 
 - ``scenes``: deterministic scene + question generator, JSONL splits.
 - ``build``: geometry, tokenizer/processor construction, save/load.
-- ``train``: ``python -m vtcompile.testbed.train --out DIR`` trains it from scratch on CPU.
+- ``train``: ``python -m vtcompile.testbed.train --out DIR`` trains it from scratch on CPU (a small package).
+- ``evaluate``: whole generated answers through transformers' own ``generate`` (``evaluate_generated``).
 - ``checkpoint_dir()``: the shipped checkpoint directory.
 """
 

@@ -225,7 +225,7 @@ class PromptEncoder:
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE)
         self.pad_id = tokenizer.pad_token_id
         self._cache: dict[str, list[int]] = {}
-        self._answer_cache: dict[str, int] = {}
+        self._answer_cache: dict[str, list[int]] = {}
 
     def ids(self, question: str) -> list[int]:
         ids = self._cache.get(question)
@@ -235,14 +235,23 @@ class PromptEncoder:
             self._cache[question] = ids
         return ids
 
-    def answer_id(self, answer: str) -> int:
-        i = self._answer_cache.get(answer)
-        if i is None:
+    def answer_ids(self, answer: str) -> list[int]:
+        """The answer's tokens (no special tokens; the eos that ends it is the caller's); refuses unknown words."""
+        ids = self._answer_cache.get(answer)
+        if ids is None:
             ids = self.tok(answer, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise ValueError(f"answer {answer!r} is not a single token: {ids}")
-            i = self._answer_cache[answer] = ids[0]
-        return i
+            if not ids or self.tok.unk_token_id in ids:
+                raise ValueError(f"answer {answer!r} tokenizes to {self.tok.convert_ids_to_tokens(ids)}: empty or "
+                                 "with unknown words (scenes.vocabulary() builds the tokenizer's vocabulary)")
+            self._answer_cache[answer] = ids
+        return ids
+
+    def answer_id(self, answer: str) -> int:
+        """The answer's single token (next-token scoring); refuses longer answers."""
+        ids = self.answer_ids(answer)
+        if len(ids) != 1:
+            raise ValueError(f"answer {answer!r} is not a single token: {ids}")
+        return ids[0]
 
     def batch(self, questions):
         import torch

@@ -1,4 +1,4 @@
-"""Deterministic synthetic scenes and single-word questions for the testbed model.
+"""Deterministic synthetic scenes and questions about them for the testbed model.
 
 A scene is a small RGB image (``IMAGE_SIZE`` x ``IMAGE_SIZE``) with 1-6 objects (shape x colour x size)
 at random non-overlapping positions on a noisy, textured background. Objects are small relative to the
@@ -7,7 +7,9 @@ the testbed tell good visual-token pruning from bad.
 
 Every sample is one question about its own scene; the scene is generated *for* the question (the answer is
 drawn first, uniformly, then a scene that realises it), so answers are balanced within each kind and the
-question text alone carries no information about the answer.
+question text alone carries no information about the answer. Answers are one word, except the ``list`` kind's:
+every object of the scene as "colour shape", comma-separated, in reading order (``reading_order``), e.g.
+"red circle, blue square, green cross" (up to 17 tokens with the commas).
 
 Only PIL and numpy are used. A sample is a pure function of ``(split, seed, index)``.
 """
@@ -49,7 +51,8 @@ SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
 
-KINDS: tuple[str, ...] = ("color", "shape", "count", "exist", "relpos")
+KINDS: tuple[str, ...] = ("color", "shape", "count", "exist", "relpos", "list")
+LIST_QUESTION = "what objects are there from left to right?"
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
 MAX_OBJECTS = 6
@@ -186,6 +189,20 @@ def patch_anchors(objects, patch: int = 8, min_pixels: int = 6) -> np.ndarray:
     return out
 
 
+def reading_order(objects) -> list[int]:
+    """Indices of ``objects`` in the order the list kind names them: left to right by the grid column (``CELL``
+    px, the vision tower's patch) that holds the object's left edge, and objects whose left edges share a column
+    from top to bottom by the row of their top edge. Generated objects start inside their cell (0-1 px jitter) and
+    never share a cell, so the order is strict and can be read off the patch grid; sub-patch offsets never decide
+    it. (Remaining ties, possible only in hand-made scenes, keep the objects' own order.)"""
+    return sorted(range(len(objects)), key=lambda i: (objects[i].x // CELL, objects[i].y // CELL))
+
+
+def list_answer(objects) -> str:
+    """The list kind's answer: every object as "colour shape", comma-separated, in ``reading_order``."""
+    return ", ".join(f"{objects[i].color} {objects[i].shape}" for i in reading_order(objects))
+
+
 _Q_EVIDENCE = (
     (re.compile(r"^what color is the (\w+)\?$"), lambda o, m: o.shape == m[1]),
     (re.compile(r"^what shape is the (\w+) object\?$"), lambda o, m: o.color == m[1]),
@@ -198,11 +215,14 @@ _RELPOS = re.compile(r"^where is the (\w+) (\w+) relative to the (\w+) (\w+)\?$"
 
 def evidence(objects, question: str) -> list[list[int]]:
     """Indices of the objects a question is about (the image regions its answer depends on), in groups:
-    relative position gives [[first object], [second object]], every other kind a single group.
+    relative position gives [[first object], [second object]], every other kind a single group; the list kind
+    names every object (in ``reading_order``).
 
     Existence: the matching objects if there are any, otherwise the objects that share the colour or the
     shape (the near misses that have to be ruled out), otherwise every object.
     """
+    if question == LIST_QUESTION:
+        return [reading_order(objects)]
     m = _RELPOS.match(question)
     if m:
         return [[i for i, o in enumerate(objects) if (o.color, o.shape) == (m[1], m[2])],
@@ -385,7 +405,14 @@ def _q_relpos(rng):
     return objs, q, want
 
 
-_MAKERS = {"color": _q_color, "shape": _q_shape, "count": _q_count, "exist": _q_exist, "relpos": _q_relpos}
+def _q_list(rng):
+    n = int(rng.integers(1, MAX_OBJECTS + 1))  # as many scenes of each size: answers of 2-17 tokens
+    objs = _layout(rng, _random_attrs(rng, n))
+    return objs, LIST_QUESTION, list_answer(objs)
+
+
+_MAKERS = {"color": _q_color, "shape": _q_shape, "count": _q_count, "exist": _q_exist, "relpos": _q_relpos,
+           "list": _q_list}
 
 
 def _rng(split: str, seed: int, index: int) -> np.random.Generator:
@@ -447,6 +474,7 @@ def scene_questions(objects, rng: np.random.Generator, n: int, exclude=(),
                 r = _relation(a, b)
                 if r is not None:
                     cands["relpos"].append((f"where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?", r))
+    cands["list"].append((LIST_QUESTION, list_answer(objs)))
     for c in COLOR_NAMES:
         for sh in SHAPES:
             cands["exist"].append((f"is there a {c} {sh}?", "yes" if (c, sh) in pairs else "no"))
@@ -494,18 +522,23 @@ def iter_samples(split: str, seed: int = 0, n: int | None = None, start: int = 0
 
 
 def format_prompt(question: str, image_token: str = "<image>") -> str:
-    """LLaVA-1.5 style prompt; the answer is the single next token."""
+    """LLaVA-1.5 style prompt; the answer follows it, and then the tokenizer's eos token."""
     return f"USER: {image_token}\n{question} ASSISTANT:"
 
 
-def answer_words() -> list[str]:
-    return sorted(set(COLOR_NAMES) | set(SHAPES) | set(NUMBER_WORDS[1:]) | {"yes", "no"} | set(RELATIONS))
+_ANSWER_WORDS = {"color": set(COLOR_NAMES), "shape": set(SHAPES), "count": set(NUMBER_WORDS[1:]),
+                 "exist": {"yes", "no"}, "relpos": set(RELATIONS), "list": set(COLOR_NAMES) | set(SHAPES) | {","}}
+
+
+def answer_words(kinds=KINDS) -> list[str]:
+    """Every word (token) the answers of ``kinds`` use."""
+    return sorted(set().union(*(_ANSWER_WORDS[k] for k in kinds)))
 
 
 def vocabulary() -> list[str]:
     """Every word the prompts, questions and answers use (lower-cased, punctuation split off)."""
     words = {"user", "assistant", ":", "?", "what", "color", "shape", "is", "the", "object", "objects", "how",
-             "many", "are", "there", "a", "where", "relative", "to"}
+             "many", "are", "there", "a", "where", "relative", "to", "from", ","}
     words |= set(COLOR_NAMES) | set(SHAPES) | set(SHAPE_PLURALS.values()) | set(NUMBER_WORDS)
     words |= set(SIZE_NAMES) | set(RELATIONS) | {"yes", "no", "of", "and", "size", "image", "picture"}
     return sorted(words)
@@ -522,7 +555,8 @@ def image_digest(image: Image.Image) -> str:
 def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0) -> Path:
     """Write ``n`` samples of ``split`` as PNGs plus ``<out_dir>/<split>.jsonl``; returns the JSONL path.
 
-    Each line: {"image": path relative to out_dir, "question", "answer", "kind"}.
+    Each line: {"image": path relative to out_dir, "question", "answer", "kind"}; the answer is the whole answer
+    text (a list answer with its commas), without the eos token the model ends it with.
     """
     out = Path(out_dir)
     img_dir = out / "images" / split
