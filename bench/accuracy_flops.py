@@ -82,7 +82,7 @@ def configs(geom, n, budget):
 # setting (bench/README: routers on 2048 prompts, slack 0.1, threshold 0.95): the rows the per-pass accuracy
 # floors (tests/unit/accuracy_floors.py) are taken from.
 DEFAULT_ROWS = ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "randomdrop", "headskip",
-                "attnskip:count=1", "dyvte:samples=2048,loss_slack=0.1,threshold=0.95")
+                "attnskip:count=1", "dyvte:samples=2048,loss_slack=0.1,layers=1/2/3/4,threshold=0.99")
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ from common import RESULTS, PeakMemory, machine, sync  # noqa: E402
 
 HF = "transformers generate (sdpa, unpruned)"
 # The DyVTE setting the DyVTE bench chose on the testbed's val questions (bench/README.md)
-TESTBED_DYVTE = "dyvte:samples=2048,loss_slack=0.1,threshold=0.95"
+TESTBED_DYVTE = "dyvte:samples=2048,loss_slack=0.1,layers=1/2/3/4,threshold=0.99"
 
 
 def default_variants(model: str) -> list[str]:
