@@ -76,8 +76,8 @@ class InductorStage:
 
         shapes = tuple(t.shape for t in args)
         if shapes == self._last_shapes:
-            # The shapes of the previous call, which ran a graph: its guards pass again, so the marks (a few
-            # microseconds per input, a tenth of a testbed decode step) are not needed to pick it.
+            # The shapes of the previous call, which ran a graph: its guards pass again, so the marks (Python work
+            # per input, on every decode step) are not needed to pick it.
             with torch.no_grad():
                 return self._fn(*args)
         self.marked_calls += 1
