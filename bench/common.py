@@ -1,10 +1,11 @@
 """What the benchmarks share: the results folder, the machine's description, peak memory, device sync, p90."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import platform
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -13,43 +14,51 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # -- memory ------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory above the level at the start of a `with` block: allocator peak on CUDA, RSS on CPU."""
+def _libc_trim() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim), so the next call's RSS growth is its own."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.peak = 0
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self._rss()
-            self.top, self._stop = self.base, threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
 
-    def _sample(self):
-        while not self._stop.is_set():
-            self.top = max(self.top, self._rss())
-            time.sleep(0.002)
+def peak_memory(fn, device: torch.device) -> int | None:
+    """Bytes that one call of fn() adds at its peak above the level before it, in a call of its own (untimed).
 
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated() - self.base)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, max(self.top, self._rss()) - self.base)
+    CUDA: the allocator's peak. CPU: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) after
+    malloc_trim has returned the freed heap pages, so memory a warm process keeps in malloc's free lists does not
+    hide the call's own. None where /proc cannot do this. A thread sampling RSS during timed calls (the earlier
+    method) took the GIL every 2 ms and read 0 after the first call, so the measurement runs apart."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        _libc_trim()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        base = _status_kb("VmRSS")
+        fn()
+        return max(0, _status_kb("VmHWM") - base) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+PEAK_NOTE = ("one untimed call after the timed ones, peak above the level before it: allocator peak on CUDA; on "
+             "CPU the peak RSS (VmHWM) after malloc_trim returned freed heap pages")
+
+
+def mb(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
 
 def sync(device) -> None:

@@ -9,8 +9,8 @@ compiles; its time is reported apart as "first call s").
 Reported per row: TTFT (vision + merge + prefill + first token), decode ms per token (the steps after the first
 token), decode tokens/s over the batch, its ratio to transformers' tokens/s, the prompt's KV cache after prefill
 (measured from the caches the runtime allocated, all rows) and its ratio to the unpruned program's, the analytic
-KV ratio from the report, and peak memory above the level before the call (allocator peak on CUDA; RSS sampled
-every 2 ms on CPU). Transformers' TTFT and per-token times come from the times its streamer receives tokens.
+KV ratio from the report, and peak memory above the level before the call (one more call, untimed:
+common.peak_memory). Transformers' TTFT and per-token times come from the times its streamer receives tokens.
 
 --check exits 1 when a floor is not met in this run: inductor decode tokens/s >= --floor x transformers' at
 batch 1 for every program (the default floor is 2.0 on the testbed and 1.0 elsewhere), and the measured KV ratio
@@ -34,7 +34,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, PeakMemory, machine, sync  # noqa: E402
+from common import PEAK_NOTE, RESULTS, machine, mb, peak_memory, sync  # noqa: E402
 
 HF = "transformers generate (sdpa, unpruned)"
 # The DyVTE setting the DyVTE bench chose on the testbed's val questions (bench/README.md)
@@ -153,28 +153,30 @@ def main(argv=None) -> int:
                 sync(device)
                 first_call[name] = time.perf_counter() - t0
             stats = {n: [] for n in [*cms, HF]}
-            peak = {n: PeakMemory(device) for n in stats}
+
+            def call(name):
+                if name == HF:
+                    return hf_generate(adapter, ids, pixels, mask, new)
+                cms[name].generate(ids, pixels, mask, max_new_tokens=new, eos_token_id=[])
+                s = cms[name].last_generation
+                return s.ttft_seconds, s.decode_seconds
+
             print(f"[bench] {target}, batch {b}: {args.runs} runs of {new} tokens each, interleaved", file=sys.stderr,
                   flush=True)
             for run in range(args.warmup + args.runs):
                 for name in stats:
-                    with peak[name]:
-                        if name == HF:
-                            ttft, decode = hf_generate(adapter, ids, pixels, mask, new)
-                        else:
-                            cms[name].generate(ids, pixels, mask, max_new_tokens=new, eos_token_id=[])
-                            s = cms[name].last_generation
-                            ttft, decode = s.ttft_seconds, s.decode_seconds
-                        sync(device)
+                    ttft, decode = call(name)
+                    sync(device)
                     if run >= args.warmup:
                         stats[name].append((ttft, decode, None if name == HF else cms[name].last_generation))
+            peak = {name: peak_memory(lambda: call(name), device) for name in stats}
             med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for n, v in stats.items()}
             tps = {n: (new - 1) * b / d for n, (_, d) in med.items()}
             for name in stats:
                 ttft, decode = med[name]
                 if name == HF:
                     rows.append([target, name, b, f"{ttft * 1e3:.1f}", f"{decode / (new - 1) * 1e3:.2f}",
-                                 f"{tps[name]:.1f}", "1.00x", "", "", "", f"{peak[name].peak / 2**20:.0f}", ""])
+                                 f"{tps[name]:.1f}", "1.00x", "", "", "", mb(peak[name]), ""])
                     continue
                 last = stats[name][-1][2]
                 kv = sum(last.kv_prompt_bytes.values())
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
                 rows.append([target, name, b, f"{ttft * 1e3:.1f}", f"{decode / (new - 1) * 1e3:.2f}",
                              f"{tps[name]:.1f}", f"{tps[name] / tps[HF]:.2f}x", f"{kv / 1e6:.3f}", f"{measured:.3f}",
                              f"{analytic:.3f}" + (" (no exit)" if cms[name].report.exits else ""),
-                             f"{peak[name].peak / 2**20:.0f}", f"{first_call[name]:.1f}"])
+                             mb(peak[name]), f"{first_call[name]:.1f}"])
                 if target == "inductor" and b == 1:
                     ok = tps[name] / tps[HF] >= floor
                     checks.append((ok, f"inductor {name}, batch 1: decode {tps[name] / tps[HF]:.2f}x transformers' "
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
         "+ prefill + first token; decode = the steps after the first token; tokens/s over the batch",
         "- KV MB: the prompt's cache after prefill, all rows (padding included); KV ratio: vs the unpruned program "
         "in the same run; analytic: the report's per-prompt ratio (64 text tokens; for DyVTE the no-exit case)",
+        f"- peak mem: {PEAK_NOTE}",
         f"- machine load (1-min load average) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}",
         "",
         tabulate(rows, headers=headers, tablefmt="github"),

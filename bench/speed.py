@@ -6,7 +6,7 @@ variant) and the transformers model's own forward (SDPA, no capture) run on the 
 --warmup calls. Reported per row: latency, speedup over the same target's unpruned stage, speedup over the
 transformers forward, true-FLOPs ratio (cm.report.flops: all tokens, LM head included), realization =
 speedup / (baseline FLOPs / pruned FLOPs) (1.0 = the pruning's FLOPs saving fully turned into time), against
-both baselines, peak memory above the level before the call (RSS on CPU, allocator peak on CUDA), compile
+both baselines, peak memory above the level before the call (one untimed call: common.peak_memory), compile
 time (lowering plus the first call at the timed shape: export + Inductor compile / ONNX export + session;
 apart from run time), and the largest logit difference against the eager stage.
 
@@ -36,7 +36,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, PeakMemory, machine, p90, sync  # noqa: E402
+from common import PEAK_NOTE, RESULTS, machine, mb, p90, peak_memory, sync  # noqa: E402
 
 
 # -- the published-style FastV anchor ------------------------------------------------------------------
@@ -104,8 +104,9 @@ class FastVAnchor:
 
 
 def time_interleaved(fns: dict, args, runs: int, warmup: int, device) -> dict:
-    """name -> {"times": [...], "peak": bytes}; calls alternate between the functions."""
-    res = {name: {"times": [], "mem": PeakMemory(device)} for name in fns}
+    """name -> {"times": [...], "peak": bytes or None}; calls alternate between the functions; the peak memory of
+    each comes from one more call of its own after the timed ones (common.peak_memory)."""
+    times = {name: [] for name in fns}
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns.values():
@@ -113,12 +114,12 @@ def time_interleaved(fns: dict, args, runs: int, warmup: int, device) -> dict:
         for _ in range(runs):
             for name, fn in fns.items():
                 sync(device)
-                with res[name]["mem"]:
-                    t0 = time.perf_counter()
-                    fn(*args)
-                    sync(device)
-                    res[name]["times"].append(time.perf_counter() - t0)
-    return {name: {"times": r["times"], "peak": r["mem"].peak} for name, r in res.items()}
+                t0 = time.perf_counter()
+                fn(*args)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+        return {name: {"times": times[name], "peak": peak_memory(lambda: fn(*args), device)}
+                for name, fn in fns.items()}
 
 
 def _max_diff(out, ref) -> float | str:
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
         pruned = ratio_ < 1.0
         rows.append([target, name, batch, f"{med * 1e3:.2f}", f"{p90(times) * 1e3:.2f}", speedup_text or f"{speedup:.2f}x",
                      f"{vs_hf:.2f}x" if vs_hf else "", f"{ratio_:.3f}", f"{speedup * ratio_:.2f}" if pruned else "",
-                     f"{vs_hf * ratio_:.2f}" if vs_hf and pruned else "", f"{peak / 2**20:.0f}",
+                     f"{vs_hf * ratio_:.2f}" if vs_hf and pruned else "", mb(peak),
                      f"{compile_s:.1f}", diff if isinstance(diff, str) else f"{diff:.1e}"])
 
     for target in targets:
@@ -352,9 +353,7 @@ def main(argv=None) -> int:
         f"- true FLOPs unpruned {f0.baseline_true / 1e12:.3f} T; "
         + "; ".join(f"{n} {flops[n].true / 1e12:.3f} T" for n in variants if n != "unpruned")
         + "; realization = speedup x FLOPs ratio (1.0: the FLOPs saving fully realized)",
-        "- peak mem: peak above the level before each call (allocator peak on CUDA; on CPU the process RSS sampled "
-        "every 2 ms, which only shows memory beyond what earlier calls already took from the OS, so repeated CPU "
-        "calls often read 0)",
+        f"- peak mem: {PEAK_NOTE}",
         f"- machine load (1-min load average) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}: other "
         "processes share the cores when it exceeds the threads used; their work widens p90",
         "",
