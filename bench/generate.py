@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                 first_call[name] = time.perf_counter() - t0
             stats = {n: [] for n in [*cms, HF]}
 
-            def call(name):
+            def call(name, cms=cms):
                 if name == HF:
                     return hf_generate(adapter, ids, pixels, mask, new)
                 cms[name].generate(ids, pixels, mask, max_new_tokens=new, eos_token_id=[])
