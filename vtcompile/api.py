@@ -7,23 +7,23 @@ import torch
 
 from .compiled import DEFAULT_TEXT_TOKENS, CompiledModel, PrunedOutput
 from .errors import VtcompileError
-from .models import DEFAULT_MODEL, LlavaAdapter, ModelSpec, load_model
+from .models import DEFAULT_MODEL, Family, ModelSpec, adapt, load_model
 from .passes import PassConfig, resolve_passes
 from .report import Report
 from .targets import get_target
 
 
-def _as_adapter(model) -> LlavaAdapter:
-    if isinstance(model, LlavaAdapter):
+def _as_adapter(model) -> Family:
+    if isinstance(model, Family):
         return model
     if isinstance(model, str):
         return load_model(model)
     if isinstance(model, torch.nn.Module):
         name = getattr(model.config, "name_or_path", "") or "in-memory model"
-        return LlavaAdapter(model, ModelSpec(name=name, source="in-memory", dtype=str(
+        return adapt(model, ModelSpec(name=name, source="in-memory", dtype=str(
             next(model.parameters()).dtype).replace("torch.", "")))
-    raise VtcompileError(f"compile_pruned expects a model name, a LlavaForConditionalGeneration or a loaded "
-                         f"adapter; found {type(model).__name__}")
+    raise VtcompileError(f"compile_pruned expects a model name, a transformers model of a supported family "
+                         f"(LlavaForConditionalGeneration) or a loaded adapter; found {type(model).__name__}")
 
 
 def compile_pruned(model=DEFAULT_MODEL, passes=None, target: str = "eager", calibration=None,
@@ -31,8 +31,9 @@ def compile_pruned(model=DEFAULT_MODEL, passes=None, target: str = "eager", cali
                    progress: bool = True) -> CompiledModel:
     """Capture `model`, apply `passes` in order and lower to `target`.
 
-    model: a preset name / checkpoint directory, a transformers LlavaForConditionalGeneration, or an
-    adapter from vtcompile.models.load_model. passes: a name ('fastv'), a spec ('fastv:k=2,r=0.5'), a config
+    model: a preset name / checkpoint directory, a transformers model of a supported family
+    (LlavaForConditionalGeneration with a Llama, Mistral, Qwen2 or Gemma backbone), or an adapter from
+    vtcompile.models.load_model. passes: a name ('fastv'), a spec ('fastv:k=2,r=0.5'), a config
     object, a (name, {field: value}) tuple, or a list of those. calibration: data for passes that calibrate
     (fitprune, dyvte): 'testbed', a JSONL file, a list of (input_ids, pixel_values, attention_mask), or
     'synthetic'; giving it when no pass calibrates is an error rather than silently ignored. recipes: {pass name:

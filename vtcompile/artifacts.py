@@ -36,7 +36,7 @@ from . import __version__
 from .compiler.signature import Signature
 from .compiler.staged import Stage, StagedGraph, StagePlan
 from .errors import ArtifactError, UnsupportedModelError
-from .models.llava import LlavaFrontend, ModelSpec, geometry_from_config
+from .models import Frontend, ModelSpec, family_of_config
 from .report import Report
 from .runtime.executable import Executable, LazyStage
 
@@ -236,7 +236,7 @@ class Contents:
 
     path: Path
     manifest: dict
-    frontend: LlavaFrontend
+    frontend: Frontend
     spec: ModelSpec
     passes: list
     target: object
@@ -303,7 +303,8 @@ def read_artifact(path: str | os.PathLike) -> Contents:
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         expected = manifest["config_hash"]
-        geometry = geometry_from_config(config)
+        family = family_of_config(config)
+        geometry = family.geometry_of(config)
         found = geometry.config_hash()
         if found != expected:
             raise ArtifactError(f"the model config stored in {path} has config hash {found}, the manifest says "
@@ -326,7 +327,8 @@ def read_artifact(path: str | os.PathLike) -> Contents:
 
             processor = AutoProcessor.from_pretrained(str(path / manifest["processor"]), local_files_only=True)
         vision = torch.export.load(str(path / vision_file)).module()
-        frontend = LlavaFrontend(config, _Embedding(weight), vision, processor, manifest.get("generation"))
+        frontend = family.frontend_from_parts(config, _Embedding(weight), vision, processor,
+                                              manifest.get("generation"))
         executables = {}
         for entry in manifest["programs"]:
             exe = _load_program(path, entry, target, passes, geometry)

@@ -15,7 +15,7 @@ from .compiler.flops import FlopsReport
 from .compiler.pipeline import build_program
 from .compiler.program import Captured, Program, capture_decoder
 from .errors import ArtifactError, InputError, VtcompileError
-from .models import LlavaAdapter, ModelSpec
+from .models import Family, ModelSpec
 from .report import Report, exit_rows
 from .runtime.executable import Executable, lower_program
 from .runtime.generate import GenerationConfig, GenerationStats, generate
@@ -38,7 +38,7 @@ class PrunedOutput:
     outputs: dict | None = None  # every output of the prefill signature by name (per-layer K/V, key positions)
 
 
-def captured(adapter: LlavaAdapter) -> Captured:
+def captured(adapter: Family) -> Captured:
     """The exported decoder stage of an adapter, captured once: it does not depend on the passes."""
     cap = getattr(adapter, "_vt_captured", None)
     if cap is None:
@@ -60,7 +60,7 @@ class CompiledModel:
     image per prompt up front); a model loaded from an artifact runs the counts it was saved with."""
 
     def __init__(self, frontend, spec: ModelSpec, passes: list, target, report: Report,
-                 executables: dict[int, Executable], recipes: dict | None = None, adapter: LlavaAdapter | None = None,
+                 executables: dict[int, Executable], recipes: dict | None = None, adapter: Family | None = None,
                  captured: Captured | None = None, source: Path | None = None, manifest: dict | None = None):
         self.frontend = frontend
         self.spec = spec
@@ -77,7 +77,7 @@ class CompiledModel:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def build(cls, adapter: LlavaAdapter, passes: list, target, text_tokens: int = DEFAULT_TEXT_TOKENS,
+    def build(cls, adapter: Family, passes: list, target, text_tokens: int = DEFAULT_TEXT_TOKENS,
               calibration=None, recipes: dict | None = None, progress: bool = True) -> "CompiledModel":
         """Capture the adapter's decoder, calibrate passes that need a recipe, apply the passes, lower."""
         cap = captured(adapter)

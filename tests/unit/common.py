@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from vtcompile.compiler.reference import position_ids_from_mask
+from vtcompile.models.family import rope_positions
 from vtcompile.models import load_model
 from vtcompile.models.llava import example_inputs
 
@@ -38,7 +38,7 @@ def prompt(name: str, kind: str, seed: int = 0):
 def hf_logits(name: str, ids, pixels, mask):
     with torch.no_grad():
         return adapter(name).model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
-                                   position_ids=position_ids_from_mask(mask)).logits
+                                   position_ids=rope_positions(mask)).logits
 
 
 def masked_key_check(cm, geometry: str, kind: str, seed: int = 0) -> dict:

@@ -13,7 +13,7 @@ import torch
 from vtcompile import CompiledModel, compile_pruned, load_compiled
 from vtcompile.artifacts import ARTIFACT_FORMAT
 from vtcompile.errors import ArtifactError, InputError
-from vtcompile.models.llava import LlavaAdapter
+from vtcompile.models.llava import LlavaFamily
 
 from .common import adapter, compiled, prompt
 from .test_targets import assert_parity, lowered
@@ -215,7 +215,7 @@ def test_cli_run_with_processor(image, tmp_path, capsys):
     from vtcompile.cli import main
 
     base = adapter("tiny")
-    with_proc = LlavaAdapter(base.model, base.spec, _tiny_processor())
+    with_proc = LlavaFamily(base.model, base.spec, _tiny_processor())
     path = compile_pruned(with_proc, "fastv").save(tmp_path / "p")
     assert (path / "processor").is_dir()
     capsys.readouterr()

@@ -450,9 +450,8 @@ def _exit_batch(n_rows: int):
 def test_visual_exit_training_equals_the_masked_key_reference():
     """The trainer's visual exit (key masks via hooks on the eager decoder) is DyVTE's exit: exiting rows match
     the oracle with every visual key masked after the exit layer; the other rows are untouched."""
-    from types import SimpleNamespace
-
     from vtcompile.compiler.reference import masked_key_logits
+    from vtcompile.models import ModelSpec, adapt
     from vtcompile.testbed.train.forward import attention, forward
 
     model, batch, pv = _exit_batch(4)
@@ -470,7 +469,7 @@ def test_visual_exit_training_equals_the_masked_key_reference():
         emb = m.get_input_embeddings()(ids).masked_scatter(visual[..., None], feats)
         keeps = [~(visual & (row_exit < i)[:, None]) for i in range(layers)]
         seq = ids.shape[1]
-        ref = masked_key_logits(SimpleNamespace(model=model), emb, torch.ones_like(ids),
+        ref = masked_key_logits(adapt(model, ModelSpec(name="trainer", source="in-memory")), emb, torch.ones_like(ids),
                                 torch.arange(seq)[None].expand(4, -1), keeps)
     ref = ref[pos[:, 0], pos[:, 1]]
     assert torch.allclose(exited, ref, atol=1e-4)

@@ -5,9 +5,12 @@ by construction, and only token selection - which never applies to new tokens - 
   1. every value a token selection gathered (meta SELECTED_FROM) is replaced by the value it gathered from, so
      the selections, their scorers and their gathers become dead code;
   2. each layer's SDPA gets its own cache: the new keys (after RoPE) and values are written in place into
-     k_cache.l / v_cache.l [B, H_kv, C_l, hd] at slots write_index[l] + 0..T-1, and the attention reads the
-     whole cache (GQA heads repeated from it) under a mask built from key_valid.l [B, C_l] (slots holding real
-     keys) and slot <= the query's own slot (causal among the new tokens);
+     k_cache.l / v_cache.l [B, H_kv, C_l, hd] at slots write_index[l] + 0..T-1, and the new tokens' sequence
+     indices (query_index [B, T]) into key_index.l [B, C_l], the ORIGINAL sequence index of the key in each slot
+     (-1: an empty slot or padding). The attention reads the whole cache (GQA heads repeated from it) under the
+     layer's attention rule applied to those indices (compiler.attention.key_visible: causal, and the layer's
+     sliding window counted in original indices as transformers counts it), so a pruned cache, a slot layout
+     that differs between rows and a window all come out of one comparison;
   3. the graph returns the logits of the new tokens only.
 This is the static-cache recipe of gpt-fast and Torch-TensorRT's static_cache_v2 pass (one SDPA, its own K/V
 inputs), with per-layer cache lengths: a layer that kept fewer tokens in prefill has a shorter cache.
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .attention import emit_key_visible
 from .graph import FakeInputs, output_values, refresh_meta, sdpa_node, set_outputs, tidy
 from .program import Program, _copy_graph_module, cache_source
 from .rewrite import SELECTED_FROM
@@ -53,19 +57,21 @@ class DecodeGraph:
 
 def example_decode_inputs(layers, cache_shapes, dtype, hidden_size: int, batch: int = 3, prompt: int = 7,
                           new: int = 5) -> tuple[torch.Tensor, ...]:
-    out = [torch.zeros(batch, 1, hidden_size, dtype=dtype), torch.zeros(batch, 1, dtype=torch.long),
-           torch.zeros(len(layers), dtype=torch.long)]
+    out = [torch.zeros(batch, 1, hidden_size, dtype=dtype), torch.full((batch, 1), prompt, dtype=torch.long),
+           torch.full((batch, 1), prompt + 1, dtype=torch.long), torch.zeros(len(layers), dtype=torch.long)]
     for i, layer in enumerate(layers):
         heads, dim = cache_shapes[layer]
         length = prompt + new + 2 * i
+        index = torch.arange(length).expand(batch, length).clone()
+        index[:, prompt:] = -1  # slots not written yet
         out += [torch.zeros(batch, heads, length, dim, dtype=dtype), torch.zeros(batch, heads, length, dim, dtype=dtype),
-                torch.ones(batch, length, dtype=torch.bool)]
+                index]
     return tuple(out)
 
 
 def decode_dynamic_dims(layers) -> list[tuple[int, ...]]:
     """Per decode input: the dims that stay symbolic (batch, and each cache's length)."""
-    return [(0,), (0,), ()] + [(0, 2), (0, 2), (0, 1)] * len(layers)
+    return [(0,), (0,), (0,), ()] + [(0, 2), (0, 2), (0, 1)] * len(layers)
 
 
 def _undo_selections(gm: fx.GraphModule) -> None:
@@ -84,7 +90,7 @@ def _tag(node: fx.Node, layer: int) -> fx.Node:
 def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
     """The decode step of `program` (see the module docstring). in_place=False gives the functional form for
     backends without input mutation (ONNX): the caches are written out of place and returned after the logits
-    (outputs k_cache_l, v_cache_l), and the runtime keeps the returned tensors."""
+    (outputs k_cache_l, v_cache_l, key_index_l), and the runtime keeps the returned tensors."""
     gm = _copy_graph_module(program.gm)
     _undo_selections(gm)
     graph = gm.graph
@@ -93,17 +99,18 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
     layers = program.signature.cache_layers()
     first = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first):
+        query_index = graph.placeholder("query_index")
         write_index = graph.placeholder("write_index")
         caches = {}
         for layer in layers:
-            caches[layer] = tuple(graph.placeholder(f"{kind}_{layer}") for kind in ("k_cache", "v_cache", "key_valid"))
+            caches[layer] = tuple(graph.placeholder(f"{kind}_{layer}") for kind in ("k_cache", "v_cache", "key_index"))
     shapes, written = {}, {}
     for layer in layers:
         sdpa = sdpa_node(gm, layer)
         args = list(sdpa.args) + [None] * 8
         q, k_new, v_new = args[0], cache_source(args[1]), cache_source(args[2])
         scale = sdpa.kwargs.get("scale", args[6])
-        k_cache, v_cache, valid = caches[layer]
+        k_cache, v_cache, key_index = caches[layer]
         q_heads, kv_heads = q.meta["val"].shape[1], k_new.meta["val"].shape[1]
         shapes[layer] = (int(kv_heads), int(k_new.meta["val"].shape[3]))
         with graph.inserting_before(sdpa):
@@ -117,15 +124,13 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
             write = aten.index_copy_.default if in_place else aten.index_copy.default
             k_all = emit(write, k_cache, 2, slots, k_new)
             v_all = emit(write, v_cache, 2, slots, v_new)
-            written[layer] = (k_all, v_all)
+            index_all = emit(write, key_index, 1, slots, query_index)  # [B, C]
+            written[layer] = (k_all, v_all, index_all)
             k_all, v_all = (_repeat_heads(emit, args[i], x, int(q_heads), int(kv_heads))
                             for i, x in ((1, k_all), (2, v_all)))
-            length = emit(aten.sym_size.int, k_cache, 2)
-            key_slot = emit(aten.arange.default, length, dtype=torch.long, device=_device(q))  # [C]
-            causal = emit(aten.le.Tensor, emit(aten.unsqueeze.default, key_slot, 0),
-                          emit(aten.unsqueeze.default, slots, 1))  # [T, C]
-            mask = emit(aten.logical_and.default, emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, valid, 1), 1),
-                        causal)  # [B, 1, T, C]
+            keys = emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, index_all, 1), 1)  # [B, 1, 1, C]
+            queries = emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, query_index, 1), 3)  # [B, 1, T, 1]
+            mask = emit_key_visible(emit, queries, keys, program.geometry.window(layer))  # [B, 1, T, C]
             new = emit(aten.scaled_dot_product_attention.default, q, k_all, v_all, mask, 0.0, False, scale=scale)
             new.meta["vt_role"] = "sdpa"
         sdpa.replace_all_uses_with(new)
@@ -141,7 +146,7 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
         if n is not embeds and n is not position_ids and not n.users:
             graph.erase_node(n)
     # Placeholders in signature order: inputs_embeds, position_ids, write_index, then the caches
-    order = [embeds, position_ids, write_index] + [c for layer in layers for c in caches[layer]]
+    order = [embeds, position_ids, query_index, write_index] + [c for layer in layers for c in caches[layer]]
     head = next(iter(graph.nodes))
     for n in reversed(order):
         if n is not head:
@@ -154,7 +159,7 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
     dtype, hidden = embeds.meta["val"].dtype, int(embeds.meta["val"].shape[-1])
     dims = decode_dynamic_dims(layers)
     refresh_meta(gm, FakeInputs(list(example_decode_inputs(layers, shapes, dtype, hidden)), dims))
-    stage = Stage(f"{stem(program)}-decode", gm, list(sig.inputs), sig.output_names, [True, True, False] +
+    stage = Stage(f"{stem(program)}-decode", gm, list(sig.inputs), sig.output_names, [True, True, True, False] +
                   [True] * (3 * len(layers)), dims, role="decode")
     return DecodeGraph(stage, sig, layers, shapes, dtype, hidden)
 

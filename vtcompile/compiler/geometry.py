@@ -20,9 +20,30 @@ class Geometry:
     vocab_size: int
     visual_tokens_per_image: int
     image_token_id: int
+    # Per decoder layer: its sliding attention window (None: plain causal), as the family reads it from the config
+    # (compiler.attention). Empty: every layer is causal.
+    windows: tuple = ()
+    # What the family provides that passes may need (PassDef.needs), e.g. "attention_taps", "fixed_image_tokens".
+    features: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "windows", tuple(self.windows))
+        object.__setattr__(self, "features", tuple(self.features))
+        if self.windows and len(self.windows) != self.num_layers:
+            raise ValueError(f"{len(self.windows)} attention windows for {self.num_layers} layers")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: causal over every earlier key)."""
+        return self.windows[layer] if self.windows else None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["windows"], d["features"] = list(self.windows), list(self.features)
+        return d
 
     def config_hash(self) -> str:
         """Stable hash used by manifests and recipes to refuse another model's artifacts."""

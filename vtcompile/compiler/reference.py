@@ -1,8 +1,14 @@
 """The correctness oracle: the unmodified model with per-layer key masks.
 
 Removing token t before layer l is exactly equivalent to masking t as a key in every layer >= l (its own
-later states never reach a kept token). This runs transformers' own decoder layers one by one with such
-masks, so every pruned program has an independent reference for its kept positions.
+later states never reach a kept token). This runs transformers' own decoder LM (its embedding scaling, rotary
+tables, layers and final norm) with such masks - each layer gets its own mask through a hook on the layer's
+call - so every pruned program has an independent reference for its kept positions. Every layer's mask applies
+that layer's attention rule (compiler.attention: causal, and its sliding window in original sequence indices),
+the rule the decode step applies too; a test checks the reference with no key masked against transformers itself,
+so it cannot be blind to a window.
+
+`adapter` is a model family's live adapter (models.family.Family): language_model, lm_head, geometry, frontend.
 """
 from __future__ import annotations
 
@@ -10,11 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for left-padded prompts: 0.. over real tokens, 1 at padding (as transformers' generate)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
+from .attention import key_visible
 
 
 def head_plan(program) -> dict:
@@ -75,30 +77,50 @@ def masked_key_logits(adapter, inputs_embeds: torch.Tensor, attention_mask: torc
     head_keep {layer: query heads} / attention_removed {layer: None or (adapter weight, bias)} give the reference of
     a head-sliced program (head_plan): removed heads' o_proj input columns zeroed, removed attentions output zero.
     """
-    lm = adapter.model.model.language_model
+    lm = adapter.language_model
     with _heads_zeroed(lm.layers, head_keep, attention_removed, lm.layers[0].self_attn.head_dim):
         return _masked_key_logits(adapter, inputs_embeds, attention_mask, position_ids, key_keep, layer_inputs)
 
 
+def layer_masks(geometry, attention_mask: torch.Tensor, key_keep: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Per layer, the [B, 1, S, S] bool mask of the masked-key reference: the layer's attention rule over sequence
+    indices, padding keys masked, key_keep[l] applied, and every token attending to itself (so the rows of removed
+    tokens stay finite; they are never compared)."""
+    seq = attention_mask.shape[1]
+    index = torch.arange(seq, device=attention_mask.device)
+    eye = torch.eye(seq, dtype=torch.bool, device=attention_mask.device)[None, None]
+    real = attention_mask.bool()[:, None, None, :]
+    masks = []
+    for layer, keep in enumerate(key_keep):
+        mask = key_visible(index[:, None], index[None, :], geometry.window(layer))[None, None] & real
+        if keep is not None:
+            mask = mask & keep[:, None, None, :]
+        masks.append(mask | eye)
+    return masks
+
+
 def _masked_key_logits(adapter, inputs_embeds, attention_mask, position_ids, key_keep, layer_inputs):
-    lm = adapter.model.model.language_model
-    head = adapter.model.lm_head
-    batch, seq = attention_mask.shape
-    device = inputs_embeds.device
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
-    base = causal[None, None] & attention_mask.bool()[:, None, None, :]
-    eye = torch.eye(seq, dtype=torch.bool, device=device)[None, None]
-    hidden = inputs_embeds
-    cos_sin = lm.rotary_emb(hidden, position_ids=position_ids)
-    for layer, block in enumerate(lm.layers):
-        mask = base if key_keep[layer] is None else base & key_keep[layer][:, None, None, :]
-        mask = mask | eye
-        if layer_inputs is not None:
-            layer_inputs[layer] = hidden
-        hidden = block(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids)
-        if isinstance(hidden, tuple):
-            hidden = hidden[0]
-    return head(lm.norm(hidden))
+    lm = adapter.language_model
+    masks = layer_masks(adapter.geometry, attention_mask, key_keep)
+    handles = []
+
+    def own_mask(layer: int):
+        def hook(module, args, kwargs):
+            if layer_inputs is not None:
+                layer_inputs[layer] = args[0] if args else kwargs["hidden_states"]
+            return args, {**kwargs, "attention_mask": masks[layer]}
+        return hook
+
+    try:
+        for layer, block in enumerate(lm.layers):
+            handles.append(block.register_forward_pre_hook(own_mask(layer), with_kwargs=True))
+        # A 4-D mask is taken as prepared by transformers' mask functions; every layer's hook replaces it anyway.
+        hidden = lm(inputs_embeds=inputs_embeds, attention_mask=masks[0], position_ids=position_ids,
+                    use_cache=False).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    return adapter.lm_head(hidden)
 
 
 def key_masks_from_rewrites(kept_by_cut: dict, num_layers: int, seq: int) -> list[torch.Tensor | None]:
@@ -139,15 +161,14 @@ def masked_key_generate(adapter, inputs_embeds: torch.Tensor, attention_mask: to
     positions. Step i's row is the distribution of new token i (step 0: after the prompt). Recomputes the whole
     sequence at every step: slow, independent of any cache. head_keep / attention_removed: as masked_key_logits."""
     batch, seq = attention_mask.shape
-    embed = adapter.model.get_input_embeddings()
     steps = tokens.shape[1]
     out = []
     for i in range(steps):
-        new = embed(tokens[:, :i].to(inputs_embeds.device)).to(inputs_embeds.dtype)
+        new = adapter.frontend.embed_tokens(tokens[:, :i]).to(inputs_embeds.dtype)
         embeds = torch.cat([inputs_embeds, new], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, i)], dim=1)
         keys = [None if k is None else torch.cat([k, k.new_ones(batch, i)], dim=1) for k in key_keep]
-        logits = masked_key_logits(adapter, embeds, mask, position_ids_from_mask(mask), keys,
+        logits = masked_key_logits(adapter, embeds, mask, adapter.frontend.positions(mask)[0], keys,
                                    head_keep=head_keep, attention_removed=attention_removed)
         out.append(logits[:, -1])
     return torch.stack(out, dim=1)

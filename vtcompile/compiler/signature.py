@@ -12,11 +12,12 @@ Prefill (the pruned program):
              keys that layer's attention saw), k_l / v_l [B,H_kv,S_l,hd] (its keys after RoPE and its values,
              before any GQA repeat: exactly what a KV cache of that layer holds).
 Decode step (one compiled graph for every step):
-    inputs   inputs_embeds [B,T,D], position_ids [B,T], write_index [L] (per layer: the cache slot of the first
-             new token), and per layer k_cache_l / v_cache_l [B,H_kv,C_l,hd] (written in place) and
-             key_valid_l [B,C_l] (which cache slots hold real keys)
+    inputs   inputs_embeds [B,T,D], position_ids [B,T] (RoPE positions of the new tokens), query_index [B,T]
+             (their sequence indices: what masks compare, compiler.attention), write_index [L] (per layer: the cache
+             slot of the first new token), and per layer k_cache_l / v_cache_l [B,H_kv,C_l,hd] and key_index_l
+             [B,C_l] (the original sequence index of the key in each slot, -1 where none), all written in place
     outputs  logits [B,T,V] (and, in the functional form for backends without input mutation, the written
-             caches k_cache_l, v_cache_l)
+             caches k_cache_l, v_cache_l, key_index_l)
 """
 from __future__ import annotations
 
@@ -84,10 +85,12 @@ def prefill_signature(layers: list[int]) -> Signature:
 
 def decode_signature(layers: list[int], in_place: bool = True) -> Signature:
     """The decode step's signature; the functional form (in_place=False) also returns each written cache."""
-    inputs = ["inputs_embeds", "position_ids", "write_index"]
+    inputs = ["inputs_embeds", "position_ids", "query_index", "write_index"]
     for layer in layers:
-        inputs += [f"k_cache_{layer}", f"v_cache_{layer}", f"key_valid_{layer}"]
+        inputs += [f"k_cache_{layer}", f"v_cache_{layer}", f"key_index_{layer}"]
     outputs = [Output("logits")]
     if not in_place:
-        outputs += [Output(f"{kind}_cache_{layer}", token_axis=2) for layer in layers for kind in ("k", "v")]
+        for layer in layers:
+            outputs += [Output(f"k_cache_{layer}", token_axis=2), Output(f"v_cache_{layer}", token_axis=2),
+                        Output(f"key_index_{layer}", token_axis=1, fill=-1)]
     return Signature(tuple(inputs), tuple(outputs))

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelNotFoundError, VtcompileError
-from .llava import LlavaAdapter, ModelSpec, geometry_from_config
+from ..errors import ModelNotFoundError, UnsupportedModelError, VtcompileError
+from .family import Family, Frontend
+from .llava import LlavaFamily, ModelSpec
 from .presets import PRESETS, Preset
 
 DEFAULT_MODEL = "testbed"
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily,)
 
-__all__ = ["DEFAULT_MODEL", "LlavaAdapter", "ModelSpec", "known_models", "load_model", "model_config",
-           "resolve_spec", "build_from_spec"]
+__all__ = ["DEFAULT_MODEL", "FAMILIES", "Family", "Frontend", "ModelSpec", "adapt", "family_of_config",
+           "known_models", "load_model", "model_config", "resolve_spec", "build_from_spec"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,6 +27,29 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def known_models() -> list[tuple[str, str]]:
     """(name, description) of every preset."""
     return [(p.name, p.description) for p in PRESETS.values()]
+
+
+def _supported() -> str:
+    return ", ".join(f"{c} ({f.name})" for f in FAMILIES for c in f.model_classes)
+
+
+def adapt(model, spec: ModelSpec, processor=None) -> Family:
+    """The family adapter of a live transformers model; a clear error for a model no family wraps."""
+    for family in FAMILIES:
+        if family.accepts(model):
+            return family(model, spec, processor)
+    raise UnsupportedModelError(f"vtcompile has no model family for {type(model).__name__}; supported: "
+                                f"{_supported()}")
+
+
+def family_of_config(config) -> type[Family]:
+    """The family whose models have this config class (a checkpoint's or an artifact's config.json)."""
+    name = type(config).__name__
+    for family in FAMILIES:
+        if name in family.config_classes:
+            return family
+    raise UnsupportedModelError(f"the checkpoint holds a {name}; vtcompile's model families take "
+                                f"{', '.join(c for f in FAMILIES for c in f.config_classes)}")
 
 
 def _hf_cache_dirs() -> list[Path]:
@@ -114,10 +139,11 @@ def resolve_spec(name: str = DEFAULT_MODEL, weights: str | None = None, random_w
 
 
 def _preset_config(preset: Preset):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig
 
-    return LlavaConfig(vision_config=CLIPVisionConfig(**preset.vision), text_config=LlamaConfig(**preset.text),
-                       **preset.llava)
+    text = dict(preset.text)
+    text_config = CONFIG_MAPPING[text.pop("model_type", "llama")](**text)
+    return LlavaConfig(vision_config=CLIPVisionConfig(**preset.vision), text_config=text_config, **preset.llava)
 
 
 def model_config(spec: ModelSpec):
@@ -129,8 +155,7 @@ def model_config(spec: ModelSpec):
 
         path = _checkpoint_dir(Path(spec.path))
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if type(config).__name__ != "LlavaConfig":
-            raise VtcompileError(f"{path} holds a {type(config).__name__}; vtcompile supports LLaVA checkpoints")
+        family_of_config(config)  # refuses a checkpoint no family takes before any weight is read
     if spec.layers is not None:
         if spec.layers > config.text_config.num_hidden_layers:
             raise VtcompileError(f"--layers {spec.layers} exceeds the model's "
@@ -142,27 +167,28 @@ def model_config(spec: ModelSpec):
     return config
 
 
-def build_from_spec(spec: ModelSpec, device: str | torch.device | None = None) -> LlavaAdapter:
+def build_from_spec(spec: ModelSpec, device: str | torch.device | None = None) -> Family:
     """Load (or build, for random weights) the model a spec names, on `device` (default: the CPU).
 
     Random weights are drawn on the device itself (a 7B model initialises in seconds on a GPU, minutes on
     a CPU); the values depend on the device's random generator, so compare random-weight runs on one device.
     """
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
     config = model_config(spec)
+    model_class = getattr(transformers, family_of_config(config).model_classes[0])
     dtype = _DTYPES[spec.dtype]
     device = torch.device(device or "cpu")
     if spec.source == "random":
         torch.manual_seed(spec.seed)
         with device:
-            model = LlavaForConditionalGeneration(config).to(dtype)
+            model = model_class(config).to(dtype)
         processor = None
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = model_class.from_pretrained(
             spec.path, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa").to(device)
         processor = _load_processor(spec.path)
-    return LlavaAdapter(model.eval(), spec, processor)
+    return adapt(model.eval(), spec, processor)
 
 
 def _load_processor(path: str):
@@ -176,11 +202,12 @@ def _load_processor(path: str):
 
 def load_model(name: str = DEFAULT_MODEL, weights: str | None = None, random_weights: bool = False,
                layers: int | None = None, dtype: str | None = None, seed: int = 0,
-               device: str | torch.device | None = None) -> LlavaAdapter:
+               device: str | torch.device | None = None) -> Family:
     """Resolve and load a model on `device` (default: the CPU); see :func:`resolve_spec` for the rules."""
     return build_from_spec(resolve_spec(name, weights, random_weights, layers, dtype, seed), device)
 
 
 def geometry_of(spec: ModelSpec):
     """Geometry of a spec without building the model (works for 7B/13B on any machine)."""
-    return geometry_from_config(model_config(spec))
+    config = model_config(spec)
+    return family_of_config(config).geometry_of(config)

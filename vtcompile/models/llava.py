@@ -1,9 +1,9 @@
-"""LLaVA-1.5 family adapter over transformers' LlavaForConditionalGeneration.
+"""The LLaVA family (models.family): transformers' LlavaForConditionalGeneration.
 
-The adapter is the only place that knows transformers' module layout. It splits the MLLM at its natural
-seams for the compiler: the vision stage (tower + projector), the merge (image features placed at the
-image-token positions, data-dependent, kept out of the exported graph) and the decoder stage (an
-``nn.Module`` over ``inputs_embeds`` that torch.export captures).
+With models/backbone.py, the only place that knows transformers' LLaVA module layout. It splits the MLLM at its
+natural seams for the compiler: the vision stage (tower + projector; the same module live and exported into an
+artifact), the merge (image features placed at the image-token positions, data-dependent, kept out of the
+exported graph) and the decoder stage (an ``nn.Module`` over ``inputs_embeds`` that torch.export captures).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from torch import nn
 
 from ..compiler.geometry import Geometry
 from ..errors import InputError, UnsupportedModelError
+from .backbone import attention_windows, check_backbone
+from .family import Family, Frontend
 
 
 @dataclass(frozen=True)
@@ -75,48 +77,14 @@ class DecoderStage(nn.Module):
         return logits, positions, visual
 
 
-class LlavaFrontend:
-    """Everything of a LLaVA model but its decoder: token embeddings, vision stage (tower + projector), the merge
-    of image features into the prompt, processor and generation defaults.
-
-    Built from a live model (LlavaAdapter.frontend) or from an artifact's stored embeddings and exported vision
-    stage; the compiled model uses it the same way in both cases.
-    """
-
-    def __init__(self, config, embed: nn.Module, vision, processor=None, generation: dict | None = None):
-        self.config = config
-        self.embed = embed
-        self.vision = vision  # pixel_values [n, 3, H, W] -> image features [n, N_visual, D]
-        self.processor = processor
-        self.generation = dict(generation or {})  # eos_token_id, pad_token_id, bos_token_id
+class LlavaFrontend(Frontend):
+    """LLaVA's front end (models.family.Frontend): a fixed number of visual tokens per image, placed at the image
+    tokens of the prompt; 1-D RoPE positions. Built from a live model (LlavaFamily.frontend) or from an
+    artifact's stored embeddings and exported vision stage (LlavaFamily.frontend_from_parts)."""
 
     @property
     def geometry(self) -> Geometry:
         return geometry_from_config(self.config)
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.config.image_token_id)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    @property
-    def tokenizer(self):
-        return getattr(self.processor, "tokenizer", None)
-
-    @torch.no_grad()
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids.to(self.device))
-
-    @torch.no_grad()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision(pixel_values.to(device=self.device, dtype=self.dtype))
 
     @torch.no_grad()
     def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
@@ -187,79 +155,59 @@ def generation_defaults(model: nn.Module) -> dict:
     return out
 
 
-class LlavaAdapter:
-    """Wraps a LlavaForConditionalGeneration: its front end and its decoder stage for capture."""
+class LlavaFamily(Family):
+    """transformers' LlavaForConditionalGeneration (LLaVA-1.5 and checkpoints with its structure), with any decoder
+    LM the backbone protocol accepts (models/backbone.py: Llama, Mistral, Qwen2, Gemma, windowed or not)."""
 
-    family = "llava"
+    name = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+    config_classes = ("LlavaConfig",)
 
     def __init__(self, model: nn.Module, spec: ModelSpec, processor=None):
         cls = type(model).__name__
-        if cls != "LlavaForConditionalGeneration":
+        if cls not in self.model_classes:
             raise UnsupportedModelError(
-                f"expected a transformers LlavaForConditionalGeneration, found {cls}; "
-                "vtcompile supports model family 'llava' (LLaVA-1.5 and checkpoints with its structure)"
-            )
-        tc = model.config.text_config
-        if getattr(tc, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
-            raise UnsupportedModelError(
-                f"the language model type {tc.model_type!r} is not supported; supported: llama, mistral, qwen2"
-            )
-        impl = model.config.text_config._attn_implementation
-        if impl not in (None, "sdpa"):
+                f"expected a transformers LlavaForConditionalGeneration, found {cls}; vtcompile supports model "
+                "family 'llava' (LLaVA-1.5 and checkpoints with its structure)")
+        if model.config.text_config._attn_implementation not in (None, "sdpa"):
             # The compiler keeps SDPA; eager attention would materialise the attention maps.
             model.config.text_config._attn_implementation = "sdpa"
-        self.model = model.eval()
-        self.spec = spec
-        self.processor = processor
-        self.frontend = LlavaFrontend(model.config, model.get_input_embeddings(), self.image_features, processor,
-                                      generation_defaults(model))
+        super().__init__(model, spec, processor)
+        self._vision = VisionStage(model)
+        self._frontend = LlavaFrontend(model.config, model.get_input_embeddings(), self._vision, processor,
+                                       generation_defaults(model))
 
-    # -- facts -------------------------------------------------------------------------------------
-    @property
-    def config(self):
-        return self.model.config
+    def check(self) -> None:
+        check_backbone(self.language_model, self.config.text_config)
 
     @property
-    def geometry(self) -> Geometry:
-        return geometry_from_config(self.model.config)
+    def frontend(self) -> LlavaFrontend:
+        return self._frontend
 
     @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
-
-    # -- stages ------------------------------------------------------------------------------------
     def decoder_stage(self) -> DecoderStage:
-        return DecoderStage(self.model.model.language_model, self.model.lm_head)
+        return DecoderStage(self.language_model, self.lm_head)
 
     def vision_stage(self) -> VisionStage:
-        return VisionStage(self.model)
+        return self._vision
 
-    @torch.no_grad()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector: [n_images, 3, H, W] -> [n_images, N_visual, D]."""
-        cfg = self.model.config
-        out = self.model.model.get_image_features(
-            pixel_values=pixel_values.to(self.dtype),
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
-        feats = out.pooler_output
-        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    @classmethod
+    def geometry_of(cls, config) -> Geometry:
+        return geometry_from_config(config)
 
-    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
-        return self.frontend.merge(input_ids, pixel_values)
+    @classmethod
+    def frontend_from_parts(cls, config, embed, vision, processor=None, generation=None) -> LlavaFrontend:
+        return LlavaFrontend(config, embed, vision, processor, generation)
 
 
-def example_inputs(adapter: "LlavaAdapter | LlavaFrontend", batch: int = 2, n_images: int = 1, text_before: int = 5,
+def example_inputs(adapter: "LlavaFamily | LlavaFrontend", batch: int = 2, n_images: int = 1, text_before: int = 5,
                    text_after: int = 12, pad: int = 3, seed: int = 0):
     """A synthetic prompt batch: random text ids around the image tokens, row b>0 left-padded by `pad`.
 
@@ -308,4 +256,6 @@ def geometry_from_config(config) -> Geometry:
         vocab_size=tc.vocab_size,
         visual_tokens_per_image=per_image,
         image_token_id=int(config.image_token_id),
+        windows=attention_windows(tc),
+        features=("attention_taps", "fixed_image_tokens"),
     )

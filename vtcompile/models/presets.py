@@ -10,7 +10,7 @@ class Preset:
     description: str
     hf_repo: str | None  # where a local checkpoint of this preset is looked for (HF cache layout)
     vision: dict = field(default_factory=dict)
-    text: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)  # the decoder LM's config; model_type picks its class (default llama)
     llava: dict = field(default_factory=dict)
     random_only: bool = False  # tiny presets exist only with random weights
     shipped: bool = False  # the checkpoint ships inside the package (the testbed)
@@ -79,6 +79,38 @@ PRESETS: dict[str, Preset] = {
             hf_repo=None,
             vision=_TINY_VISION,
             text=_llama(64, 128, 4, 4, 2, 128, 512),
+            llava=_TINY_LLAVA,
+            random_only=True,
+        ),
+        # Backbones other than Llama, each with what makes it differ (tests/unit/test_backbones.py)
+        Preset(
+            name="tiny-mistral",
+            description="tiny random LLaVA, Mistral backbone with a sliding window of 24 keys in every layer, GQA "
+                        "(random weights only)",
+            hf_repo=None,
+            vision=_TINY_VISION,
+            text=dict(_llama(64, 128, 4, 4, 2, 128, 512), model_type="mistral", sliding_window=24),
+            llava=_TINY_LLAVA,
+            random_only=True,
+        ),
+        Preset(
+            name="tiny-qwen2",
+            description="tiny random LLaVA, Qwen2 backbone (q/k/v biases), layers 0-1 full attention and 2-3 a "
+                        "sliding window of 20 keys, GQA (random weights only)",
+            hf_repo=None,
+            vision=_TINY_VISION,
+            text=dict(_llama(64, 128, 4, 4, 2, 128, 512), model_type="qwen2", use_sliding_window=True,
+                      sliding_window=20, max_window_layers=2),
+            llava=_TINY_LLAVA,
+            random_only=True,
+        ),
+        Preset(
+            name="tiny-gemma",
+            description="tiny random LLaVA, Gemma backbone (scaled embeddings, GeGLU, head_dim 32 != hidden/heads), "
+                        "GQA (random weights only)",
+            hf_repo=None,
+            vision=_TINY_VISION,
+            text=dict(_llama(64, 128, 4, 4, 2, 128, 512), model_type="gemma", head_dim=32),
             llava=_TINY_LLAVA,
             random_only=True,
         ),

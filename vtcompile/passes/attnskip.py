@@ -239,4 +239,5 @@ PASS = register(PassDef(
     name="attnskip",
     summary="remove the attention sub-block of chosen layers (given, or the ones that change the residual stream "
             "least on calibration data), optionally with a least-squares linear stand-in (EAS, training-free)",
+    needs=("attention_taps",),
     config=AttnSkipConfig, plan=plan, apply=apply, calibrate=calibrate, rewrites_branches=True))

@@ -129,7 +129,9 @@ class PassDef:
     config: type[PassConfig]
     plan: Callable
     apply: Callable
-    families: tuple[str, ...] = ("llava",)
+    # What the pass needs from the model family (models.family.FEATURES: "attention_taps", "fixed_image_tokens");
+    # compile_pruned refuses a model whose family does not provide it. Passes never name a family.
+    needs: tuple[str, ...] = ()
     min_layers: int = 1
     calibrate: Callable | None = None  # (program, config, batches, progress) -> recipe dict
     load_router: Callable | None = None  # (config, geometry, tensors) -> the Router its apply() makes
@@ -139,10 +141,11 @@ class PassDef:
     rewrites_branches: bool = False
 
     def check_supports(self, geometry: Geometry) -> None:
-        if geometry.family not in self.families:
+        missing = [n for n in self.needs if n not in geometry.features]
+        if missing:
             raise UnsupportedModelError(
-                f"model family {geometry.family!r} is not supported by pass {self.name!r}; supported: "
-                f"{', '.join(self.families)}")
+                f"pass {self.name!r} needs {', '.join(missing)}, which model family {geometry.family!r} does not "
+                f"provide (it provides: {', '.join(geometry.features) or 'nothing a pass asks for'})")
         if geometry.num_layers < self.min_layers:
             raise UnsupportedModelError(
                 f"pass {self.name!r} needs a decoder with at least {self.min_layers} layers; this model has "

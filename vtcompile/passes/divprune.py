@@ -66,4 +66,4 @@ PASS = register(PassDef(
     name="divprune",
     summary="before the LLM, keep a maximally diverse subset of each image's tokens (greedy max-min cosine "
             "distance; DivPrune)",
-    config=DivPruneConfig, plan=plan, apply=apply))
+    needs=("fixed_image_tokens",), config=DivPruneConfig, plan=plan, apply=apply))

@@ -49,4 +49,4 @@ def apply(program: Program, config: FastVConfig, recipe=None) -> Program:
 PASS = register(PassDef(
     name="fastv",
     summary="drop visual tokens at layer k by the last token's attention in layer k-1 (FastV)",
-    config=FastVConfig, plan=plan, apply=apply, min_layers=2))
+    needs=("attention_taps",), config=FastVConfig, plan=plan, apply=apply, min_layers=2))

@@ -217,4 +217,4 @@ PASS = register(PassDef(
     name="fitprune",
     summary="remove visual tokens after each layer's attention by a recipe fitted to a FLOPs budget from "
             "calibration attention statistics (FitPrune)",
-    config=FitPruneConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate))
+    needs=("attention_taps",), config=FitPruneConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate))

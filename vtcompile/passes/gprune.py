@@ -86,4 +86,4 @@ PASS = register(PassDef(
     name="gprune",
     summary="before the LLM, keep each image's tokens that score highest by information propagation on their "
             "similarity graph (G-Prune)",
-    config=GPruneConfig, plan=plan, apply=apply))
+    needs=("fixed_image_tokens",), config=GPruneConfig, plan=plan, apply=apply))

@@ -295,4 +295,5 @@ PASS = register(PassDef(
     summary="slice attention heads out of the q/k/v/o weights: given heads, or a budget of the least important "
             "heads of layers >= first_layer by how far removing each alone moves the next-token prediction "
             "(YOPO-style head pruning)",
+    needs=("attention_taps",),
     config=HeadSkipConfig, plan=plan, apply=apply, calibrate=calibrate, rewrites_branches=True))

@@ -74,4 +74,4 @@ PASS = register(PassDef(
     name="pyramiddrop",
     summary="keep 0.5/0.25/0.125 of the image tokens after layers 8/16/24, ranked by the last instruction "
             "token's attention with the next layer's q/k (PyramidDrop)",
-    config=PyramidDropConfig, plan=plan, apply=apply, min_layers=4))
+    needs=("attention_taps",), config=PyramidDropConfig, plan=plan, apply=apply, min_layers=4))

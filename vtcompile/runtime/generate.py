@@ -131,14 +131,18 @@ def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable,
     cache = None
     if config.max_new_tokens > 1 and not bool(done.all()):
         cache = KVCache.from_prefill(result.values, signature, prepared.attention_mask, config.max_new_tokens - 1)
-        position = prepared.attention_mask.sum(1, keepdim=True)  # the first new token follows the n real tokens
+        position = prepared.next_position.clone()  # RoPE position of the first new token, per row (the family's)
+        # its sequence index: right after the padded prompt in every row (what the attention rule compares)
+        query = torch.full_like(position, prepared.input_ids.shape[1])
         for _ in range(config.max_new_tokens - 1):
-            returned = step(embed(token[:, None]), position, cache.write_index, *cache.inputs())
+            returned = step(embed(token[:, None]), prepared.step_positions(position), query, cache.write_index,
+                            *cache.inputs())
             logits = returned[0] if isinstance(returned, (tuple, list)) else returned
             if isinstance(returned, (tuple, list)) and len(returned) > 1:  # a functional step returns the caches
                 cache.replace(list(returned[1:]))
             cache.advance()
-            position += 1  # a tensor of this call's own: the step has read it
+            position += 1  # tensors of this call's own: the step has read them
+            query += 1
             token = next_tokens(logits[:, -1], config, generator).masked_fill_(done, config.pad_token_id)
             out.append(token)
             if streamer is not None:

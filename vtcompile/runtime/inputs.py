@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ..compiler.reference import position_ids_from_mask
 from ..errors import InputError
+
+
+def _same(position: torch.Tensor) -> torch.Tensor:
+    return position
 
 
 @dataclass
@@ -14,8 +18,10 @@ class PreparedInputs:
     input_ids: torch.Tensor  # [B, S]
     inputs_embeds: torch.Tensor  # [B, S, D]
     attention_mask: torch.Tensor  # [B, S] long, 0 on left padding
-    position_ids: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S] (the family's numbering)
     visual_mask: torch.Tensor  # [B, S] bool
+    next_position: torch.Tensor | None = None  # [B, 1]: position of each row's first new token
+    step_positions: Callable[[torch.Tensor], torch.Tensor] = _same  # new tokens' positions -> decode position_ids
 
     @property
     def n_visual(self) -> int:
@@ -46,4 +52,6 @@ def prepare(frontend, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
     embeds, visual = frontend.merge(input_ids, pixel_values)
     if bool((visual & (attention_mask == 0)).any()):
         raise InputError("image tokens fall on padding positions (attention_mask 0); fix the attention mask")
-    return PreparedInputs(input_ids, embeds, attention_mask, position_ids_from_mask(attention_mask), visual)
+    position_ids, next_position = frontend.positions(attention_mask)
+    return PreparedInputs(input_ids, embeds, attention_mask, position_ids, visual, next_position,
+                          frontend.step_positions)

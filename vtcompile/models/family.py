@@ -1,0 +1,182 @@
+"""The model-family protocol: everything the compiler and the runtime need to know about a family of MLLMs.
+
+A family (models/llava.py; Qwen2-VL next) is two objects:
+
+- a ``Frontend``: everything of the MLLM but its decoder, the same live and in an artifact - token embeddings,
+  the vision stage (ONE module: the one exported into artifacts is the one a live model runs), the merge of
+  image features into the prompt, how many visual tokens each image yields, the positions of the prompt and of
+  every decode step, the processor (chat format, tokenizer) and the generation defaults;
+- a ``Family`` over a live transformers model: its front end, the decoder seam the compiler captures (an
+  ``nn.Module`` over inputs_embeds, attention_mask, position_ids, visual_mask), the vision stage to export, the
+  modules the masked-key reference runs (language_model, lm_head), and what the family cannot do (refused at
+  construction with the config field named).
+
+The attention rule of every layer (causal, sliding window) is read from the config by the backbone
+(models/backbone.py) into ``Geometry.windows``; the captured graph, the decode step and the masked-key reference
+all take it from there (compiler/attention.py). Passes and compiler/ never name a family: a family lists the
+``features`` it provides (Geometry.features), a pass the ones it needs (PassDef.needs).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..compiler.geometry import Geometry
+from ..errors import UnsupportedModelError
+
+# What a family may provide to passes (Geometry.features, PassDef.needs).
+FEATURES = {
+    "attention_taps": "every decoder layer's attention is one SDPA call whose post-RoPE q/k a scorer can read",
+    "fixed_image_tokens": "every image yields the same number of visual tokens, in one contiguous run",
+}
+
+
+def rope_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1-D RoPE positions of left-padded prompts: 0.. over real tokens, 1 at padding (as transformers' generate)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+class Frontend(ABC):
+    """Everything of an MLLM but its decoder (see the module docstring). Built from a live model by its Family,
+    or from an artifact's stored parts by ``Family.frontend_from_parts``; the runtime uses both the same way."""
+
+    def __init__(self, config, embed: nn.Module, vision, processor=None, generation: dict | None = None):
+        self.config = config
+        self.embed = embed
+        self.vision = vision  # the vision stage: pixel_values [n, 3, H, W] -> image features [n, N_visual, D]
+        self.processor = processor
+        self.generation = dict(generation or {})  # eos_token_id, pad_token_id, bos_token_id
+
+    @property
+    @abstractmethod
+    def geometry(self) -> Geometry:
+        """The decoder's static facts (sizes, attention windows, features)."""
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", None)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence (prompt + new tokens) the decoder's positions cover, if the config says."""
+        return getattr(self.config.text_config, "max_position_embeddings", None)
+
+    @torch.no_grad()
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids.to(self.device))
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values.to(device=self.device, dtype=self.dtype))
+
+    @abstractmethod
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs_embeds [B,S,D], visual_mask [B,S] bool): the prompt's token embeddings with the image features
+        written at the image-token positions; checks the image tokens against the images given."""
+
+    def positions(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position_ids of the prompt, [B, 1] position of each row's first new token). 1-D RoPE here; a family
+        with another numbering (M-RoPE) overrides this and ``step_positions``."""
+        return rope_positions(attention_mask), attention_mask.long().sum(1, keepdim=True)
+
+    def step_positions(self, position: torch.Tensor) -> torch.Tensor:
+        """The decode step's position_ids from each new token's position [B, T] (1-D RoPE: the same)."""
+        return position
+
+
+class Family(ABC):
+    """A live transformers MLLM of one family (see the module docstring)."""
+
+    name: ClassVar[str] = "?"
+    model_classes: ClassVar[tuple[str, ...]] = ()  # the transformers classes this family wraps
+    config_classes: ClassVar[tuple[str, ...]] = ()  # their config classes (artifacts are matched by config)
+
+    def __init__(self, model: nn.Module, spec, processor=None):
+        cls = type(model).__name__
+        if cls not in self.model_classes:
+            raise UnsupportedModelError(f"family {self.name!r} wraps {', '.join(self.model_classes)}, found {cls}")
+        self.model = model.eval()
+        self.spec = spec
+        self.processor = processor
+        self.check()
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    def check(self) -> None:
+        """Refuse, naming the config field, what this family cannot compile (raises UnsupportedModelError)."""
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.frontend.geometry
+
+    @property
+    def image_token_id(self) -> int:
+        return self.frontend.image_token_id
+
+    @property
+    @abstractmethod
+    def frontend(self) -> Frontend:
+        """The live front end (its vision stage is ``vision_stage()``, the module artifacts export)."""
+
+    @property
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder LM (embeddings scaling, layers under ``.layers``, final norm): what the reference runs."""
+
+    @property
+    @abstractmethod
+    def lm_head(self) -> nn.Module:
+        """hidden states -> logits."""
+
+    @abstractmethod
+    def decoder_stage(self) -> nn.Module:
+        """The seam the compiler captures: forward(inputs_embeds, attention_mask, position_ids, visual_mask) ->
+        (logits, positions, visual_mask) (compiler.signature)."""
+
+    @abstractmethod
+    def vision_stage(self) -> nn.Module:
+        """pixel_values [n_images, 3, H, W] -> image features [n_images, N_visual, D], exportable."""
+
+    @classmethod
+    @abstractmethod
+    def geometry_of(cls, config) -> Geometry:
+        """The Geometry of a config of this family, without weights (FLOPs of published geometries)."""
+
+    @classmethod
+    @abstractmethod
+    def frontend_from_parts(cls, config, embed: nn.Module, vision, processor=None,
+                            generation: dict | None = None) -> Frontend:
+        """The front end of an artifact: its stored config, embeddings and exported vision stage."""
+
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        return self.frontend.merge(input_ids, pixel_values)
