@@ -1,6 +1,6 @@
 """Artifacts: a self-contained directory that runs (prefill and generate) in a new process without the model files.
 
-Layout (format 4):
+Layout (format 5):
     manifest.json             versions, model id + config hash, passes + configs, target, input spec, the report,
                               generation defaults, the programs and their stages, and the sha256 of every other file
     config.json               the model's LlavaConfig (geometry, image token id, vision settings)
@@ -40,7 +40,7 @@ from .models import Frontend, ModelSpec, family_of_config
 from .report import Report
 from .runtime.executable import Executable, LazyStage
 
-ARTIFACT_FORMAT = 4
+ARTIFACT_FORMAT = 5
 MANIFEST = "manifest.json"
 MAX_IMAGES = 64
 
