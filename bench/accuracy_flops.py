@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             extra = ""
             if method == "fitprune":
                 r = cm.recipes["fitprune"]
-                extra = f" (calibration {r['calibration_seconds']:.1f}s, {r['samples']} samples)"
+                extra = f" (calibration {r.calibration_seconds:.1f}s, {r.samples} samples)"
             rows.append({"method": method, "budget": budget, "spec": spec + extra,
                          "paper_ratio": res["paper_flops_ratio"], "accuracy": res["accuracy"],
                          "top1_agreement": res["fidelity"]["top1_agreement"],

@@ -67,11 +67,11 @@ def chosen(cm) -> str:
     """What the calibrated passes chose (heads, layers), and the search's loss of the chosen set."""
     parts = []
     for name, recipe in cm.recipes.items():
-        if name == "headskip" and "heads" in recipe:
-            parts.append(f"{len(recipe['heads'])} heads: {' '.join(recipe['heads'])}")
-        elif name == "attnskip" and "layers" in recipe:
-            key = "/".join(map(str, recipe["layers"]))
-            loss = f" (KL {recipe['search'][key]:.4f})" if "search" in recipe else ""
+        if name == "headskip" and recipe.heads:
+            parts.append(f"{len(recipe.heads)} heads: {' '.join(recipe.heads)}")
+        elif name == "attnskip" and recipe.layers:
+            key = "/".join(map(str, recipe.layers))
+            loss = f" (KL {recipe.search[key]:.4f})" if recipe.search else ""
             parts.append(f"layers {key}{loss}")
     return "; ".join(parts) or "-"
 

@@ -9,8 +9,9 @@ Layout (format 5):
     <stage>.pt2 | .onnx       every stage of every program, in the target's format (runtime/executable.py): for
                               a static program decoder-v<N> (N visual tokens per prompt) and its decode step
                               decoder-v<N>-decode; for a program with branches one stage per layer of the base
-                              graph and of each branch (decoder-v<N>-layer<i>, decoder-v<N>-exit<e>-layer<i>)
-    <program>-router.safetensors   a program's router (saved and loaded by the pass that owns it)
+                              graph and of each branch (decoder-v<N>-layer<i>, decoder-v<N>-branch<e>-layer<i>)
+    <program>-decision.safetensors a program's branch decision (compiler.branches: its kind and settings in the
+                              manifest, its tensors here; rebuilt by the class its pass registered)
     processor/                the model's processor files, when it has a processor
 
 Loading checks, in order: the format, the vtcompile and torch versions the files were written with, the
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .compiler.branches import load_decision
 from .compiler.signature import Signature
 from .compiler.staged import Stage, StagedGraph, StagePlan
 from .errors import ArtifactError, UnsupportedModelError
@@ -104,14 +106,14 @@ def _save_program(exe: Executable, target, directory: Path) -> dict:
 
     plan = exe.plan
     stages = {s.name: _save_stage(s.module, target, directory) for s in plan.all_stages()}
-    entry = {"n_visual": exe.n_visual, "schedule": list(exe.schedule), "signature": plan.signature.to_dict(),
-             "base": plan.base.info(), "branches": {str(e): g.info() for e, g in sorted(plan.branches.items())},
-             "visual": {str(e): n for e, n in plan.visual.items()}, "stages": stages, "router": None,
-             "decode": None}
-    if plan.router is not None:
-        name = f"{plan.base.stages[0].name.rsplit('-layer', 1)[0]}-router.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in plan.router.tensors().items()}, str(directory / name))
-        entry["router"] = {"pass": plan.router_by, "file": name}
+    entry = {"name": plan.name, "n_visual": exe.n_visual, "schedule": list(exe.schedule),
+             "signature": plan.signature.to_dict(), "base": plan.base.info(),
+             "branches": {str(e): g.info() for e, g in sorted(plan.branches.items())},
+             "visual": {str(e): n for e, n in plan.visual.items()}, "stages": stages, "decision": None, "decode": None}
+    if plan.decision is not None:  # saved by kind, rebuilt by the class its pass registered (compiler.branches)
+        name = f"{plan.name}-decision.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in plan.decision.state().items()}, str(directory / name))
+        entry["decision"] = {"kind": plan.decision.kind, "meta": plan.decision.meta(), "file": name}
     if target.decodes:
         step = exe.step_stage()
         entry["decode"] = dict(_save_stage(step, target, directory), graph=dict(exe.decode_info))
@@ -251,10 +253,8 @@ def _loaded_stage(path: Path, target, info: dict) -> Stage:
                                                        loader=lambda: target.load(stage, path, info["files"])))
 
 
-def _load_program(path: Path, entry: dict, target, passes: list, geometry) -> Executable:
+def _load_program(path: Path, entry: dict, target, geometry) -> Executable:
     from safetensors.torch import load_file
-
-    from .passes import get_pass
 
     stages = {name: _loaded_stage(path, target, info) for name, info in entry["stages"].items()}
 
@@ -262,17 +262,16 @@ def _load_program(path: Path, entry: dict, target, passes: list, geometry) -> Ex
         return StagedGraph([stages[n] for n in info["stages"]], info["placeholders"], info["results"],
                            info["residual"])
 
-    router, by = None, ""
-    if entry["router"]:
-        by = entry["router"]["pass"]
-        config = next((c for p, c in passes if p.name == by), None)
-        owner = get_pass(by)
-        if config is None or owner.load_router is None:
-            raise ArtifactError(f"{path}: the stored router belongs to pass {by!r}, which the manifest's passes do "
-                                "not list or which cannot load routers; re-create the artifact")
-        router = owner.load_router(config, geometry, load_file(str(path / entry["router"]["file"])))
-    plan = StagePlan(Signature.from_dict(entry["signature"]), graph(entry["base"]),
-                     {int(e): graph(g) for e, g in entry["branches"].items()}, router, by,
+    decision = None
+    if entry["decision"]:
+        info = entry["decision"]
+        try:
+            decision = load_decision(info["kind"], info["meta"], load_file(str(path / info["file"])), geometry)
+        except KeyError as exc:
+            raise ArtifactError(f"{path}: the stored branch decision cannot be rebuilt ({exc}); re-create the "
+                                "artifact with this version of vtcompile") from None
+    plan = StagePlan(entry["name"], Signature.from_dict(entry["signature"]), graph(entry["base"]),
+                     {int(e): graph(g) for e, g in entry["branches"].items()}, decision,
                      {int(e): n for e, n in entry["visual"].items()})
     decode, decode_info = None, {}
     if entry.get("decode"):
@@ -331,7 +330,7 @@ def read_artifact(path: str | os.PathLike) -> Contents:
                                               manifest.get("generation"))
         executables = {}
         for entry in manifest["programs"]:
-            exe = _load_program(path, entry, target, passes, geometry)
+            exe = _load_program(path, entry, target, geometry)
             executables[exe.n_visual] = exe
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{mf} is missing or has a malformed field ({exc!r}); re-create the artifact") from None

@@ -3,7 +3,6 @@ error a user can fix is one line on stderr and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -172,28 +171,15 @@ def cmd_calibrate(args) -> int:
     if args.out.exists() and not args.force:
         raise ArtifactError(f"{args.out} already exists; choose another --out or pass --force")
     cm = _compile(args)
-    recipe = dict(cm.recipes[passes[0][0].name])
-    tensors = recipe.pop("_tensors", None)
-    recipe = {k: v for k, v in recipe.items() if not k.startswith("_")}  # in-memory extras (dyvte's router margins)
-    written = [args.out]
-    if tensors is not None:  # trained weights (dyvte routers) go to safetensors beside the JSON
-        from safetensors.torch import save_file
-
-        weights = args.out.with_suffix(".safetensors")
-        tmp_w = weights.with_name(f".{weights.name}.tmp")
-        save_file(tensors, str(tmp_w))
-        tmp_w.replace(weights)
-        recipe["weights_file"] = weights.name
-        written.append(weights)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(recipe, indent=2))
-    tmp.replace(args.out)
+    recipe = cm.recipes[passes[0][0].name]
+    written = recipe.save(args.out)  # JSON, and its tensors in a .safetensors file beside it
     print(cm.report.summary_table())
     if cm.report.exits:
         print(cm.report.exit_table())
     print("written: " + ", ".join(map(str, written)))
-    if tensors is not None:
-        print(f"reuse with --pass {passes[0][0].name}:routers={written[1]}")
+    hint = recipe.reuse(written)
+    if hint:
+        print(f"reuse with {hint}")
     return 0
 
 
@@ -224,10 +210,10 @@ def cmd_eval(args) -> int:
 def cmd_flops(args) -> int:
     from tabulate import tabulate
 
-    from .compiler.flops import fmt_bytes, fmt_flops, report_from_plan
+    from .compiler.flops import fmt_bytes, fmt_flops
     from .models import geometry_of
     from .models.presets import PRESETS
-    from .report import layer_table
+    from .report import Report, layer_table, static_report
 
     passes = _passes(args)
     if args.images < 1 or args.text_tokens < 1:
@@ -237,21 +223,17 @@ def cmd_flops(args) -> int:
     spec = _spec(args)
     geom = geometry_of(spec)
     n_visual = geom.visual_tokens_per_image * args.images
-    steps = []
-    for p, cfg in passes:
-        p.check_supports(geom)
-        cfg.check_model(geom)
-        steps += p.plan(cfg, geom, n_visual)
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[spec.dtype]
-    report = report_from_plan(geom, n_visual, args.text_tokens, steps, dtype_bytes)
-    heads = _head_counts(passes, geom)
-    if heads is not None:  # head passes (headskip, attnskip): per-layer head counts from their configs
-        report = dataclasses.replace(report, q_heads=heads[0], kv_heads=heads[1])
+    report, branches, label = static_report(geom, passes, n_visual, args.text_tokens, dtype_bytes)
     d = report.to_dict()
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps(dict(d, branches=branches, branch_label=label) if branches else d, indent=2))
         return 0
     print(layer_table(report))
+    if branches:
+        print(f"The saving depends on the {label} each prompt takes, decided at run time (the table below is "
+              f"per way a prompt can run; the rows above and below are the case without a {label}):")
+        print(Report.branch_table(branches, label))
     print(tabulate([
         ["paper FLOPs (visual tokens)", fmt_flops(report.baseline_paper), fmt_flops(report.paper),
          f"{d['paper_ratio']:.1%}", f"{1 - d['paper_ratio']:.1%}"],
@@ -259,24 +241,9 @@ def cmd_flops(args) -> int:
          fmt_flops(report.true), f"{d['true_ratio']:.1%}", f"{1 - d['true_ratio']:.1%}"],
         [f"KV cache after prefill ({spec.dtype})", fmt_bytes(report.baseline_kv_bytes), fmt_bytes(report.kv_bytes),
          f"{d['kv_ratio']:.1%}", f"{1 - d['kv_ratio']:.1%}"]],
-        headers=["per prompt", "unpruned", "pruned", "ratio", "saved"], tablefmt="simple_outline"))
+        headers=["per prompt", "unpruned", f"pruned, no {label}" if branches else "pruned", "ratio", "saved"],
+        tablefmt="simple_outline"))
     return 0
-
-
-def _head_counts(passes, geom):
-    """Per-layer (query, k/v) heads left by the passes that remove heads (a module-level `head_counts(config,
-    geometry)`), the smallest per layer; None when no pass removes heads."""
-    import importlib
-
-    found = None
-    for p, cfg in passes:
-        counts = getattr(importlib.import_module(f"vtcompile.passes.{p.name}"), "head_counts", None)
-        if counts is None:
-            continue
-        q, kv = counts(cfg, geom)
-        found = (q, kv) if found is None else ([min(a, b) for a, b in zip(found[0], q)],
-                                               [min(a, b) for a, b in zip(found[1], kv)])
-    return found
 
 
 def cmd_passes(args) -> int:

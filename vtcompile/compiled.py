@@ -81,6 +81,12 @@ class CompiledModel:
               calibration=None, recipes: dict | None = None, progress: bool = True) -> "CompiledModel":
         """Capture the adapter's decoder, calibrate passes that need a recipe, apply the passes, lower."""
         cap = captured(adapter)
+        by_name = {p.name: p for p, _ in passes}
+        unknown = sorted(set(recipes or {}) - set(by_name))
+        if unknown:
+            raise VtcompileError(f"recipes were given for {', '.join(unknown)}, which the passes "
+                                 f"({', '.join(by_name) or 'none'}) do not include")
+        recipes = {name: by_name[name].read_recipe(r) for name, r in (recipes or {}).items()}
         cm = cls(adapter.frontend, adapter.spec, passes, target, report=None, executables={}, recipes=recipes,
                  adapter=adapter, captured=cap)
         t1 = time.perf_counter()
@@ -97,8 +103,10 @@ class CompiledModel:
                               list(program.mlp_schedule), dtype_bytes, list(program.q_heads),
                               list(program.kv_heads), list(program.adapted)),
             capture_seconds=cap.export_seconds, compile_seconds=t2 - t_cal, calibration_seconds=t_cal - t1,
-            rewrites=[r.to_dict() for r in program.rewrites], recipes=dict(cm.recipes),
-            exits=exit_rows(program, text_tokens, cm._calibration_exits(), dtype_bytes) if program.branches else [],
+            rewrites=[r.to_dict() for r in program.rewrites],
+            recipes={name: dict(r.to_dict(), summary=r.describe()) for name, r in cm.recipes.items()},
+            exits=exit_rows(program, text_tokens, dtype_bytes) if program.branches else [],
+            branch_label=program.branches.label if program.branches else "branch",
             decode=_decode_note(target))
         return cm
 
@@ -121,15 +129,12 @@ class CompiledModel:
         from .artifacts import read_artifact
 
         c = read_artifact(path)
-        return cls(c.frontend, c.spec, c.passes, c.target, c.report, c.executables,
-                   recipes=c.manifest.get("report", {}).get("recipes", {}), source=c.path, manifest=c.manifest)
-
-    def _calibration_exits(self) -> dict[int, int] | None:
-        """Where the routers of a branching pass send its calibration prompts (None: no such pass or counts)."""
-        for p, config in self.passes:
-            if p.calibration_exits is not None:
-                return p.calibration_exits(self.recipes.get(p.name), config)
-        return None
+        # The recipes' JSON fields, as the report stored them (their tensors live in the stages and decisions)
+        stored = c.manifest.get("report", {}).get("recipes", {})
+        recipes = {p.name: p.recipe.from_dict(stored[p.name]) for p, _ in c.passes
+                   if p.recipe is not None and p.name in stored}
+        return cls(c.frontend, c.spec, c.passes, c.target, c.report, c.executables, recipes=recipes, source=c.path,
+                   manifest=c.manifest)
 
     def _calibrate(self, calibration, progress: bool) -> None:
         """Fit the recipes of calibrating passes that have none, each on the program of the passes before it."""

@@ -118,8 +118,8 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     flops = cm.report.flops
     paper_ratio, true_ratio = flops.paper / flops.baseline_paper, flops.true / flops.baseline_true
     exit_hist = None
-    if exits:  # dynamic exits: FLOPs are the mean over rows of each row's own schedule
-        paper_ratio, true_ratio = _exit_flops(flops, exits)
+    if exits:  # a program with branches: FLOPs are the mean over rows of each row's own schedule
+        paper_ratio, true_ratio = _branch_flops(cm.report, exits)
         exit_hist = {str(e): exits.count(e) for e in sorted(set(exits))}
     n = sum(len(v) for v in per_kind.values())
     return {
@@ -171,19 +171,11 @@ def _unpruned(cm):
     return compile_pruned(adapter, progress=False)
 
 
-def _exit_flops(flops, exits: list[int]) -> tuple[float, float]:
-    """Mean FLOPs ratios when each row's visual tokens exit after its own layer (-1: never)."""
-    from .compiler.flops import FlopsReport
-
-    paper = true = 0.0
-    for e in exits:
-        attn = [0 if e >= 0 and layer > e else v for layer, v in enumerate(flops.schedule)]
-        mlp = [0 if e >= 0 and layer > e else v for layer, v in enumerate(flops.mlp_schedule)]
-        rep = FlopsReport(flops.geometry, flops.n_visual, flops.n_text, attn, mlp, q_heads=flops.q_heads,
-                          kv_heads=flops.kv_heads, adapted=flops.adapted)
-        paper += rep.paper / rep.baseline_paper
-        true += rep.true / rep.baseline_true
-    return paper / len(exits), true / len(exits)
+def _branch_flops(report, taken: list[int]) -> tuple[float, float]:
+    """Mean FLOPs ratios when each row runs the branch it took (-1: none): the report's row for that branch."""
+    rows = {r["after_layer"]: r for r in report.exits}
+    return (sum(rows[e]["paper_ratio"] for e in taken) / len(taken),
+            sum(rows[e]["true_ratio"] for e in taken) / len(taken))
 
 
 def result_table(res: dict) -> str:

@@ -21,19 +21,18 @@ class Report:
     compile_seconds: float
     calibration_seconds: float = 0.0
     rewrites: list[dict] = field(default_factory=list)
-    recipes: dict = field(default_factory=dict)
-    # Dynamic exits (dyvte with routers): one row per way a prompt can run - no exit (after_layer -1), then
-    # every candidate exit - with its FLOPs ratios and, when the routers were calibrated here, the share of the
-    # calibration prompts the routers send that way. The flops field above is the no-exit (worst) case.
+    recipes: dict = field(default_factory=dict)  # per calibrating pass: its recipe's JSON fields and "summary"
+    # A program with branches (compiler.branches): one row per way a prompt can run - no branch (after_layer -1),
+    # then every branch - with its FLOPs ratios and, when the pass calibrated its decision here, how many of the
+    # calibration prompts the decision sends that way. The flops field above is the no-branch case.
     exits: list[dict] = field(default_factory=list)
+    branch_label: str = "branch"  # what taking a branch means (the pass says: e.g. "visual-token exit")
     decode: str = ""  # how this target generates ("compiled decode step" or why it does not)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "random_weights": self.random_weights, "passes": self.passes,
                 "target": self.target, "flops": self.flops.to_dict(), "rewrites": self.rewrites,
-                "recipes": {name: {k: v for k, v in r.items() if not k.startswith("_")}
-                            for name, r in self.recipes.items()},
-                "exits": self.exits, "expected_on_calibration": self.expected_on_calibration(),
+                "recipes": self.recipes, "exits": self.exits, "branch_label": self.branch_label, "expected_on_calibration": self.expected_on_calibration(),
                 "capture_seconds": self.capture_seconds, "decode": self.decode,
                 "calibration_seconds": self.calibration_seconds, "compile_seconds": self.compile_seconds}
 
@@ -50,8 +49,8 @@ class Report:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def expected_on_calibration(self) -> dict | None:
-        """Paper/true FLOPs ratios averaged over the calibration prompts, each run the way its routers send it
-        (dynamic exits calibrated here only; None otherwise)."""
+        """Paper/true FLOPs ratios averaged over the calibration prompts, each run the way the decision sends it
+        (branches whose decision was calibrated here only; None otherwise)."""
         rows = [r for r in self.exits if r.get("calibration_prompts") is not None]
         n = sum(r["calibration_prompts"] for r in rows)
         if not rows or not n:
@@ -61,7 +60,7 @@ class Report:
 
     def summary_table(self) -> str:
         f = self.flops
-        case = "  without an exit" if self.exits else ""
+        case = f"  without a {self.branch_label}" if self.exits else ""
 
         def saved(base, now, fmt) -> str:
             return f"{fmt(base)} -> {fmt(now)}  (saves {1 - now / base:.1%}){case}"
@@ -71,12 +70,12 @@ class Report:
             ["passes", ", ".join(p["pass"] + _fmt_cfg(p["config"]) for p in self.passes) or "none"],
             ["target", self.target],
             ["visual tokens (per row)", f"{f.n_visual} -> {f.schedule[-1]} (last layer)"
-             + ("; 0 after an exit" if self.exits else "")],
+             + _after_branches(self.exits, self.branch_label)],
             ["paper FLOPs (visual tokens only)", saved(f.baseline_paper, f.paper, fmt_flops)],
             [f"true FLOPs ({f.n_text} text tokens, 2xMAC)", saved(f.baseline_true, f.true, fmt_flops)],
             [f"KV cache after prefill ({f.n_text} text tokens)", saved(f.baseline_kv_bytes, f.kv_bytes, fmt_bytes)],
             *_expected_rows(self.expected_on_calibration()),
-            *[[f"{name} recipe", _fmt_recipe(r)] for name, r in self.recipes.items()],
+            *[[f"{name} recipe", r.get("summary", "")] for name, r in self.recipes.items()],
             *([["generate", self.decode]] if self.decode else []),
             ["capture (torch.export) s", f"{self.capture_seconds:.2f}"],
             *([["calibration s", f"{self.calibration_seconds:.2f}"]] if self.calibration_seconds > 0.01 else []),
@@ -88,15 +87,21 @@ class Report:
         return layer_table(self.flops)
 
     def exit_table(self) -> str:
-        """Dynamic exits: FLOPs of each way a prompt can run and where the routers sent the calibration
-        prompts ("" without dynamic exits)."""
-        if not self.exits:
-            return ""
-        rows = [["none" if r["after_layer"] < 0 else f"after layer {r['after_layer']}", f"{r['paper_ratio']:.1%}",
-                 f"{r['true_ratio']:.1%}",
-                 "-" if r.get("calibration_prompts") is None else r["calibration_prompts"]] for r in self.exits]
-        return tabulate(rows, headers=["visual-token exit", "paper FLOPs", "true FLOPs", "calibration prompts"],
-                        tablefmt="simple_outline")
+        """A program with branches: FLOPs of each way a prompt can run and where the decision sent the calibration
+        prompts ("" without branches)."""
+        return self.branch_table(self.exits, self.branch_label) if self.exits else ""
+
+    @staticmethod
+    def branch_table(rows: list[dict], label: str) -> str:
+        """One line per way a prompt can run (Report.exits rows): FLOPs and KV ratios vs unpruned, and how many
+        calibration prompts the decision sent that way."""
+        counted = any(r.get("calibration_prompts") is not None for r in rows)
+        body = [["none" if r["after_layer"] < 0 else f"after layer {r['after_layer']}", f"{r['paper_ratio']:.1%}",
+                 f"{r['true_ratio']:.1%}", f"{r['kv_ratio']:.1%}" if "kv_ratio" in r else "-"]
+                + (["-" if r.get("calibration_prompts") is None else r["calibration_prompts"]] if counted else [])
+                for r in rows]
+        return tabulate(body, headers=[label, "paper FLOPs", "true FLOPs", "KV cache"]
+                        + (["calibration prompts"] if counted else []), tablefmt="simple_outline")
 
 
 def _expected_rows(expected: dict | None) -> list[list[str]]:
@@ -104,20 +109,55 @@ def _expected_rows(expected: dict | None) -> list[list[str]]:
         return []
     return [[f"expected FLOPs ({expected['prompts']} calibration prompts)",
              f"paper {expected['paper_ratio']:.1%}, true {expected['true_ratio']:.1%} (each prompt exits where its "
-             "routers send it)"]]
+             "decision sends it)"]]
 
 
-def exit_rows(program, text_tokens: int, counts: dict[int, int] | None, dtype_bytes: int = 2) -> list[dict]:
-    """Report.exits for a program with branches: the no-exit schedule, then each branch's."""
+def exit_rows(program, text_tokens: int, dtype_bytes: int = 2) -> list[dict]:
+    """Report.exits for a program with branches: the no-branch schedule, then each branch's."""
+    counts = program.branches.calibration_prompts
     ways = [(-1, program)] + sorted(program.branches.programs.items())
     rows = []
     for e, p in ways:
         f = FlopsReport(program.geometry, program.n_visual, text_tokens, list(p.schedule), list(p.mlp_schedule),
                         dtype_bytes, list(p.q_heads), list(p.kv_heads), list(p.adapted))
         rows.append({"after_layer": e, "paper_ratio": f.paper / f.baseline_paper, "true_ratio": f.true / f.baseline_true,
-                     "kv_ratio": f.kv_bytes / f.baseline_kv_bytes,
+                     "kv_ratio": f.kv_bytes / f.baseline_kv_bytes, "visual_last_layer": p.schedule[-1],
                      "calibration_prompts": None if counts is None else counts.get(e, 0)})
     return rows
+
+
+def static_report(geometry, passes: list, n_visual: int, text_tokens: int, dtype_bytes: int = 2):
+    """The FLOPs report of `passes` [(PassDef, config)] from the geometry alone (no weights, no graph), and, when
+    a pass makes branches, one row per way a prompt can run (as Report.exits) with the branch label."""
+    from .compiler.flops import report_from_plan
+
+    steps, branches, label = [], {}, "branch"
+    for p, cfg in passes:
+        p.check_supports(geometry)
+        cfg.check_model(geometry)
+        made = p.branch_plans(cfg, geometry, n_visual) if p.branch_plans is not None else None
+        if made:
+            label, plans = made
+            branches = {e: steps + extra for e, extra in plans.items()}
+        steps = steps + p.plan(cfg, geometry, n_visual)
+    heads = None
+    for p, cfg in passes:  # passes that remove heads or attentions: the fewest heads per layer
+        if p.heads is not None:
+            q, kv = p.heads(cfg, geometry)
+            heads = (q, kv) if heads is None else ([min(a, b) for a, b in zip(heads[0], q)],
+                                                   [min(a, b) for a, b in zip(heads[1], kv)])
+
+    def report(plan_steps):
+        rep = report_from_plan(geometry, n_visual, text_tokens, plan_steps, dtype_bytes)
+        return rep if heads is None else dataclasses.replace(rep, q_heads=heads[0], kv_heads=heads[1])
+
+    main = report(steps)
+    rows = []
+    for e, f in [(-1, main)] + [(e, report(s)) for e, s in sorted(branches.items())] if branches else []:
+        rows.append({"after_layer": e, "paper_ratio": f.paper / f.baseline_paper,
+                     "true_ratio": f.true / f.baseline_true, "kv_ratio": f.kv_bytes / f.baseline_kv_bytes,
+                     "visual_last_layer": f.schedule[-1], "calibration_prompts": None})
+    return main, rows, label
 
 
 def layer_table(flops: FlopsReport) -> str:
@@ -136,22 +176,12 @@ def layer_table(flops: FlopsReport) -> str:
                     tablefmt="simple_outline")
 
 
-def _fmt_recipe(r: dict) -> str:
-    if r.get("pass") == "headskip":
-        return (f"heads removed {' '.join(r['heads']) or 'none'} (criterion {r['criterion']}, budget {r['budget']}, "
-                f"{r['samples']} prompts)")
-    if r.get("pass") == "attnskip":
-        return (f"attention removed in layers {r['layers']}" + (" (+ linear adapters)" if "_tensors" in r else "")
-                + f"; {r['samples']} prompts")
-    if "exit_label_rate" in r:
-        rates = " ".join(f"L{k}:{v:.0%}" for k, v in r["exit_label_rate"].items())
-        return f"routers at layers {r['layers']}; exit-label rate {rates}; {r['samples']} prompts"
-    removed = " ".join(f"L{k}:-{v}" for k, v in r.get("removed", {}).items()) or "removes nothing"
-    extra = ""
-    if "paper_ratio" in r:
-        met = "met" if r.get("budget_met") else "NOT met"
-        extra = f"  (budget {r['budget']:.2f}: {r['paper_ratio']:.1%} of paper FLOPs, {met}; alpha {r['alpha']:.3f})"
-    return removed + extra
+def _after_branches(rows: list[dict], label: str) -> str:
+    """'; N after a <label>' when every branch leaves the same visual tokens at the last layer."""
+    left = {r.get("visual_last_layer") for r in rows if r["after_layer"] >= 0}
+    if not left:
+        return ""
+    return f"; {left.pop()} after a {label}" if len(left) == 1 and None not in left else f"; see the {label} table"
 
 
 def _fmt_cfg(cfg: dict) -> str:

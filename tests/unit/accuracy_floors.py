@@ -13,7 +13,7 @@ bench accuracy passes, and one that loses more than the margin fails. Fidelity (
 the unpruned model) gets a floor the same way.
 
 Two rows load the recipe their calibration gave instead of calibrating again: DyVTE's routers (2048 prompts, two
-to three minutes; stored in ROUTERS, 1.5 MB) and headskip's heads (criterion=ablation: one calibration run per
+to three minutes; stored as its recipe in ROUTERS (JSON) and the .safetensors beside it, 1.1 MB) and headskip's heads (criterion=ablation: one calibration run per
 head, 17 s; HEADSKIP_HEADS below). They gate the runtime with those routers and heads; the calibrations
 themselves are tested in test_dyvte.py and test_headskip.py.
 
@@ -23,11 +23,10 @@ into BENCH (the test above names the rows that differ) and rewrite ROUTERS:
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-ROUTERS = Path(__file__).resolve().parent / "data" / "dyvte-testbed-routers.safetensors"
+ROUTERS = Path(__file__).resolve().parent / "data" / "dyvte-testbed-recipe.json"
 # The heads headskip's default (budget 0.25, criterion=ablation, 16 train prompts) removes on the shipped testbed:
 # the bench's row (bench/results/heads.md, "budget 0.25, ablation"; write_routers() prints them again).
 HEADSKIP_HEADS = ["4.0", "5.1", "5.2", "5.3"]
@@ -65,32 +64,27 @@ def floors(spec: str) -> tuple[float, float]:
 def write_routers(path: Path = ROUTERS) -> Path:
     """Calibrate DYVTE on the testbed as bench/accuracy_flops.py does (seed 0) and store its routers."""
     import torch
-    from safetensors.torch import save_file
 
     from vtcompile import compile_pruned
 
     torch.manual_seed(0)
-    heads = compile_pruned("testbed", "headskip", calibration="testbed", progress=False).recipes["headskip"]["heads"]
+    heads = compile_pruned("testbed", "headskip", calibration="testbed", progress=False).recipes["headskip"].heads
     print(f"headskip's default removes {heads} (HEADSKIP_HEADS: {HEADSKIP_HEADS})")
     torch.manual_seed(0)
     recipe = compile_pruned("testbed", DYVTE, calibration="testbed", progress=False).recipes["dyvte"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in recipe.items() if k != "_tensors"}
-    save_file({k: v.contiguous() for k, v in recipe["_tensors"].items()}, str(path),
-              metadata={"recipe": json.dumps(meta)})
+    recipe.save(path)
     return path
 
 
 def recipes(spec: str) -> dict | None:
     """Stored recipes for a row (DyVTE's routers, headskip's heads), else None (the test calibrates as the bench
     did)."""
+    from vtcompile.passes.dyvte import DyVTERecipe
+    from vtcompile.passes.headskip import HeadSkipRecipe
+
     if spec == "headskip":
-        return {"headskip": {"pass": "headskip", "heads": list(HEADSKIP_HEADS)}}
+        return {"headskip": HeadSkipRecipe(heads=list(HEADSKIP_HEADS))}
     if spec != DYVTE:
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(ROUTERS), "pt") as f:
-        recipe = json.loads(f.metadata()["recipe"])
-        recipe["_tensors"] = {k: f.get_tensor(k) for k in f.keys()}
-    return {"dyvte": recipe}
+    return {"dyvte": DyVTERecipe.load(ROUTERS)}

@@ -148,11 +148,12 @@ def test_dyvte_routers_artifact_round_trip(tmp_path):
     path = cm.save(tmp_path / "dy")
     m = json.loads((path / "manifest.json").read_text())
     program = m["programs"][0]
-    assert program["router"] == {"pass": "dyvte", "file": "decoder-v16-router.safetensors"}
+    assert program["decision"]["kind"] == "dyvte.routers" and program["decision"]["meta"]["threshold"] == 0.5
+    assert program["decision"]["file"] == "decoder-v16-decision.safetensors"
     files = [f for s in program["stages"].values() for f in s["files"]]
     layers = 4
     assert sum(f.startswith("decoder-v16-layer") for f in files) == layers
-    assert sum("-exit" in f for f in files) == sum(layers - 1 - e for e in (0, 1, 2))
+    assert sum("-branch" in f for f in files) == sum(layers - 1 - e for e in (0, 1, 2))
     lm = load_compiled(path)
     seen = set()
     for kind, seed in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11)):
@@ -161,26 +162,25 @@ def test_dyvte_routers_artifact_round_trip(tmp_path):
         assert_exit_parity(out, cm(ids, pixels, mask), mask)
         seen.update(out.exit_layers)
     assert {0, 1, 2} <= seen  # the trained routers still route as this test assumes
-    # The threshold is part of the saved program (the manifest's pass config): the same files with another threshold
-    # route as the program compiled with it (test_dyvte: a higher threshold never exits a row earlier).
+    # The threshold is part of the saved decision: the same routers saved with another threshold load back routing
+    # as the program compiled with it (test_dyvte: a higher threshold never exits a row earlier).
     high = compile_pruned(adapter("tiny"), "dyvte:threshold=0.999", recipes={"dyvte": cm.recipes["dyvte"]},
                           progress=False)
-    (entry,) = [p for p in m["passes"] if p["pass"] == "dyvte"]
-    assert entry["config"]["threshold"] == 0.5
-    entry["config"]["threshold"] = 0.999
-    (path / "manifest.json").write_text(json.dumps(m))
-    lm, changed = load_compiled(path), False
+    high_path = high.save(tmp_path / "dy-high")
+    (entry,) = json.loads((high_path / "manifest.json").read_text())["programs"]
+    assert entry["decision"]["meta"]["threshold"] == 0.999
+    lm, changed = load_compiled(high_path), False
     for kind, seed in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11)):
         ids, pixels, mask = prompt("tiny", kind, seed=seed)
         exits = lm(ids, pixels, mask).exit_layers
         assert exits == high(ids, pixels, mask).exit_layers
         changed |= exits != cm(ids, pixels, mask).exit_layers
     assert changed  # the threshold decided something on these prompts
-    routers_file = path / "decoder-v16-router.safetensors"
+    routers_file = path / "decoder-v16-decision.safetensors"
     data = bytearray(routers_file.read_bytes())
     data[-1] ^= 0xFF
     routers_file.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="router.safetensors does not match the manifest"):
+    with pytest.raises(ArtifactError, match="decision.safetensors does not match the manifest"):
         load_compiled(path)
 
 

@@ -75,7 +75,7 @@ def test_never_firing_routers_equal_the_original(geometry, tmp_path):
 def test_trained_routers_batch_equals_rows_alone(geometry):
     cm = trained(geometry)
     recipe = cm.recipes["dyvte"]
-    assert recipe["layers"] == [0, 1, 2] and set(recipe["exit_label_rate"]) == {"0", "1", "2"}
+    assert recipe.layers == [0, 1, 2] and set(recipe.exit_label_rate) == {"0", "1", "2"}
     ids, pixels, mask = prompt(geometry, "mid_pad_b2", seed=5)
     out = cm(ids, pixels, mask)
     for b in range(ids.shape[0]):
@@ -99,8 +99,8 @@ def test_exit_rows_match_static_exit_reference(geometry):
 
 def test_routers_file_round_trip(tmp_path):
     cm = trained("tiny")
-    path = tmp_path / "r.safetensors"
-    save_file(cm.recipes["dyvte"]["_tensors"], str(path))
+    path = cm.recipes["dyvte"].save(tmp_path / "r.json")[-1]  # the routers' weights (and margins)
+    assert path.suffix == ".safetensors"
     again = compile_pruned(adapter("tiny"), f"dyvte:routers={path}")
     ids, pixels, mask = prompt("tiny", "mid_pad_b2", seed=5)
     a, b = cm(ids, pixels, mask), again(ids, pixels, mask)
@@ -238,7 +238,7 @@ def test_report_exit_table_matches_the_runtime_and_static_exits():
         cm = trained("tiny") if t == 0.5 else compile_pruned(adapter("tiny"), f"dyvte:threshold={t}",
                                                              recipes={"dyvte": trained("tiny").recipes["dyvte"]})
         rows = {r["after_layer"]: r for r in cm.report.exits}
-        assert sorted(rows) == [-1, *cm.recipes["dyvte"]["layers"]]
+        assert sorted(rows) == [-1, *cm.recipes["dyvte"].layers]
         taken = Counter()
         for i in range(12):
             taken.update(cm(*example_inputs(cm.adapter, batch=1, seed=1000 + i)).exit_layers)

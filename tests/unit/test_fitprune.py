@@ -12,12 +12,12 @@ from vtcompile import compile_pruned
 from vtcompile.compiler.cut import Cut
 from vtcompile.compiler.flops import report_from_plan
 from vtcompile.compiler.reference import kept_at_boundaries
-from vtcompile.compiler.scorers import cross_self_mass, head_max_attention
+from vtcompile.passes.fitprune import cross_self_mass, head_max_attention
 from vtcompile.compiler.taps import run_with_taps, sdpa_inputs
 from vtcompile.errors import PassConfigError, VtcompileError
 from vtcompile.models import geometry_of, resolve_spec
 from vtcompile.passes import parse_pass_spec
-from vtcompile.passes.fitprune import FitPruneConfig, _SampleStats, plan, search
+from vtcompile.passes.fitprune import FitPruneConfig, FitPruneRecipe, _SampleStats, plan, search
 
 from .common import adapter, masked_key_check, prompt
 
@@ -73,14 +73,14 @@ def test_budget_is_met(budget):
     cm = fitted("tiny", budget)
     recipe = cm.recipes["fitprune"]
     f = cm.report.flops
-    assert recipe["budget_met"] and f.paper / f.baseline_paper <= budget + 0.02
-    assert abs(recipe["paper_ratio"] - f.paper / f.baseline_paper) < 1e-9
+    assert recipe.budget_met and f.paper / f.baseline_paper <= budget + 0.02
+    assert abs(recipe.paper_ratio - f.paper / f.baseline_paper) < 1e-9
 
 
 def test_recipe_file_round_trip(tmp_path):
     cm = fitted("tiny-gqa")
     path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(cm.recipes["fitprune"]))
+    cm.recipes["fitprune"].save(path)
     again = compile_pruned(adapter("tiny-gqa"), f"fitprune:recipe={path}")
     assert again.report.flops.schedule == cm.report.flops.schedule
     assert again.report.flops.mlp_schedule == cm.report.flops.mlp_schedule
@@ -112,7 +112,7 @@ def test_llava_7b_budget_half_is_about_1_9_tflops():
         self_ = [torch.rand(576, 576, generator=gen) ** 8 for _ in range(32)]
         stats.append(_SampleStats(cross, self_))
     found = search(stats, geom, 576, budget=0.5, tolerance=0.01)
-    steps = plan(FitPruneConfig(), geom, 576, {"n_visual": 576, "removed": found["removed"]})
+    steps = plan(FitPruneConfig(), geom, 576, FitPruneRecipe(removed=found["removed"], n_visual=576))
     rep = report_from_plan(geom, 576, 64, steps)
     assert round(rep.baseline_paper / 1e12, 2) == 3.82
     assert 1.85 <= rep.paper / 1e12 <= 1.91 and found["budget_met"]

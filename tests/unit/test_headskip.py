@@ -236,19 +236,19 @@ def test_budget_form_removes_the_lowest_scoring_heads_after_first_layer():
     cm = compile_pruned(adapter("tiny"), "headskip:budget=0.25,criterion=output,samples=3", calibration="synthetic",
                         progress=False)
     recipe = cm.recipes["headskip"]
-    assert len(recipe["heads"]) == 2  # 0.25 of the 8 heads of layers 2-3
-    scores = recipe["scores"]
+    assert len(recipe.heads) == 2  # 0.25 of the 8 heads of layers 2-3
+    scores = recipe.scores
     assert set(scores) == {f"{l}.{h}" for l in (2, 3) for h in range(4)}
-    assert sorted(scores, key=scores.get)[:2] == sorted(recipe["heads"], key=scores.get)
+    assert sorted(scores, key=scores.get)[:2] == sorted(recipe.heads, key=scores.get)
     assert cm.program.q_heads[:2] == [4, 4] and sum(cm.program.q_heads) == 14
     assert head_oracle_diff(cm, *prompt("tiny", "mid_pad_b2")) <= TOL
     rnd = compile_pruned(adapter("tiny"), "headskip:budget=0.5,criterion=random,first_layer=1", progress=False)
     assert sum(rnd.program.q_heads) == 16 - 6 and min(rnd.program.q_heads) >= 1
     vis = compile_pruned(adapter("tiny-gqa"), "headskip:budget=0.25,criterion=visual,samples=2",
                          calibration="synthetic", progress=False)
-    scores = vis.recipes["headskip"]["scores"]
+    scores = vis.recipes["headskip"].scores
     assert len(scores) == 8 and all(0 <= v <= 1 for v in scores.values())
-    assert sorted(scores, key=scores.get)[:2] == sorted(vis.recipes["headskip"]["heads"], key=scores.get)
+    assert sorted(scores, key=scores.get)[:2] == sorted(vis.recipes["headskip"].heads, key=scores.get)
     assert head_oracle_diff(vis, *prompt("tiny-gqa", "two_images")) <= TOL
 
 
@@ -280,9 +280,9 @@ def test_output_criterion_equals_an_independent_computation():
 
 def test_attnskip_count_and_adapter():
     cm = compile_pruned(adapter("tiny"), "attnskip:count=1,samples=3", calibration="synthetic", progress=False)
-    proxy = cm.recipes["attnskip"]["proxy"]
-    assert set(proxy) == {"2", "3"} and cm.recipes["attnskip"]["layers"] == [int(min(proxy, key=proxy.get))]
-    skipped = cm.recipes["attnskip"]["layers"][0]
+    proxy = cm.recipes["attnskip"].proxy
+    assert set(proxy) == {"2", "3"} and cm.recipes["attnskip"].layers == [int(min(proxy, key=proxy.get))]
+    skipped = cm.recipes["attnskip"].layers[0]
     ad = compile_pruned(adapter("tiny"), f"attnskip:layers={skipped},adapter=true,samples=3",
                         calibration="synthetic", progress=False)
     lins = [n for n in layer_nodes(ad.program.gm, skipped) if n.target is aten.linear.default
@@ -317,11 +317,11 @@ def test_attnskip_search_scores_every_set_by_its_loss():
     prompts = [prompt("tiny", kind, seed=seed) for kind, seed in (("mid_pad_b2", 3), ("image_first", 4))]
     cm = compile_pruned(adapter("tiny"), "attnskip:count=1,criterion=search", calibration=prompts, progress=False)
     recipe = cm.recipes["attnskip"]
-    assert "proxy" not in recipe and set(recipe["search"]) == {"2", "3"}
-    for layers, loss in recipe["search"].items():
+    assert recipe.proxy is None and set(recipe.search) == {"2", "3"}
+    for layers, loss in recipe.search.items():
         skip = compile_pruned(adapter("tiny"), f"attnskip:layers={layers}", progress=False)
         assert loss == pytest.approx(_last_token_kl(skip, prompts), rel=1e-4, abs=1e-7)
-    assert recipe["layers"] == [int(min(recipe["search"], key=recipe["search"].get))]
+    assert recipe.layers == [int(min(recipe.search, key=recipe.search.get))]
 
 
 def test_headskip_ablation_scores_each_head_by_its_loss():
@@ -331,12 +331,12 @@ def test_headskip_ablation_scores_each_head_by_its_loss():
     cm = compile_pruned(adapter("tiny"), "headskip:budget=0.25,criterion=ablation,first_layer=2",
                         calibration=prompts, progress=False)
     recipe = cm.recipes["headskip"]
-    assert set(recipe["scores"]) == {f"{l}.{h}" for l in (2, 3) for h in range(4)}
+    assert set(recipe.scores) == {f"{l}.{h}" for l in (2, 3) for h in range(4)}
     for head in ("2.1", "3.2"):
         alone = compile_pruned(adapter("tiny"), f"headskip:heads={head}", progress=False)
-        assert recipe["scores"][head] == pytest.approx(_last_token_kl(alone, prompts), rel=1e-4, abs=1e-7)
-    lowest = sorted(recipe["scores"], key=lambda h: (recipe["scores"][h], h))[:2]  # 25% of 8 heads
-    assert sorted(recipe["heads"]) == sorted(lowest)
+        assert recipe.scores[head] == pytest.approx(_last_token_kl(alone, prompts), rel=1e-4, abs=1e-7)
+    lowest = sorted(recipe.scores, key=lambda h: (recipe.scores[h], h))[:2]  # 25% of 8 heads
+    assert sorted(recipe.heads) == sorted(lowest)
 
 
 def test_head_passes_after_dyvte_routers_rewrite_every_exit_branch():

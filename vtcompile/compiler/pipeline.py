@@ -49,7 +49,8 @@ def build_program(captured: Captured, n_visual: int, passes: list, recipes: dict
             p.check_supports(program.geometry)
             config.check_model(program.geometry)
             program = p.apply(program, config, recipes.get(p.name))
-            if program.branches is not None and p.rewrites_branches:
+            if program.branches is not None and p.rewrites_layers:
+                # a row that branches must run the same layers as one that does not
                 branches = program.branches.programs
                 for e in sorted(branches):
                     branches[e] = p.apply(branches[e], config, recipes.get(p.name))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from .branches import Branches
 from .cut import Cut
 from .geometry import Geometry
 from .graph import (FakeInputs, IncrementalMeta, annotate, layer_nodes, output_values, refresh_meta, set_outputs)
@@ -50,32 +50,6 @@ class Captured:
     signature: Signature
 
 
-class Router(Protocol):
-    """Decides, between stages, which rows take a branch (DyVTE's routers: which rows' visual tokens exit).
-
-    Owned by the pass that makes it; the runtime only calls `decide` after each layer in `layers` and saves and
-    loads it through its pass (PassDef.load_router)."""
-
-    layers: list[int]
-
-    def decide(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """[B] bool on the CPU: rows that take the branch after `layer`, from the residual stream after the layer
-        [B, S_l, D] and the visual mask of the tokens present there [B, S_l]."""
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The router's weights, for an artifact."""
-
-
-@dataclass
-class Branches:
-    """Dynamic control flow between layers: after layer e, the rows the router picks continue in
-    `programs[e]` (the same program with a rewrite at cut e + 1); `by` names the pass that owns the router."""
-
-    router: Router
-    programs: dict[int, "Program"]
-    by: str
-
-
 @dataclass
 class Program:
     gm: fx.GraphModule
@@ -88,7 +62,7 @@ class Program:
     applied: list[str] = field(default_factory=list)
     visual_origin: str = ""  # the visual-mask node before any rewrite
     signature: Signature | None = None
-    branches: Branches | None = None  # dynamic exits (DyVTE with routers)
+    branches: Branches | None = None  # dynamic control flow between layers (compiler.branches)
     # Head slicing (compiler.heads): per layer the query and k/v heads its attention runs (0: attention removed),
     # and for sliced layers the ORIGINAL indices of the query heads kept.
     q_heads: list[int] = field(default_factory=list)

@@ -20,7 +20,8 @@ aten = torch.ops.aten
 _END = 2**62
 
 
-def _sdpa_inputs(node: fx.Node):
+def sdpa_arguments(node: fx.Node):
+    """(query, key, mask, scale) node arguments of an SDPA call."""
     args = list(node.args) + [None] * 8
     mask = node.kwargs.get("attn_mask", args[3])
     return args[0], args[1], mask, node.kwargs.get("scale")
@@ -54,7 +55,7 @@ def last_query_attention(program: Program, layer: int, clone: bool = False) -> S
 
     def emit(e: Emitter) -> fx.Node:
         # The graph is read when the score is emitted (inside select_tokens, metadata fresh), not before.
-        q_node, k_node, mask, scale = _sdpa_inputs(sdpa_node(program.gm, layer))
+        q_node, k_node, mask, scale = sdpa_arguments(sdpa_node(program.gm, layer))
         head_dim = q_node.meta["val"].shape[-1]
         scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
         heads = q_node.meta["val"].shape[1]
@@ -106,53 +107,11 @@ def inline(e: Emitter, fn, args: list, **constants) -> fx.Node:
     return result
 
 
-def head_max_attention(q, k, mask, scale: float, groups: int, bool_mask: bool):
-    """Attention probabilities [B, S, S], the max over heads (FitPrune's statistic), computed explicitly.
-
-    Fully masked rows (padding) get a finite uniform row instead of NaN.
-    """
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        if bool_mask:
-            logits = torch.where(mask, logits, torch.finfo(torch.float32).min)
-        else:
-            logits = logits + mask.float()
-    return torch.softmax(logits, dim=-1).amax(dim=1)
-
-
-def cross_self_mass(attn, visual):
-    """Per key j: attention mass from the text rows after the image (cross) and from the visual rows
-    (self), each averaged over its rows. attn [B, S, S] head-max, visual [B, S] bool -> ([B, S], [B, S])."""
-    vis = visual.float()
-    seen = visual.long().cumsum(dim=1)
-    after = ((seen == seen[:, -1:]) & ~visual).float()
-    cross = (after.unsqueeze(-1) * attn).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp(min=1.0)
-    self_mass = (vis.unsqueeze(-1) * attn).sum(dim=1) / vis.sum(dim=1, keepdim=True).clamp(min=1.0)
-    return cross, self_mass
-
-
-def _cross_times_self(q, k, mask, visual, scale: float, groups: int, bool_mask: bool):
-    cross, self_mass = cross_self_mass(head_max_attention(q, k, mask, scale, groups, bool_mask), visual)
-    return cross * self_mass
-
-
-def attention_mass(program: Program, layer: int) -> Scorer:
-    """FitPrune's inference score from `layer`'s attention: cross mass x self mass per token."""
-
-    def emit(e: Emitter) -> fx.Node:
-        q, k, mask, scale = _sdpa_inputs(sdpa_node(program.gm, layer))
-        scale = scale if scale is not None else 1.0 / math.sqrt(q.meta["val"].shape[-1])
-        groups = q.meta["val"].shape[1] // k.meta["val"].shape[1]
-        bool_mask = mask is not None and mask.meta["val"].dtype == torch.bool
-        if mask is None:
-            return inline(e, _cross_times_self, [q, k, program.visual_mask_node], mask=None, scale=scale,
-                          groups=groups, bool_mask=False)
-        return inline(e, _cross_times_self, [q, k, mask, program.visual_mask_node], scale=scale, groups=groups,
-                      bool_mask=bool_mask)
-
-    return emit
+def text_after_images(visual: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the text tokens after the last image of each row (the instruction, in LLaVA prompts), from the
+    visual mask. Shared by passes that read the instruction's states or attention; traceable (inline)."""
+    seen = visual.long().cumsum(1)
+    return (seen == seen[:, -1:]) & ~visual
 
 
 def visual_selection(program: Program, select, keep_per_image: int, **constants) -> Scorer:

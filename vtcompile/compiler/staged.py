@@ -1,11 +1,11 @@
 """Stages: every program runs as a list of stages, each lowered, saved and loaded on its own.
 
-A program without branches is ONE stage: its whole graph. A program with branches (DyVTE's visual-token exit
-after the layer where a router fires) needs control flow between layers, so its graph is split at every layer
-boundary (partitioned by the vt_pos annotation, compiler.cut.stage_layer); each branch program (the same program with a rewrite at
+A program without branches is ONE stage: its whole graph. A program with branches (compiler.branches: after a
+layer, the rows a decision picks continue in another program) needs control flow between layers, so its graph is
+split at every layer boundary (partitioned by the vt_pos annotation, compiler.cut.stage_layer); each branch program (the same program with a rewrite at
 cut e + 1) is split the same way and shares stages 0..e with the base graph. Values cross stages under their
 node names; every stage takes and returns tensors only (sizes are re-read from tensor shapes), has static token
-counts given its inputs' lengths, and so compiles and exports on its own. Running stages (and asking the router
+counts given its inputs' lengths, and so compiles and exports on its own. Running stages (and asking the decision
 between them) is the runtime's job (runtime/executor.py); this module only builds them.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.fx as fx
 
 from .cut import stage_layer
 from .graph import output_values, same_size, set_outputs, symbolic_dims
-from .program import Program, Router
+from .branches import Decision
+from .program import Program
 from .signature import END, Signature
 
 
@@ -27,7 +28,7 @@ class Stage:
     """One graph of a program: reads the values named `inputs`, produces the values named `outputs`.
 
     `module` is the FX GraphModule (or what a target lowered it to); `batched[i]` says whether input i has the
-    batch on dim 0 (rows are regrouped between stages when a router sends some rows elsewhere); `dynamic[i]` lists
+    batch on dim 0 (rows are regrouped between stages when a decision sends some rows elsewhere); `dynamic[i]` lists
     the dims of input i that stay symbolic (batch, token axes, cache lengths) in exports and compiles."""
 
     name: str
@@ -65,14 +66,14 @@ class StagedGraph:
 
 @dataclass
 class StagePlan:
-    """What the runtime executes for one program: the base graph and, with a router, a branch graph per layer
-    the router is asked after (its stages up to that layer are the base graph's)."""
+    """What the runtime executes for one program: the base graph and, with a decision, a branch graph per layer
+    the decision is asked after (its stages up to that layer are the base graph's)."""
 
+    name: str  # the program's stem: its stages' and files' names start with it
     signature: Signature
     base: StagedGraph
     branches: dict[int, StagedGraph] = field(default_factory=dict)
-    router: Router | None = None
-    router_by: str = ""  # the pass that owns the router (it saves and loads it)
+    decision: Decision | None = None
     visual: dict[int, str] = field(default_factory=dict)  # per branch layer: the visual mask live after it
 
     def all_stages(self) -> Iterator[Stage]:
@@ -96,8 +97,8 @@ class StagePlan:
                 stages.append(done[id(s)])
             return StagedGraph(stages, g.placeholders, g.results, g.residual)
 
-        return StagePlan(self.signature, graph(self.base), {e: graph(g) for e, g in self.branches.items()},
-                         self.router, self.router_by, dict(self.visual))
+        return StagePlan(self.name, self.signature, graph(self.base),
+                         {e: graph(g) for e, g in self.branches.items()}, self.decision, dict(self.visual))
 
 
 def stem(program: Program) -> str:
@@ -132,13 +133,13 @@ def stage_program(program: Program) -> StagePlan:
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     results = [n.name for n in output_values(gm)]
     if program.branches is None:
-        return StagePlan(program.signature, StagedGraph([whole(program)], placeholders, results))
+        return StagePlan(stem(program), program.signature, StagedGraph([whole(program)], placeholders, results))
     base = _split(program, f"{stem(program)}-layer")
     branches = {}
     for e, p in sorted(program.branches.programs.items()):
-        g = _split(p, f"{stem(program)}-exit{e}-layer")
+        g = _split(p, f"{stem(program)}-branch{e}-layer")
         branches[e] = StagedGraph(base.stages[:e + 1] + g.stages[e + 1:], g.placeholders, g.results, g.residual)
-    return StagePlan(program.signature, base, branches, program.branches.router, program.branches.by,
+    return StagePlan(stem(program), program.signature, base, branches, program.branches.decision,
                      {e: program.visual_name_at(e) for e in program.branches.programs})
 
 

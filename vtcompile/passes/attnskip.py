@@ -24,7 +24,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,7 +33,7 @@ from ..compiler.heads import attention_nodes, last_token_kl, last_token_logprobs
 from ..compiler.program import Program
 from ..compiler.taps import run_with_taps
 from ..errors import PassConfigError
-from .base import PassConfig, PassDef, param, register
+from .base import PassConfig, PassDef, Recipe, param, register, tensors_field
 
 
 CRITERIA = ("proxy", "search")
@@ -80,11 +80,36 @@ class AttnSkipConfig(PassConfig):
         return self.adapter or (not self.layers and self.count > 0)
 
 
+@dataclass
+class AttnSkipRecipe(Recipe):
+    """The layers whose attention is removed, what chose them (the proxy's residual change per layer, or the
+    search's loss per skip-set) and the fitted linear stand-ins ({layer}.weight / {layer}.bias)."""
+
+    name = "attnskip"
+    layers: list = field(default_factory=list)
+    proxy: dict | None = None
+    search: dict | None = None
+    adapters: dict = tensors_field("per removed layer: the linear stand-in's weight and bias")
+    samples: int | None = None
+    calibration_seconds: float | None = None
+    config_hash: str | None = None
+
+    def __post_init__(self):
+        self.layers = [int(x) for x in self.layers]
+
+    def describe(self) -> str:
+        return (f"attention removed in layers {self.layers}" + (" (+ linear adapters)" if self.adapters else "")
+                + f"; {self.samples} prompts")
+
+    def reuse(self, files) -> str:
+        return "" if self.adapters else f"--pass attnskip:layers={'/'.join(map(str, self.layers))}"
+
+
 def plan(config: AttnSkipConfig, geometry: Geometry, n_visual: int, recipe=None):
     return []  # no token is removed; the removed attentions reach the FLOPs report through the Program (or head_counts)
 
 
-def head_counts(config: AttnSkipConfig, geometry: Geometry, recipe: dict | None = None) -> tuple[list[int], list[int]]:
+def head_counts(config: AttnSkipConfig, geometry: Geometry, recipe: AttnSkipRecipe | None = None) -> tuple[list[int], list[int]]:
     """Per layer the query and k/v heads left (0 where the attention is removed), without weights (FLOPs/KV tables
     of a geometry: compiler.flops.FlopsReport(..., q_heads=, kv_heads=, adapted=))."""
     config.check_model(geometry)
@@ -94,7 +119,7 @@ def head_counts(config: AttnSkipConfig, geometry: Geometry, recipe: dict | None 
     return q, kv
 
 
-def skipped_layers(config: AttnSkipConfig, recipe: dict | None) -> list[int]:
+def skipped_layers(config: AttnSkipConfig, recipe: AttnSkipRecipe | None) -> list[int]:
     if config.layers:
         return sorted(config.layers)
     if config.count == 0:
@@ -103,14 +128,14 @@ def skipped_layers(config: AttnSkipConfig, recipe: dict | None) -> list[int]:
     if recipe is None:
         raise PassConfigError("attnskip:count=N chooses layers on calibration data: give --calibration DATA "
                               "(calibration= in Python) or the layers with layers=L1/L2")
-    return sorted(int(x) for x in recipe["layers"])
+    return sorted(recipe.layers)
 
 
-def apply(program: Program, config: AttnSkipConfig, recipe: dict | None = None) -> Program:
-    if config.adapter and (recipe is None or "_tensors" not in recipe):
+def apply(program: Program, config: AttnSkipConfig, recipe: AttnSkipRecipe | None = None) -> Program:
+    if config.adapter and (recipe is None or not recipe.adapters):
         raise PassConfigError("attnskip:adapter=true fits its adapters on calibration data: give --calibration DATA "
                               "(calibration= in Python)")
-    t = recipe["_tensors"] if config.adapter else None
+    t = recipe.adapters if config.adapter else None
     layers = {layer: (t[f"{layer}.weight"], t[f"{layer}.bias"]) if t else None
               for layer in skipped_layers(config, recipe)}
     return remove_attention(program, layers, by="attnskip")
@@ -209,13 +234,13 @@ def search_losses(program: Program, batches, candidates: list[int], config: Attn
     return losses
 
 
-def calibrate(program: Program, config: AttnSkipConfig, batches, progress: bool = True) -> dict:
+def calibrate(program: Program, config: AttnSkipConfig, batches, progress: bool = True) -> AttnSkipRecipe:
     """Choose the layers by the proxy (count form) and fit the adapters (adapter=true)."""
     config.check_model(program.geometry)
     t0 = time.perf_counter()
     if not batches:
         raise PassConfigError("attnskip: the calibration set is empty; give at least one sample")
-    recipe = {"pass": "attnskip", "samples": len(batches), "config_hash": program.geometry.config_hash()}
+    recipe = AttnSkipRecipe(samples=len(batches), config_hash=program.geometry.config_hash())
     if config.layers:
         layers = sorted(config.layers)
     else:
@@ -223,15 +248,15 @@ def calibrate(program: Program, config: AttnSkipConfig, batches, progress: bool 
         if config.criterion == "search":
             losses = search_losses(program, batches, candidates, config, progress)
             layers = list(min(losses, key=lambda s: (losses[s], s)))
-            recipe["search"] = {"/".join(map(str, s)): v for s, v in sorted(losses.items())}
+            recipe.search = {"/".join(map(str, s)): v for s, v in sorted(losses.items())}
         else:
             proxy = residual_change(program, batches, candidates, progress)
             layers = sorted(sorted(candidates, key=lambda l: (proxy[l], l))[:config.count])
-            recipe["proxy"] = {str(l): v for l, v in proxy.items()}
-    recipe["layers"] = layers
+            recipe.proxy = {str(l): v for l, v in proxy.items()}
+    recipe.layers = layers
     if config.adapter:
-        recipe["_tensors"] = fit_adapters(program, batches, layers, config.ridge, progress)
-    recipe["calibration_seconds"] = time.perf_counter() - t0
+        recipe.adapters = fit_adapters(program, batches, layers, config.ridge, progress)
+    recipe.calibration_seconds = time.perf_counter() - t0
     return recipe
 
 
@@ -240,4 +265,5 @@ PASS = register(PassDef(
     summary="remove the attention sub-block of chosen layers (given, or the ones that change the residual stream "
             "least on calibration data), optionally with a least-squares linear stand-in (EAS, training-free)",
     needs=("attention_taps",),
-    config=AttnSkipConfig, plan=plan, apply=apply, calibrate=calibrate, rewrites_branches=True))
+    config=AttnSkipConfig, plan=plan, apply=apply, calibrate=calibrate, recipe=AttnSkipRecipe, heads=head_counts,
+    rewrites_layers=True))

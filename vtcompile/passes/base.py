@@ -4,15 +4,17 @@ registry that maps the paper's name to the pass.
 A pass is a module with a ``Config`` dataclass and functions
 ``plan(config, geometry, n_visual, recipe=None) -> [(cut, k_visual), ...]`` (its static token schedule,
 used for FLOPs without weights) and ``apply(program, config, recipe=None) -> Program``; calibrating passes
-also ``calibrate(program, config, batches, progress) -> recipe`` (JSON-able dict). Defaults live only in the
+also ``calibrate(program, config, batches, progress) -> Recipe`` (a typed recipe, below). Defaults live only in the
 Config; CLI flags are derived from its fields.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable
 
 from ..compiler.geometry import Geometry
@@ -133,12 +135,27 @@ class PassDef:
     # compile_pruned refuses a model whose family does not provide it. Passes never name a family.
     needs: tuple[str, ...] = ()
     min_layers: int = 1
-    calibrate: Callable | None = None  # (program, config, batches, progress) -> recipe dict
-    load_router: Callable | None = None  # (config, geometry, tensors) -> the Router its apply() makes
-    calibration_exits: Callable | None = None  # (recipe, config) -> {branch layer (-1: none): calibration prompts}
-    # A pass that rewrites the layers themselves (weights, heads, attention), not the token set: listed after a pass
-    # that made branches (DyVTE's exits), it rewrites every branch too, so a row that exits runs the same layers.
-    rewrites_branches: bool = False
+    calibrate: Callable | None = None  # (program, config, batches, progress) -> an instance of `recipe`
+    recipe: type["Recipe"] | None = None  # what calibrate returns (typed, persists and describes itself)
+    # (config, geometry, recipe=None) -> (query heads, k/v heads) per layer, for passes that remove heads or whole
+    # attentions: their FLOPs and KV bytes without building the model (`vtcompile flops`)
+    heads: Callable | None = None
+    # (config, geometry, n_visual) -> (label, {layer e: the token-schedule steps the branch taken after layer e adds})
+    # for passes that make branches (compiler.branches), or None when a config of theirs makes none: static reports
+    # (`vtcompile flops`) print the FLOPs of every branch, since which one a prompt takes is decided at run time.
+    branch_plans: Callable | None = None
+    # The pass rewrites the layers themselves (weights, heads, attention blocks), not the token set: listed after a
+    # pass that made branches (compiler.branches), it rewrites every branch program too.
+    rewrites_layers: bool = False
+
+    def read_recipe(self, value) -> "Recipe | None":
+        """A recipe given to compile_pruned: this pass's Recipe, or its JSON form (a dict)."""
+        if value is None or self.recipe is None or isinstance(value, self.recipe):
+            return value
+        if isinstance(value, dict):
+            return self.recipe.from_dict(value)
+        raise PassConfigError(f"{self.name}: a recipe must be a {self.recipe.__name__} or its dict form, found "
+                              f"{type(value).__name__}")
 
     def check_supports(self, geometry: Geometry) -> None:
         missing = [n for n in self.needs if n not in geometry.features]
@@ -150,6 +167,118 @@ class PassDef:
             raise UnsupportedModelError(
                 f"pass {self.name!r} needs a decoder with at least {self.min_layers} layers; this model has "
                 f"{geometry.num_layers}")
+
+
+# -- recipes ----------------------------------------------------------------------------------------------------
+def tensors_field(help: str):
+    """A recipe field holding tensors {name: tensor}: persisted in safetensors beside the JSON, never in reports."""
+    return field(default_factory=dict, metadata={"tensors": True, "help": help})
+
+
+@dataclass
+class Recipe:
+    """What a calibrating pass fitted: a small dataclass per pass (defined in the pass's file). JSON fields and
+    tensor fields (``tensors_field``); it persists itself (``save`` / ``load``: JSON, plus a .safetensors file
+    beside it when it has tensors) and describes itself for the report (``describe``), so no caller strips keys or
+    branches on a pass name."""
+
+    name: typing.ClassVar[str] = "?"
+
+    def __post_init__(self):
+        """Normalise fields read back from JSON (override: e.g. int layer keys)."""
+
+    def describe(self) -> str:
+        """One line for the report."""
+        return ", ".join(f"{k}={v}" for k, v in self.to_dict().items() if k != "pass")
+
+    def reuse(self, files: list[Path]) -> str:
+        """How to use the saved files again (a --pass spec), or ''."""
+        return ""
+
+    def to_dict(self) -> dict:
+        """The JSON fields (tensors left out), with the pass name."""
+        return {"pass": self.name, **{f.name: _jsonable(getattr(self, f.name)) for f in fields(self)
+                                      if not f.metadata.get("tensors")}}
+
+    def tensors(self) -> dict:
+        """Every tensor field flattened to {field.key: tensor}."""
+        return {f"{f.name}.{k}": v for f in fields(self) if f.metadata.get("tensors")
+                for k, v in getattr(self, f.name).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, tensors: dict | None = None) -> "Recipe":
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(d) - set(known) - {"pass", "weights_file", "summary"}  # summary: the report's line
+        if d.get("pass", cls.name) != cls.name:
+            raise PassConfigError(f"{cls.name}: this recipe was fitted by pass {d.get('pass')!r}")
+        if unknown:
+            raise PassConfigError(f"{cls.name}: unknown recipe field(s) {', '.join(sorted(unknown))}; a recipe has "
+                                  f"{', '.join(known)}")
+        values = {k: v for k, v in d.items() if k in known and not known[k].metadata.get("tensors")}
+        for f in known.values():
+            if f.metadata.get("tensors"):
+                prefix = f.name + "."
+                values[f.name] = {k[len(prefix):]: v for k, v in (tensors or {}).items() if k.startswith(prefix)}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise PassConfigError(f"{cls.name}: the recipe misses a field ({exc})") from None
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write the recipe as JSON at `path` (and its tensors as `path`.safetensors); each file written to a
+        temporary name and moved into place. Returns the files written."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        data, written, tensors = self.to_dict(), [path], self.tensors()
+        if tensors:
+            weights = path.with_suffix(".safetensors")
+            tmp = weights.with_name(f".{weights.name}.tmp")
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+            _umask_mode(tmp)  # safetensors writes 0600; the user's umask decides, as for every other file
+            tmp.replace(weights)
+            data["weights_file"] = weights.name
+            written.append(weights)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+        return written
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """A recipe written by save (a clear error for a missing or malformed file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise PassConfigError(f"{cls.name}: recipe file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PassConfigError(f"{cls.name}: recipe file {path} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise PassConfigError(f"{cls.name}: recipe file {path} must hold a JSON object")
+        tensors = None
+        if data.get("weights_file"):
+            from safetensors.torch import load_file
+
+            weights = path.parent / data["weights_file"]
+            if not weights.is_file():
+                raise PassConfigError(f"{cls.name}: recipe {path} names {weights}, which does not exist")
+            tensors = load_file(str(weights))
+        return cls.from_dict(data, tensors)
+
+
+def _umask_mode(path: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 REGISTRY: dict[str, PassDef] = {}

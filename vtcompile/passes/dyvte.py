@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..compiler.branches import Branches, Decision, register_decision
 from ..compiler.cut import Cut
 from ..compiler.geometry import Geometry
-from ..compiler.program import Branches, Program
+from ..compiler.program import Program
 from ..compiler.rewrite import drop_visual
+from ..compiler.scorers import text_after_images
 from ..compiler.taps import run_with_taps
 from ..errors import PassConfigError
-from .base import PassConfig, PassDef, param, register
+from .base import PassConfig, PassDef, Recipe, param, register, tensors_field
 
 
 @dataclass(frozen=True)
@@ -83,17 +85,23 @@ class DyVTEConfig(PassConfig):
 
 def router_features(hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """concat(mean of text states after the image, last prompt token state): [B, S, D] -> [B, 2D]."""
-    seen = visual.long().cumsum(1)
-    after = ((seen == seen[:, -1:]) & ~visual).float()
+    after = text_after_images(visual).float()
     mean = (after.unsqueeze(-1) * hidden.float()).sum(1) / after.sum(1, keepdim=True).clamp(min=1.0)
     return torch.cat([mean, hidden[:, -1].float()], dim=-1)
 
 
-class Routers(nn.Module):
+@register_decision
+class Routers(nn.Module, Decision):
+    """The branch decision of a routed program (compiler.branches): after layer e, the rows whose router fires
+    continue in the continuation without visual tokens."""
+
+    kind = "dyvte.routers"
+
     def __init__(self, layers: list[int], dim: int, width: int, threshold: float = 0.5):
         super().__init__()
         self.layers = list(layers)
         self.threshold = threshold
+        self.dim, self.width = dim, width
         self.mlps = nn.ModuleDict({
             str(e): nn.Sequential(nn.Linear(2 * dim, width, bias=False), nn.GELU(), nn.Linear(width, 2, bias=False))
             for e in layers})
@@ -103,8 +111,18 @@ class Routers(nn.Module):
     def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         return self.mlps[str(layer)](features)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def state(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict())
+
+    def meta(self) -> dict:
+        return {"layers": list(self.layers), "width": self.width, "threshold": self.threshold}
+
+    @classmethod
+    def load(cls, meta: dict, state: dict, geometry: Geometry) -> "Routers":
+        _check_width(state, geometry)
+        routers = cls(meta["layers"], geometry.hidden_size, meta["width"], meta["threshold"])
+        routers.load_state_dict(state)
+        return routers.eval()
 
     @torch.no_grad()
     def decide(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
@@ -123,49 +141,114 @@ def _continuation(program: Program, exit_after: int) -> Program:
     return drop_visual(program.clone(), exit_after + 1, by="dyvte")
 
 
+@dataclass
+class DyVTERecipe(Recipe):
+    """Trained routers (one per candidate layer), how their labels and training went, and per calibration prompt
+    and layer the router's margin (exit logit - keep logit): where the routers send the calibration prompts at any
+    threshold, without running them again."""
+
+    name = "dyvte"
+    layers: list = field(default_factory=list)
+    hidden: int = 0
+    routers: dict = tensors_field("the routers' weights (state dict: mlps.<layer>.*)")
+    margins: dict = tensors_field("per layer: every calibration prompt's exit logit - keep logit")
+    exit_label_rate: dict | None = None
+    router_train_accuracy: dict | None = None
+    samples: int | None = None
+    final_loss: float | None = None
+    holdout: dict | None = None
+    calibration_seconds: float | None = None
+    config_hash: str | None = None
+
+    def __post_init__(self):
+        self.layers = [int(x) for x in self.layers]
+
+    def describe(self) -> str:
+        rates = " ".join(f"L{k}:{v:.0%}" for k, v in (self.exit_label_rate or {}).items())
+        return f"routers at layers {self.layers}; exit-label rate {rates or '?'}; {self.samples} prompts"
+
+    def reuse(self, files) -> str:
+        return f"--pass dyvte:routers={files[-1]}" if len(files) > 1 else ""
+
+    def prompts_by_exit(self, threshold: float) -> dict[int, int] | None:
+        """Where the routers send the calibration prompts at ``threshold``: {exit layer (-1: none): prompts}.
+
+        The features a router reads at layer e are those of the run without an exit (no row has exited before its
+        first firing router), so the first layer whose margin passes the threshold is the exit the runtime takes on
+        that prompt. None when the routers did not come from calibration (a routers file)."""
+        if not self.margins:
+            return None
+        cut = exit_cut(threshold)
+        layers = sorted(self.margins, key=int)
+        counts: dict[int, int] = {}
+        for i in range(len(self.margins[layers[0]])):
+            exit_at = next((int(e) for e in layers if float(self.margins[e][i]) > cut), -1)
+            counts[exit_at] = counts.get(exit_at, 0) + 1
+        return counts
+
+
 def plan(config: DyVTEConfig, geometry: Geometry, n_visual: int, recipe=None):
     if config.exit_layer >= 0:
         return [(config.exit_layer + 1, 0)]
     return []  # dynamic: the schedule without an exit; the exits taken are reported per prompt
 
 
-def apply(program: Program, config: DyVTEConfig, recipe: dict | None = None) -> Program:
+BRANCH_LABEL = "visual-token exit"
+
+
+def branch_plans(config: DyVTEConfig, geometry: Geometry, n_visual: int) -> tuple[str, dict[int, list]] | None:
+    """Without routers at hand: after each candidate layer e, every visual token exits (cut e + 1 keeps 0)."""
+    if config.exit_layer >= 0:
+        return None
+    config.check_model(geometry)
+    layers = config.layers or tuple(range(geometry.num_layers - 1))
+    if config.routers:
+        layers = routers_recipe(config.routers).layers
+    return BRANCH_LABEL, {e: [(e + 1, 0)] for e in sorted(layers)}
+
+
+def apply(program: Program, config: DyVTEConfig, recipe: DyVTERecipe | None = None) -> Program:
     config.check_model(program.geometry)
     if config.exit_layer >= 0:
         return drop_visual(program, config.exit_layer + 1, by="dyvte")
+    if recipe is None and config.routers:
+        recipe = routers_recipe(config.routers)
     routers = load_routers(config, program.geometry, recipe)
-    program.branches = Branches(routers, {e: _continuation(program, e) for e in routers.layers}, by="dyvte")
+    program.branches = Branches(routers, {e: _continuation(program, e) for e in routers.layers}, by="dyvte",
+                                label=BRANCH_LABEL, calibration_prompts=recipe.prompts_by_exit(config.threshold))
     return program
 
 
-def routers_recipe(state: dict) -> dict:
-    """The recipe form of a routers state dict read from a file (layers and width from the tensor names/shapes)."""
+def routers_recipe(path: str) -> DyVTERecipe:
+    """The recipe of a routers .safetensors file (vtcompile calibrate's, or an artifact's): layers and width from
+    the tensor names and shapes."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise PassConfigError(f"dyvte: routers file {p} does not exist")
+    state = load_file(str(p))
+    prefix = "routers." if any(k.startswith("routers.") for k in state) else ""  # a recipe's file, or bare weights
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):].startswith("mlps.")}
     layers = sorted({int(k.split(".")[1]) for k in state})
     if not layers:
         raise PassConfigError("dyvte: the routers file holds no router weights (expected keys mlps.<layer>.*)")
-    return {"layers": layers, "hidden": state[f"mlps.{layers[0]}.0.weight"].shape[0], "_tensors": state}
+    return DyVTERecipe(layers=layers, hidden=state[f"mlps.{layers[0]}.0.weight"].shape[0], routers=state)
 
 
-def load_routers(config: DyVTEConfig, geometry: Geometry, recipe: dict | None) -> Routers:
-    if recipe is None and config.routers:
-        from safetensors.torch import load_file
+def _check_width(state: dict, geometry: Geometry) -> None:
+    for key, t in state.items():
+        if key.endswith(".0.weight") and t.shape[1] != 2 * geometry.hidden_size:
+            raise PassConfigError(f"dyvte: the routers were trained for a model of width {t.shape[1] // 2}, this "
+                                  f"model has width {geometry.hidden_size}; retrain them for this model")
 
-        path = Path(config.routers)
-        if not path.is_file():
-            raise PassConfigError(f"dyvte: routers file {path} does not exist")
-        recipe = routers_recipe(load_file(str(path)))
+
+def load_routers(config: DyVTEConfig, geometry: Geometry, recipe: DyVTERecipe | None) -> Routers:
     if recipe is None:
         raise PassConfigError("dyvte with routers needs trained routers: calibrate them (--calibration DATA), give "
                               "dyvte:routers=FILE.safetensors, or use the static form dyvte:exit_layer=K")
-    state = recipe["_tensors"]
-    dim = geometry.hidden_size
-    for key, t in state.items():
-        if key.endswith(".0.weight") and t.shape[1] != 2 * dim:
-            raise PassConfigError(f"dyvte: the routers were trained for a model of width {t.shape[1] // 2}, this "
-                                  f"model has width {dim}; retrain them for this model")
-    routers = Routers(recipe["layers"], dim, recipe["hidden"], config.threshold)
-    routers.load_state_dict(state)
-    return routers.eval()
+    return Routers.load({"layers": recipe.layers, "width": recipe.hidden, "threshold": config.threshold},
+                        recipe.routers, geometry)
 
 
 def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool = True):
@@ -233,7 +316,7 @@ def train_routers(x: dict, y: dict, dim: int, width: int, config: DyVTEConfig,
                 routers.mlps[str(e)].load_state_dict(best[e][2])
     with torch.no_grad():
         acc = {str(e): float((routers.logits(e, x[e]).argmax(-1) == y[e]).float().mean()) for e in layers}
-        margins = {}  # per layer and prompt: exit logit - keep logit (calibration_exits)
+        margins = {}  # per layer and prompt: exit logit - keep logit (DyVTERecipe.prompts_by_exit)
         for e in layers:
             logits = routers.logits(e, x[e])
             margins[str(e)] = (logits[:, 1] - logits[:, 0]).tolist()
@@ -241,51 +324,27 @@ def train_routers(x: dict, y: dict, dim: int, width: int, config: DyVTEConfig,
         "router_train_accuracy": acc, "samples": n, "final_loss": loss.item(),
         "holdout": None if not n_hold else {"prompts": n_hold, "epochs": {str(e): best[e][1] for e in layers},
                                             "loss": {str(e): best[e][0] for e in layers}},
-        "_margins": margins}
+        "margins": margins}
 
 
-def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = True) -> dict:
+def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = True) -> DyVTERecipe:
     """Train the routers on labels the frozen model gives itself (see the module docstring)."""
     t0 = time.perf_counter()
     x, y = router_labels(program, config, batches, progress)
     layers = sorted(x)
     width = config.width(program.geometry)
     routers, info = train_routers(x, y, program.geometry.hidden_size, width, config, progress)
-    return {"pass": "dyvte", "layers": layers, "hidden": width,
-            "exit_label_rate": {str(e): float(y[e].float().mean()) for e in layers}, **info,
-            "calibration_seconds": time.perf_counter() - t0, "config_hash": program.geometry.config_hash(),
-            "_tensors": {k: v.detach().clone() for k, v in routers.state_dict().items()}}
-
-
-def calibration_exits(recipe: dict | None, config: DyVTEConfig) -> dict[int, int] | None:
-    """Where the trained routers send the calibration prompts at ``threshold``: {exit layer (-1: none): prompts}.
-
-    At the config's threshold. Uses the router margins (exit logit - keep logit) that calibrate() kept per prompt
-    and layer: the features a
-    router reads at layer e are those of the run without an exit (no row has exited before its first firing
-    router), so the first layer whose margin passes the threshold is the exit the runtime takes on that prompt.
-    None when the routers did not come from calibration here (a routers file).
-    """
-    margins = (recipe or {}).get("_margins")
-    if not margins:
-        return None
-    cut = exit_cut(config.threshold)
-    layers = sorted(margins, key=int)
-    counts: dict[int, int] = {}
-    for i in range(len(margins[layers[0]])):
-        exit_at = next((int(e) for e in layers if margins[e][i] > cut), -1)
-        counts[exit_at] = counts.get(exit_at, 0) + 1
-    return counts
-
-
-def load_router(config: DyVTEConfig, geometry: Geometry, tensors: dict) -> Routers:
-    """The routers of an artifact (PassDef.load_router)."""
-    return load_routers(config, geometry, routers_recipe(tensors))
+    margins = info.pop("margins")
+    return DyVTERecipe(layers=layers, hidden=width,
+                       routers={k: v.detach().clone() for k, v in routers.state_dict().items()},
+                       margins={str(e): torch.tensor(m) for e, m in margins.items()},
+                       exit_label_rate={str(e): float(y[e].float().mean()) for e in layers}, **info,
+                       calibration_seconds=time.perf_counter() - t0, config_hash=program.geometry.config_hash())
 
 
 PASS = register(PassDef(
     name="dyvte",
     summary="visual-token exit: all visual tokens leave after the layer where a trained router fires (DyVTE); "
             "static form exit_layer=K",
-    config=DyVTEConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate, load_router=load_router,
-    calibration_exits=calibration_exits))
+    config=DyVTEConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate, recipe=DyVTERecipe,
+    branch_plans=branch_plans))

@@ -14,22 +14,26 @@ Cut(l, after_attention=True). Statistics are read through the compiler's taps on
 """
 from __future__ import annotations
 
-import json
+import math
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 
 from ..compiler.flops import report_from_plan
 from ..compiler.geometry import Geometry
 from ..compiler.program import Program
 from ..compiler.cut import Cut
 from ..compiler.rewrite import select_tokens
-from ..compiler.scorers import attention_mass, head_max_attention
+from ..compiler.graph import sdpa_node
+from ..compiler.rewrite import Emitter, Scorer
+from ..compiler.scorers import inline, sdpa_arguments, text_after_images
 from ..compiler.taps import run_with_taps, sdpa_inputs
 from ..errors import PassConfigError
-from .base import PassConfig, PassDef, param, register
+from .base import PassConfig, PassDef, Recipe, param, register
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,109 @@ class FitPruneConfig(PassConfig):
         return not self.recipe
 
 
+# -- the statistic and the score ----------------------------------------------------------------------
+def head_max_attention(q, k, mask, scale: float, groups: int, bool_mask: bool):
+    """Attention probabilities [B, S, S], the max over heads (the paper's statistic), computed explicitly.
+
+    Fully masked rows (padding) get a finite uniform row instead of NaN.
+    """
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        if bool_mask:
+            logits = torch.where(mask, logits, torch.finfo(torch.float32).min)
+        else:
+            logits = logits + mask.float()
+    return torch.softmax(logits, dim=-1).amax(dim=1)
+
+
+def cross_self_mass(attn, visual):
+    """Per key j: attention mass from the text rows after the image (cross) and from the visual rows
+    (self), each averaged over its rows. attn [B, S, S] head-max, visual [B, S] bool -> ([B, S], [B, S])."""
+    vis = visual.float()
+    after = text_after_images(visual).float()
+    cross = (after.unsqueeze(-1) * attn).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp(min=1.0)
+    self_mass = (vis.unsqueeze(-1) * attn).sum(dim=1) / vis.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return cross, self_mass
+
+
+def _cross_times_self(q, k, mask, visual, scale: float, groups: int, bool_mask: bool):
+    cross, self_mass = cross_self_mass(head_max_attention(q, k, mask, scale, groups, bool_mask), visual)
+    return cross * self_mass
+
+
+def attention_mass(program: Program, layer: int) -> Scorer:
+    """The inference score from `layer`'s attention: cross mass x self mass per token."""
+
+    def emit(e: Emitter) -> fx.Node:
+        q, k, mask, scale = sdpa_arguments(sdpa_node(program.gm, layer))
+        scale = scale if scale is not None else 1.0 / math.sqrt(q.meta["val"].shape[-1])
+        groups = q.meta["val"].shape[1] // k.meta["val"].shape[1]
+        bool_mask = mask is not None and mask.meta["val"].dtype == torch.bool
+        if mask is None:
+            return inline(e, _cross_times_self, [q, k, program.visual_mask_node], mask=None, scale=scale,
+                          groups=groups, bool_mask=False)
+        return inline(e, _cross_times_self, [q, k, mask, program.visual_mask_node], scale=scale, groups=groups,
+                      bool_mask=bool_mask)
+
+    return emit
+
+
+
 # -- recipes ----------------------------------------------------------------------------------------
+@dataclass
+class FitPruneRecipe(Recipe):
+    """{layer: visual tokens removed after its attention}, fitted for `n_visual` visual tokens per prompt (other
+    counts scale it), and how the budget search went."""
+
+    name = "fitprune"
+    removed: dict = field(default_factory=dict)
+    n_visual: int = 0
+    budget: float | None = None
+    alpha: float | None = None
+    paper_ratio: float | None = None
+    iterations: int | None = None
+    budget_met: bool | None = None
+    samples: int | None = None
+    calibration_seconds: float | None = None
+    config_hash: str | None = None
+
+    def __post_init__(self):
+        self.removed = {int(k): int(v) for k, v in self.removed.items()}
+
+    def describe(self) -> str:
+        removed = " ".join(f"L{k}:-{v}" for k, v in self.removed.items()) or "removes nothing"
+        if self.paper_ratio is None:
+            return removed
+        met = "met" if self.budget_met else "NOT met"
+        return (f"{removed}  (budget {self.budget:.2f}: {self.paper_ratio:.1%} of paper FLOPs, {met}; "
+                f"alpha {self.alpha:.3f})")
+
+    def reuse(self, files: list[Path]) -> str:
+        return f"--pass fitprune:recipe={files[0]}"
+
+    @classmethod
+    def load(cls, path) -> "FitPruneRecipe":
+        """A recipe file (vtcompile calibrate), or a bare {layer: count} mapping in JSON."""
+        import json
+
+        p = Path(path)
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError as exc:
+                raise PassConfigError(f"fitprune: recipe file {path} is not valid JSON ({exc})") from None
+            if isinstance(data, dict) and "removed" not in data:
+                return cls(removed=data)
+        return super().load(path)
+
+    def validated(self, geometry: Geometry, where: str) -> "FitPruneRecipe":
+        n_visual = self.n_visual or geometry.visual_tokens_per_image
+        removed = _validate_removed(self.removed, geometry, n_visual, where)
+        return dataclasses.replace(self, removed=removed, n_visual=n_visual)
+
+
 def _validate_removed(removed: dict, geometry: Geometry, n_visual: int | None, where: str) -> dict[int, int]:
     out = {}
     for key, count in removed.items():
@@ -70,31 +176,19 @@ def _validate_removed(removed: dict, geometry: Geometry, n_visual: int | None, w
     return dict(sorted(out.items()))
 
 
-def load_recipe(path: str, geometry: Geometry) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise PassConfigError(f"fitprune: recipe file {path} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise PassConfigError(f"fitprune: recipe file {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise PassConfigError(f"fitprune: recipe file {path} must hold a JSON object")
-    removed = data.get("removed", data)  # a full recipe, or a bare {layer: count} mapping
-    n_visual = data.get("n_visual", geometry.visual_tokens_per_image)
-    return {"n_visual": n_visual, "removed": _validate_removed(removed, geometry, n_visual, f"recipe {path}")}
+def load_recipe(path: str, geometry: Geometry) -> FitPruneRecipe:
+    return FitPruneRecipe.load(path).validated(geometry, f"recipe {path}")
 
 
-def _scaled(recipe: dict, n_visual: int) -> dict[int, int]:
+def _scaled(recipe: FitPruneRecipe, n_visual: int) -> dict[int, int]:
     """A recipe fitted for N visual tokens, applied to n (several images per prompt): counts scale by n/N."""
-    base = recipe["n_visual"]
-    removed = {int(k): int(v) for k, v in recipe["removed"].items()}
+    base = recipe.n_visual or n_visual
     if base == n_visual:
-        return removed
-    return {k: int(round(v * n_visual / base)) for k, v in removed.items()}
+        return dict(recipe.removed)
+    return {k: int(round(v * n_visual / base)) for k, v in recipe.removed.items()}
 
 
-def plan(config: FitPruneConfig, geometry: Geometry, n_visual: int, recipe: dict | None = None):
+def plan(config: FitPruneConfig, geometry: Geometry, n_visual: int, recipe: FitPruneRecipe | None = None):
     if recipe is None and config.recipe:
         recipe = load_recipe(config.recipe, geometry)
     if recipe is None:
@@ -108,7 +202,7 @@ def plan(config: FitPruneConfig, geometry: Geometry, n_visual: int, recipe: dict
     return steps
 
 
-def apply(program: Program, config: FitPruneConfig, recipe: dict | None = None) -> Program:
+def apply(program: Program, config: FitPruneConfig, recipe: FitPruneRecipe | None = None) -> Program:
     with program.series_of_rewrites():
         for cut, keep in plan(config, program.geometry, program.n_visual, recipe):
             select_tokens(program, cut, attention_mass(program, cut.layer), keep, by="fitprune")
@@ -133,6 +227,7 @@ def collect_stats(program: Program, batches, progress: bool = True) -> list[_Sam
     for args in tqdm(batches, desc="fitprune: calibration", unit="batch", disable=not progress):
         _, seen = run_with_taps(program.gm, args, names)
         visual = args[3]
+        text_after = text_after_images(visual)
         per_row = [_SampleStats([], []) for _ in range(visual.shape[0])]
         for layer in layers:
             q, k, m, scale = taps[layer]
@@ -142,8 +237,7 @@ def collect_stats(program: Program, batches, progress: bool = True) -> list[_Sam
                                       mask is not None and mask.dtype == torch.bool)
             for b, row in enumerate(per_row):
                 vis = visual[b].nonzero().squeeze(1)
-                seen_vis = visual[b].long().cumsum(0)
-                after = ((seen_vis == seen_vis[-1]) & ~visual[b]).nonzero().squeeze(1)
+                after = text_after[b].nonzero().squeeze(1)
                 row.cross.append(attn[b][after][:, vis].float().cpu())
                 row.self_.append(attn[b][vis][:, vis].float().cpu())
         stats += per_row
@@ -182,7 +276,7 @@ def search(stats, geometry: Geometry, n_visual: int, budget: float, tolerance: f
     """Binary search on alpha for the least aggressive recipe meeting the FLOPs budget."""
 
     def ratio(removed: dict[int, int]) -> float:
-        steps = plan(FitPruneConfig(), geometry, n_visual, {"n_visual": n_visual, "removed": removed})
+        steps = plan(FitPruneConfig(), geometry, n_visual, FitPruneRecipe(removed=removed, n_visual=n_visual))
         rep = report_from_plan(geometry, n_visual, 0, steps)
         return rep.paper / rep.baseline_paper
 
@@ -202,19 +296,20 @@ def search(stats, geometry: Geometry, n_visual: int, budget: float, tolerance: f
             "budget_met": achieved <= budget + 0.02}
 
 
-def calibrate(program: Program, config: FitPruneConfig, batches, progress: bool = True) -> dict:
+def calibrate(program: Program, config: FitPruneConfig, batches, progress: bool = True) -> FitPruneRecipe:
     """Fit a recipe for `program` (the unpruned or earlier-pass program) on calibration batches."""
     t0 = time.perf_counter()
     stats = collect_stats(program, batches, progress)
     found = search(stats, program.geometry, program.n_visual, config.budget, config.tolerance)
-    removed = {str(k): v for k, v in found.pop("removed").items() if v}
-    return {"pass": "fitprune", "n_visual": program.n_visual, "budget": config.budget, "removed": removed,
-            **found, "samples": len(stats), "calibration_seconds": time.perf_counter() - t0,
-            "config_hash": program.geometry.config_hash()}
+    removed = {k: v for k, v in found.pop("removed").items() if v}
+    return FitPruneRecipe(removed=removed, n_visual=program.n_visual, budget=config.budget, **found,
+                          samples=len(stats), calibration_seconds=time.perf_counter() - t0,
+                          config_hash=program.geometry.config_hash())
 
 
 PASS = register(PassDef(
     name="fitprune",
     summary="remove visual tokens after each layer's attention by a recipe fitted to a FLOPs budget from "
             "calibration attention statistics (FitPrune)",
-    needs=("attention_taps",), config=FitPruneConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate))
+    needs=("attention_taps",), config=FitPruneConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate,
+    recipe=FitPruneRecipe))

@@ -30,7 +30,7 @@ implemented; the mask form of the public YOPO code saves nothing, so it is not o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,7 +39,7 @@ from ..compiler.heads import attention_nodes, last_token_kl, last_token_logprobs
 from ..compiler.program import Program
 from ..compiler.taps import run_with_taps
 from ..errors import PassConfigError
-from .base import PassConfig, PassDef, param, register
+from .base import PassConfig, PassDef, Recipe, param, register
 
 CRITERIA = ("output", "visual", "ablation", "random")
 
@@ -142,7 +142,29 @@ def random_scores(config: HeadSkipConfig, geometry: Geometry) -> dict[tuple[int,
     return dict(zip(keys, torch.rand(len(keys), generator=gen).tolist()))
 
 
-def removed_heads(config: HeadSkipConfig, geometry: Geometry, recipe: dict | None) -> list[tuple[int, int]]:
+@dataclass
+class HeadSkipRecipe(Recipe):
+    """The heads chosen on calibration data ("layer.head") and every candidate's score."""
+
+    name = "headskip"
+    heads: list = field(default_factory=list)
+    scores: dict = field(default_factory=dict)
+    criterion: str | None = None
+    budget: float | None = None
+    first_layer: int | None = None
+    samples: int | None = None
+    calibration_seconds: float | None = None
+    config_hash: str | None = None
+
+    def describe(self) -> str:
+        return (f"heads removed {' '.join(self.heads) or 'none'} (criterion {self.criterion}, budget {self.budget}, "
+                f"{self.samples} prompts)")
+
+    def reuse(self, files) -> str:
+        return f"--pass headskip:heads={'/'.join(self.heads)}" if self.heads else ""
+
+
+def removed_heads(config: HeadSkipConfig, geometry: Geometry, recipe: HeadSkipRecipe | None) -> list[tuple[int, int]]:
     if config.heads:
         return sorted(explicit_heads(config))
     if config.budget == 0:
@@ -152,14 +174,14 @@ def removed_heads(config: HeadSkipConfig, geometry: Geometry, recipe: dict | Non
     if recipe is None:
         raise PassConfigError("headskip with a budget chooses heads on calibration data: give --calibration DATA "
                               "(calibration= in Python), criterion=random, or the heads with heads=LAYER.HEAD/...")
-    return sorted(tuple(int(x) for x in h.split(".")) for h in recipe["heads"])
+    return sorted(tuple(int(x) for x in h.split(".")) for h in recipe.heads)
 
 
 def plan(config: HeadSkipConfig, geometry: Geometry, n_visual: int, recipe=None):
     return []  # no token is removed; the head counts reach the FLOPs report through the Program (or head_counts)
 
 
-def head_counts(config: HeadSkipConfig, geometry: Geometry, recipe: dict | None = None) -> tuple[list[int], list[int]]:
+def head_counts(config: HeadSkipConfig, geometry: Geometry, recipe: HeadSkipRecipe | None = None) -> tuple[list[int], list[int]]:
     """Per layer the query and k/v heads this config leaves, without weights (FLOPs/KV tables of a geometry:
     compiler.flops.FlopsReport(..., q_heads=, kv_heads=))."""
     config.check_model(geometry)
@@ -173,7 +195,7 @@ def head_counts(config: HeadSkipConfig, geometry: Geometry, recipe: dict | None 
     return q, kv
 
 
-def apply(program: Program, config: HeadSkipConfig, recipe: dict | None = None) -> Program:
+def apply(program: Program, config: HeadSkipConfig, recipe: HeadSkipRecipe | None = None) -> Program:
     g = program.geometry
     by_layer: dict[int, set[int]] = {}
     for layer, head in removed_heads(config, g, recipe):
@@ -275,7 +297,7 @@ def ablation_scores(program: Program, batches, first_layer: int, progress: bool 
     return scores
 
 
-def calibrate(program: Program, config: HeadSkipConfig, batches, progress: bool = True) -> dict:
+def calibrate(program: Program, config: HeadSkipConfig, batches, progress: bool = True) -> HeadSkipRecipe:
     """Score every head of layers >= first_layer on calibration batches and choose the budget's heads."""
     config.check_model(program.geometry)
     t0 = time.perf_counter()
@@ -284,10 +306,10 @@ def calibrate(program: Program, config: HeadSkipConfig, batches, progress: bool 
     score = {"visual": visual_scores, "output": output_scores}.get(config.criterion, ablation_scores)
     scores = score(program, batches, config.first_layer, progress)
     chosen = choose(scores, removed_count(config, program.geometry), program.geometry.num_heads)
-    return {"pass": "headskip", "criterion": config.criterion, "budget": config.budget,
-            "first_layer": config.first_layer, "heads": [f"{l}.{h}" for l, h in chosen],
-            "scores": {f"{l}.{h}": s for (l, h), s in sorted(scores.items())}, "samples": len(batches),
-            "calibration_seconds": time.perf_counter() - t0, "config_hash": program.geometry.config_hash()}
+    return HeadSkipRecipe(heads=[f"{l}.{h}" for l, h in chosen],
+                          scores={f"{l}.{h}": s for (l, h), s in sorted(scores.items())}, criterion=config.criterion,
+                          budget=config.budget, first_layer=config.first_layer, samples=len(batches),
+                          calibration_seconds=time.perf_counter() - t0, config_hash=program.geometry.config_hash())
 
 
 PASS = register(PassDef(
@@ -296,4 +318,5 @@ PASS = register(PassDef(
             "heads of layers >= first_layer by how far removing each alone moves the next-token prediction "
             "(YOPO-style head pruning)",
     needs=("attention_taps",),
-    config=HeadSkipConfig, plan=plan, apply=apply, calibrate=calibrate, rewrites_branches=True))
+    config=HeadSkipConfig, plan=plan, apply=apply, calibrate=calibrate, recipe=HeadSkipRecipe, heads=head_counts,
+    rewrites_layers=True))

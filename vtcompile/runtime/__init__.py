@@ -1,2 +1,2 @@
-"""Staged execution of compiled programs: prefill (stages, routers between them), per-layer KV caches, the
+"""Staged execution of compiled programs: prefill (stages, branch decisions between them), per-layer KV caches, the
 compiled decode step and generate."""

@@ -1,4 +1,4 @@
-"""A program lowered to a target: its prefill stages (with the router between them) and its decode step.
+"""A program lowered to a target: its prefill stages (with the decision between them) and its decode step.
 
 Every stage - the one stage of a static program, each per-layer stage of a program with branches, the decode
 step - goes through the same three target calls (targets/__init__.py): lower, save, load. Stages are lowered at
@@ -119,7 +119,7 @@ class Executable:
         return self.decode
 
     def prefill_stages(self) -> list[LazyStage]:
-        """Every distinct prefill stage (one for a static program; per layer and branch with a router)."""
+        """Every distinct prefill stage (one for a static program; per layer and branch with a decision)."""
         return [s.module for s in self.plan.all_stages()]
 
     def stages(self) -> list[LazyStage]:
@@ -134,7 +134,7 @@ def lower_program(program: Program, target) -> Executable:
     plan = stage_program(program)
     examples_of = stage_examples(plan, tuple(program.fake_inputs.examples))
     lowered = plan.map_stages(lambda s: _wrap(s, target, examples_of))
-    if lowered.router is None:  # one stage: lowered (and compiled) now; with branches each stage at its first call
+    if lowered.decision is None:  # one stage: lowered (and compiled) now; with branches each stage at its first call
         for s in lowered.all_stages():
             s.module.warm()
     return Executable(program.n_visual, list(program.schedule), lowered, target, program=program,

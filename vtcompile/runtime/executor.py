@@ -1,10 +1,10 @@
-"""Running a StagePlan: the stages in order, the router between them, rows regrouped where they branch.
+"""Running a StagePlan: the stages in order, the decision between them, rows regrouped where they branch.
 
-A plan without a router runs its one stage. With a router (DyVTE), after each layer it is asked about, the rows
-it picks leave the base graph and continue in that layer's branch graph (stages after the layer); the results
-of every row group are put back together by name, rows that kept fewer positions left-padded along each output's
-token axis (compiler.signature: positions with -1, tensors with 0). So per-layer caches of rows that exited at
-different layers come out as one batch with per-row validity (key_positions_l = -1 on padding).
+A plan without a decision runs its one stage. With one (compiler.branches), after each layer it is asked about,
+the rows it picks leave the base graph and continue in that layer's branch graph (stages after the layer); the
+results of every row group are put back together by name, rows that kept fewer positions left-padded along each
+output's token axis (compiler.signature: positions with -1, tensors with 0). So per-layer caches of rows that
+branched at different layers come out as one batch with per-row validity (key_positions_l = -1 on padding).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..compiler.staged import StagedGraph, StagePlan, run_stage
 @dataclass
 class PrefillResult:
     values: dict[str, torch.Tensor]  # by signature output name
-    exit_layers: list[int] | None  # with a router: per row, the layer after which it branched (-1: none)
+    exit_layers: list[int] | None  # with a decision: per row, the layer after which it branched (-1: none)
 
 
 def _rows(graph: StagedGraph, batched: dict[str, bool], env: dict, rows: torch.Tensor) -> dict:
@@ -40,7 +40,7 @@ class Executor:
     def __call__(self, *args) -> PrefillResult:
         plan = self.plan
         env = dict(zip(plan.base.placeholders, args))
-        if plan.router is None:
+        if plan.decision is None:
             for s in plan.base.stages:
                 run_stage(s, env)
             return PrefillResult(plan.signature.unpack(env[n] for n in plan.base.results), None)
@@ -55,7 +55,7 @@ class Executor:
             run_stage(plan.base.stages[layer], env)
             if layer not in plan.branches:
                 continue
-            fire = plan.router.decide(layer, env[plan.base.residual[layer]], env[plan.visual[layer]])
+            fire = plan.decision.decide(layer, env[plan.base.residual[layer]], env[plan.visual[layer]])
             if not bool(fire.any()):
                 continue
             sel = fire.nonzero().squeeze(1).to(rows.device)

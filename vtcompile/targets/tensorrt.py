@@ -184,9 +184,9 @@ def prepare(program):
     if program.branches is not None:
         _require()
         raise TargetUnavailableError(
-            "target 'tensorrt' does not lower programs with dynamic exits (dyvte with routers) yet: its static-k "
-            "selection transform (trt_friendly) works on whole decoder graphs, not on per-layer stages. Use target "
-            "inductor or onnx for them, or the static form dyvte:exit_layer=K, which tensorrt lowers")
+            f"target 'tensorrt' does not lower programs with branches (here: pass {program.branches.by!r}'s "
+            f"{program.branches.label}) yet: its static-k selection transform (trt_friendly) works on whole decoder "
+            "graphs, not on per-layer stages. Use target inductor or onnx for them, or a static form of the pass")
     out = program.clone()
     out.gm = trt_friendly(program)
     return out
