@@ -6,7 +6,8 @@ Layout (format 4):
     config.json               the model's LlavaConfig (geometry, image token id, vision settings)
     embeddings.safetensors    the token embedding table ("weight" [V, D])
     vision.pt2                vision tower + projector, torch.export'ed with a dynamic image count
-    <stage>.pt2 | .onnx       every stage of every program, in the target's format (runtime/executable.py): for
+    <stage>.pt2 | .onnx       every stage of every program, in the target's format (runtime/executable.py; inductor:
+                              an AOTInductor package, loaded without compiling; eager: the torch.export'ed graph): for
                               a static program decoder-v<N> (N visual tokens per prompt) and its decode step
                               decoder-v<N>-decode; for a program with branches one stage per layer of the base
                               graph and of each branch (decoder-v<N>-layer<i>, decoder-v<N>-exit<e>-layer<i>)
@@ -40,8 +41,9 @@ from .models.llava import LlavaFrontend, ModelSpec, geometry_from_config
 from .report import Report
 from .runtime.executable import Executable, LazyStage
 
-ARTIFACT_FORMAT = 4
+ARTIFACT_FORMAT = 5
 MANIFEST = "manifest.json"
+DIGEST = "manifest_sha256"
 MAX_IMAGES = 64
 
 
@@ -93,6 +95,8 @@ def _export_vision(adapter) -> torch.export.ExportedProgram:
 # -- writing --------------------------------------------------------------------------------------------
 def _save_stage(lazy: LazyStage, target, directory: Path) -> dict:
     try:
+        if target.saves_lowered and lazy.lowered is None:
+            lazy.lower()  # compiled once: saved here, and run in this process without compiling it again
         files = target.save(lazy.stage, lazy.exported, lazy.lowered, directory)
     except UnsupportedModelError as exc:
         raise ArtifactError(str(exc)) from exc
@@ -312,11 +316,16 @@ def read_artifact(path: str | os.PathLike) -> Contents:
         if name not in TARGETS:
             raise ArtifactError(f"{path} was compiled for target {name!r}, unknown to this vtcompile")
         target = get_target(name)
+        device = manifest.get("device", "cpu")
+        if device != "cpu" and not torch.cuda.is_available():
+            if getattr(target.module, "DEVICE_BOUND", False):
+                raise ArtifactError(f"{path} holds {name} stages compiled for {device}, and this machine has no CUDA; "
+                                    "re-create the artifact here (vtcompile optimize ... --target "
+                                    f"{name} --out DIR) or run it on a CUDA machine")
+            device = "cpu"
         spec = ModelSpec.from_dict(manifest["model"])
         passes = [(get_pass(p["pass"]), get_pass(p["pass"]).config.from_dict(p["config"]))
                   for p in manifest["passes"]]
-        device = manifest.get("device", "cpu")
-        device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
         weight = load_file(str(path / manifest["embeddings"]["file"]), device=device)[manifest["embeddings"]["key"]]
         vision_file = manifest["vision"]["file"]
         report = Report.from_dict(manifest["report"], geometry)
