@@ -1,14 +1,18 @@
 """Accuracy and fidelity of a (pruned) model on VQA data.
 
 Answers are generated (greedy, until eos, at most `max_new_tokens`) through the compiled model's own generate and
-compared WHOLE with the reference answer (exact match after stripping); `max_new_tokens=1` scores the next token
-instead (single-token answers). Reports exact-match accuracy per kind and overall, the share of answers that ended
+compared WHOLE with the reference answer after the VQA convention's normalisation (normalize_answer: lower case,
+punctuation removed, the articles a/an/the dropped, number words zero..ten as digits, whitespace collapsed), so "No."
+and "no" are the same answer and "red circle, blue square" equals "Red circle blue square"; `max_new_tokens=1` scores
+the next token instead (single-token answers: the token's id). Reports exact-match accuracy per kind and overall, the share of answers that ended
 (eos), fidelity against the unpruned model (first-token top-1 agreement and KL; for generated answers also the
 share identical to the unpruned answer and the mean token agreement over the first 16 tokens), FLOPs ratios,
-visual tokens kept and wall time.
+visual tokens kept and wall time (compiling stages on first use excluded, given apart).
 """
 from __future__ import annotations
 
+import re
+import string
 import time
 
 import torch
@@ -17,6 +21,16 @@ from .data import PromptEncoder, Sample, load_data, sample_image
 from .errors import InputError
 
 AGREEMENT_TOKENS = 16
+_ARTICLES = {"a", "an", "the"}
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """An answer as the VQA evaluation compares it: lower case, punctuation removed (a space in its place, so
+    "circle,blue" is two words), articles dropped, number words as digits, whitespace collapsed."""
+    words = _PUNCT.sub(" ", text.lower()).split()
+    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def _answers(cm, ids, pixels, mask, max_new_tokens: int, tok) -> dict:
@@ -103,7 +117,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         if max_new_tokens == 1:
             hits = [int(p == a) for p, a in zip(got["new"][:, 0].tolist(), answers)]
         else:
-            hits = [int(t == a) for t, a in zip(got["texts"], answers)]
+            hits = [int(normalize_answer(t) == normalize_answer(a)) for t, a in zip(got["texts"], answers)]
             ended += got["ended"]
             same += [int(a == b) for a, b in zip(got["texts"], ref["texts"])]
             agree += _token_agreement(got["new"], ref["new"])
@@ -130,7 +144,8 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         "passes": cm.report.passes,
         "data": data if isinstance(data, str) else "samples",
         "n": n,
-        "scoring": "next token" if max_new_tokens == 1 else f"whole generated answer (<= {max_new_tokens} tokens)",
+        "scoring": "next token" if max_new_tokens == 1 else (f"whole generated answer (<= {max_new_tokens} tokens), "
+                                                             "VQA-normalised"),
         "max_new_tokens": max_new_tokens,
         "skipped_bad": bad,
         "accuracy": sum(sum(v) for v in per_kind.values()) / n,
@@ -219,4 +234,4 @@ def result_table(res: dict) -> str:
     return head + "\n" + summary
 
 
-__all__ = ["Sample", "evaluate", "load_data", "result_table"]
+__all__ = ["Sample", "evaluate", "load_data", "normalize_answer", "result_table"]
