@@ -46,6 +46,8 @@ SLOW_TESTS = {
     "test_in_memory_transformers_model_is_accepted", "test_save_refuses_existing_dir_and_force_replaces_only_artifacts",
     "test_layout_and_manifest", "test_load_refuses_bad_manifests", "test_recipe_file_round_trip",
     "test_head_passes_after_dyvte_routers_rewrite_every_exit_branch",  # trains routers, compiles a program per exit
+    "test_careless_flags_from_the_shell", "test_closed_pipe_and_ctrl_c_exit_quietly",  # subprocesses of the CLI
+    "test_killed_optimize_leaves_nothing_the_next_one_does_not_clean",
 }
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from vtcompile.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args, cwd=None):
@@ -56,6 +59,9 @@ def test_listing_commands(capsys, monkeypatch):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "llava-1.5-7b" in out and "tiny" in out
+    words = " ".join(out.split("The testbed knows ", 1)[1].split())
+    assert words.startswith("52 words (any other word reads as <unk>): a above and are assistant")
+    assert " circle " in words and "<image>" not in words and "</s>" not in words
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -78,6 +84,22 @@ def test_listing_commands(capsys, monkeypatch):
     (["run", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["run"], "give --prompt TEXT"),
     (["flops", "--images", "0"], "--images and --text-tokens must be >= 1"),
+    # flags that would be ignored say what applies
+    (["run", "art/", "--target", "onnx", "--prompt", "hi"], "--target do(es) not apply to an artifact: art runs"),
+    (["run", "art/", "--model", "tiny", "--prompt", "hi"], "--model do(es) not apply to an artifact"),
+    (["run", "art/", "--calibration", "testbed", "--layers", "2", "--prompt", "hi"], "--layers, --calibration do(es)"),
+    (["run", "art/", "--seed", "3", "--prompt", "hi"], "--seed seeds sampling (--sample)"),
+    (["run", "--prompt", "hi", "--temperature", "0.7", "--top-p", "0.9"], "--temperature, --top-p appl(ies) only "
+                                                                           "with --sample"),
+    (["run", "--prompt", "hi", "--top-k", "5"], "--top-k appl(ies) only with --sample"),
+    (["run", "--prompt", "hi", "--input-ids", "[5, 7]"], "give --prompt (text, read by the model's processor) or "
+                                                         "--input-ids (token ids), not both"),
+    (["run", "--input-ids", "[[5, 7], []]"], "must be a JSON list of token ids"),
+    (["optimize", "--pass", "fastv", "--calibration", "testbed"], "--calibration applies to passes that fit a recipe "
+                                                                  "on data (attnskip, dyvte, fitprune, headskip); "
+                                                                  "fastv fit(s) none: drop --calibration"),
+    (["run", "--pass", "pyramiddrop", "--calibration", "testbed", "--prompt", "hi"], "drop --calibration"),
+    (["eval", "--artifact", "art/", "--model", "tiny"], "--model do(es) not apply to --artifact"),
 ])
 def test_bad_input_is_a_clear_error_before_any_loading(args, needle, tmp_path, capsys, no_model):
     if args[0] == "optimize":
@@ -181,6 +203,25 @@ def test_testbed_data_writes_jsonl_that_eval_reads(tmp_path, capsys):
         assert len(samples) == 4 and bad == 0
     assert main(["testbed", "data", "--out", str(tmp_path), "-n", "0"]) != 0
     assert "-n must be >= 1" in capsys.readouterr().err
+    assert (tmp_path / "images" / "test").stat().st_mode & 0o777 == 0o777 & ~__import__("vtcompile.files").files.umask()
+
+
+def test_testbed_data_never_overwrites_without_force(tmp_path, capsys):
+    """An existing test.jsonl (a user's, or an earlier run's) is refused without --force and left as it was; --force
+    replaces the split's JSONL and images; --out naming a file is an error, not a NotADirectoryError."""
+    (tmp_path / "test.jsonl").write_text("mine\n")
+    assert main(["testbed", "data", "--out", str(tmp_path), "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} already holds test.jsonl; pass --force to replace them" in err
+    assert (tmp_path / "test.jsonl").read_text() == "mine\n" and not (tmp_path / "images").exists()
+    assert main(["testbed", "data", "--out", str(tmp_path), "-n", "2", "--force"]) == 0
+    assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in (tmp_path / "images" / "test").iterdir()) == ["000000.png", "000001.png"]
+    assert main(["testbed", "data", "--out", str(tmp_path), "-n", "3"]) == 2  # images/test and test.jsonl now
+    assert "already holds test.jsonl and images/test" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+    assert main(["testbed", "data", "--out", str(tmp_path / "test.jsonl")]) == 2
+    assert f"--out {tmp_path / 'test.jsonl'} is a file; give a directory" in capsys.readouterr().err
 
 
 def test_testbed_train_help_lists_its_options():
@@ -201,3 +242,69 @@ def test_flops_of_head_passes_without_weights(capsys):
     assert d["baseline_kv_cache_bytes"] - d["kv_cache_bytes"] == 2 * 2 * 128 * 2 * (576 + 64)
     assert main(["flops", "--model", "llava-1.5-7b", "--pass", "headskip:budget=0.25"]) != 0
     assert "give --calibration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "art/", "--target", "onnx", "--prompt", "hi"], "--target do(es) not apply to an artifact"),
+    (["run", "--prompt", "hi", "--temperature", "0.7"], "--temperature appl(ies) only with --sample"),
+    (["run", "--prompt", "hi", "--input-ids", "[5, 7]"], "not both"),
+    (["optimize", "--pass", "fastv", "--calibration", "testbed"], "drop --calibration"),
+    (["optimize", "--model", "tiny", "--pass", "fastv", "--pass", "fastv", "--no-check"],
+     "where pass 'fastv' already removed tokens"),
+    (["testbed", "data", "--out", "README.md"], "--out README.md is a file"),
+])
+def test_careless_flags_from_the_shell(args, needle):
+    """What a user types: exit 2, one line on stderr after the progress lines, no traceback."""
+    r = run(*args, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("[vtcompile]")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.stderr, r.stderr
+
+
+
+def test_closed_pipe_and_ctrl_c_exit_quietly(tmp_path):
+    """`vtcompile flops ... | head` ends with 141 (SIGPIPE's 128 + 13, as the shell reports a killed writer) once
+    head has gone (`head -n 0` exits at once: the table is written into a closed pipe), and Ctrl-C during a compile
+    with 130 (128 + SIGINT), each without a traceback."""
+    import signal
+    import time
+
+    piped = subprocess.run(["bash", "-c", f"{sys.executable} -m vtcompile flops --model llava-1.5-7b --pass fastv "
+                                          "| head -n 0; echo ${PIPESTATUS[0]} >&2"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert piped.stderr.strip().splitlines()[-1] == "141", piped.stderr
+    assert "Traceback" not in piped.stderr and "BrokenPipeError" not in piped.stderr, piped.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "vtcompile", "optimize", "--model", "tiny", "--pass", "fastv"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    line = proc.stderr.readline()  # "[vtcompile] loading tiny ...": arguments checked, work under way
+    assert line.startswith("[vtcompile] loading"), line
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    # 130, or death by SIGINT, which a shell reports as 130 too: CPython ends that way when the interrupt passed
+    # through code a C extension ran (its flag for an unhandled KeyboardInterrupt stays set), whoever caught it
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and err.rstrip().endswith(
+        "vtcompile: interrupted"), err
+
+
+def test_killed_optimize_leaves_nothing_the_next_one_does_not_clean(tmp_path):
+    """A killed `optimize --out` leaves its hidden temporary directory; the next write to the same place removes it
+    and says so on stderr."""
+    import signal
+    import time
+
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "vtcompile", "optimize", "--model", "tiny", "--out", str(out),
+                             "--no-check"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 240
+    while not list(tmp_path.glob(".art.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    (left,) = tmp_path.glob(".art.tmp-*")
+    assert left.name.startswith(f".art.tmp-{proc.pid}-") and not out.exists()
+    r = run("optimize", "--model", "tiny", "--out", str(out), "--no-check", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert f"removed {left}, left behind by an earlier write to {out} that was killed (pid {proc.pid}" in r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
