@@ -185,9 +185,9 @@ def test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact(tmp_
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert main(["optimize", "--model", "tiny", "--out", str(out), "--no-check", "--force"]) != 0
     assert "is not a vtcompile artifact" in capsys.readouterr().err and (out / "keep.txt").read_text() == "x"
-    art = tmp_path / "art"  # a directory with a manifest is an artifact: --force replaces it whole
+    art = tmp_path / "art"  # a directory with a manifest listing all else in it is an artifact: --force replaces it
     art.mkdir()
-    (art / "manifest.json").write_text("{}")
+    (art / "manifest.json").write_text(json.dumps({"files": {"decoder-v16.pt2": {}}}))
     (art / "decoder-v16.pt2").write_text("old")
     assert main(["optimize", "--model", "tiny", "--pass", "fastv", "--out", str(art), "--no-check", "--force"]) == 0
     assert json.loads((art / "manifest.json").read_text())["passes"][0]["pass"] == "fastv"
