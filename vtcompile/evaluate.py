@@ -4,8 +4,8 @@ Answers are generated (greedy, until eos, at most `max_new_tokens`) through the 
 compared WHOLE with the reference answer after the VQA convention's normalisation (normalize_answer: lower case,
 punctuation removed, the articles a/an/the dropped, number words zero..ten as digits, whitespace collapsed), so "No."
 and "no" are the same answer and "red circle, blue square" equals "Red circle blue square"; `max_new_tokens=1` scores
-the next token instead (single-token answers: the token's id). Reports exact-match accuracy per kind and overall, the share of answers that ended
-(eos), fidelity against the unpruned model (first-token top-1 agreement and KL; for generated answers also the
+the next token instead (single-token answers: the token's id). Reports exact-match accuracy per kind and overall,
+the share of answers that ended (eos), fidelity against the unpruned model (first-token top-1 agreement and KL; for generated answers also the
 share identical to the unpruned answer and the mean token agreement over the first 16 tokens), FLOPs ratios,
 visual tokens kept and wall time (compiling stages on first use excluded, given apart).
 """

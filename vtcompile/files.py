@@ -34,7 +34,7 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove the temporary siblings of `out` that killed writes left behind (see the module docstring); returns them."""
+    """Remove the temporary siblings of `out` that killed writes left behind (module docstring); returns them."""
     out = Path(out)
     if not out.parent.is_dir():
         return []

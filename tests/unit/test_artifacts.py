@@ -173,7 +173,7 @@ def test_stale_temporary_directories_are_removed_on_the_next_write(tmp_path, cap
     """A killed write leaves `.NAME.tmp-<pid>-*`: the next write to the same place (temp_dir, which write_artifact,
     copy_artifact and `testbed data` start with) removes it when its pid is gone (or, without a pid, when it is an hour
     old) and says so; a live writer's, a fresh one without a pid and another destination's are left alone. The killed
-    `optimize` end to end: test_cli.py::test_killed_optimize_leaves_nothing_the_next_one_does_not_clean."""
+    write end to end: test_cli.py::test_killed_write_leaves_nothing_the_next_one_does_not_clean."""
     import os
     import shutil
     import time
@@ -218,7 +218,7 @@ def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
 # The ONNX artifact's round trip is test_cli_optimize_onnx_then_run_with_input_ids (one ONNX export for the CLI,
 # the artifact's layout and parity, and the exported graph's dynamic axes).
 @pytest.mark.parametrize("target,geometry,family", [("inductor", "tiny-gqa", "fastv")])
-def test_target_artifact_round_trip(target, geometry, family, tmp_path):
+def test_target_artifact_round_trip(target, geometry, family, tmp_path, monkeypatch):
     cm = lowered(target, geometry, family)
     path = cm.save(tmp_path / target)
     m = json.loads((path / "manifest.json").read_text())
@@ -226,6 +226,14 @@ def test_target_artifact_round_trip(target, geometry, family, tmp_path):
     assert m["target"] == target and m["programs"][0]["stages"]["decoder-v16"]["files"] == [f"decoder-v16.{ext}"]
     assert m["programs"][0]["decode"]["files"] == [f"decoder-v16-decode.{ext}"]
     assert_new_process_matches(path, geometry, family, ["mid_pad_b2", "image_first"], tmp_path)
+    if target == "inductor":  # a package's kernels are for the machine that compiled them: a clear error elsewhere
+        import platform
+
+        here = platform.machine()
+        monkeypatch.setattr(platform, "machine", lambda: "elsewhere")
+        with pytest.raises(ArtifactError, match=rf"was compiled for machine {here} \(this machine: elsewhere\): its "
+                                                r"kernels cannot run here. Re-create the artifact on this machine"):
+            load_compiled(path)(*prompt(geometry, "image_first"))
 
 
 def test_dyvte_routers_artifact_round_trip(tmp_path):

@@ -6,14 +6,14 @@ batch size, prompt length and cache length, and what an artifact stores is exact
 the process that wrote it. Every stage goes through AOT: the one graph of a static program, each per-layer stage of a
 program with branches (compiled at its first call in the process; a stage no row took is compiled when the artifact
 is saved), and the decode step, which writes its caches in place (index_copy_ on its inputs: AOTInductor keeps the
-input mutation, test_generate.py checks the caches it leaves). On the CPU the package's C++ wrapper calls the kernels
-without a Python call per kernel (the gpt-fast point about a decode step's many small kernels).
+input mutation; test_generate.py checks the tokens that read those caches). On the CPU the package's C++ wrapper
+calls the kernels without a Python call per kernel (the gpt-fast point about a decode step's many small kernels).
 
 On CUDA, compile_pruned keeps torch.compile (the JIT, `JitStage`) in the process: there the decode step runs under
 CUDA graphs (mode "reduce-overhead", the gpt-fast recipe), which an AOTInductor package does not record; artifacts
 hold AOTInductor packages on every device (a CUDA package runs on CUDA only; untested here: no GPU).
-Compile time is measured apart from run time (runtime/executable.py's LazyStage) and logged with the stage's name. CPU kernels need a
-C++ compiler; CUDA kernels need triton (shipped with CUDA builds of torch).
+Compile time is measured apart from run time (runtime/executable.py's LazyStage) and logged with the stage's name.
+CPU kernels need a C++ compiler; CUDA kernels need triton (shipped with CUDA builds of torch).
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def open_package(path: Path):
     wrong = [f"{k.removeprefix('AOTI_').lower()} {meta[k]} (this machine: {v})" for k, v in here.items()
              if meta.get(k) not in (None, v)]
     isa, cpu = meta.get("AOTI_CPU_ISA", ""), torch.backends.cpu.get_cpu_capability()
-    if meta.get("AOTI_DEVICE_KEY") == "cpu" and isa in _ISA_RANK and cpu in _ISA_RANK and _ISA_RANK[isa] > _ISA_RANK[cpu]:
+    if meta.get("AOTI_DEVICE_KEY") == "cpu" and isa in _ISA_RANK and cpu in _ISA_RANK \
+            and _ISA_RANK[isa] > _ISA_RANK[cpu]:
         wrong.append(f"vector ISA {isa} (this CPU: {cpu})")
     if wrong:
         raise ArtifactError(f"{path} was compiled for {', '.join(wrong)}: its kernels cannot run here. Re-create the "
