@@ -248,13 +248,11 @@ def test_flops_of_head_passes_without_weights(capsys):
     (["run", "art/", "--target", "onnx", "--prompt", "hi"], "--target do(es) not apply to an artifact"),
     (["run", "--prompt", "hi", "--temperature", "0.7"], "--temperature appl(ies) only with --sample"),
     (["run", "--prompt", "hi", "--input-ids", "[5, 7]"], "not both"),
-    (["optimize", "--pass", "fastv", "--calibration", "testbed"], "drop --calibration"),
-    (["optimize", "--model", "tiny", "--pass", "fastv", "--pass", "fastv", "--no-check"],
-     "where pass 'fastv' already removed tokens"),
     (["testbed", "data", "--out", "README.md"], "--out README.md is a file"),
 ])
 def test_careless_flags_from_the_shell(args, needle):
-    """What a user types: exit 2, one line on stderr after the progress lines, no traceback."""
+    """What a user types: exit 2, one line on stderr after the progress lines, no traceback (the other refusals exit
+    through the same main(), tested in-process above; fastv twice: test_inputs.py)."""
     r = run(*args, cwd=ROOT)
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if not line.startswith("[vtcompile]")]
@@ -288,23 +286,25 @@ def test_closed_pipe_and_ctrl_c_exit_quietly(tmp_path):
         "vtcompile: interrupted"), err
 
 
-def test_killed_optimize_leaves_nothing_the_next_one_does_not_clean(tmp_path):
-    """A killed `optimize --out` leaves its hidden temporary directory; the next write to the same place removes it
-    and says so on stderr."""
+def test_killed_write_leaves_nothing_the_next_one_does_not_clean(tmp_path):
+    """A killed write (here `testbed data`, which writes 400 PNGs first; `optimize --out` takes its temporary directory
+    from the same vtcompile.files.temp_dir) leaves its hidden temporary directory; the next write to the same place
+    removes it and says so on stderr."""
     import signal
     import time
 
-    out = tmp_path / "art"
-    proc = subprocess.Popen([sys.executable, "-m", "vtcompile", "optimize", "--model", "tiny", "--out", str(out),
-                             "--no-check"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.time() + 240
-    while not list(tmp_path.glob(".art.tmp-*")) and proc.poll() is None and time.time() < deadline:
+    proc = subprocess.Popen([sys.executable, "-m", "vtcompile", "testbed", "data", "--out", str(tmp_path), "-n", "400"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while not list((tmp_path / "images").glob(".test.tmp-*/000010.png")) and proc.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    (left,) = tmp_path.glob(".art.tmp-*")
-    assert left.name.startswith(f".art.tmp-{proc.pid}-") and not out.exists()
-    r = run("optimize", "--model", "tiny", "--out", str(out), "--no-check", cwd=ROOT)
+    (left,) = (tmp_path / "images").glob(".test.tmp-*")
+    assert left.name.startswith(f".test.tmp-{proc.pid}-") and not (tmp_path / "test.jsonl").exists()
+    r = run("testbed", "data", "--out", str(tmp_path), "-n", "2", cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert f"removed {left}, left behind by an earlier write to {out} that was killed (pid {proc.pid}" in r.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+    assert f"removed {left}, left behind by an earlier write to {tmp_path / 'images' / 'test'} that was killed " \
+           f"(pid {proc.pid}" in r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["000000.png", "000001.png", "images", "test", "test.jsonl"]
