@@ -199,6 +199,7 @@ def self_check(cm, agreement_floor: float = 0.9) -> dict:
 def cmd_calibrate(args) -> int:
     """Fit the recipe of one calibrating pass and write it as JSON."""
     from .errors import ArtifactError
+    from .files import replace_file, temp_path
 
     passes = _passes(args)
     if len(passes) != 1 or passes[0][0].calibrate is None:
@@ -214,14 +215,14 @@ def cmd_calibrate(args) -> int:
         from safetensors.torch import save_file
 
         weights = args.out.with_suffix(".safetensors")
-        tmp_w = weights.with_name(f".{weights.name}.tmp")
+        tmp_w = temp_path(weights)
         save_file(tensors, str(tmp_w))
-        tmp_w.replace(weights)
+        replace_file(tmp_w, weights)  # safetensors writes 0600: the umask's modes instead
         recipe["weights_file"] = weights.name
         written.append(weights)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp = temp_path(args.out)
     tmp.write_text(json.dumps(recipe, indent=2))
-    tmp.replace(args.out)
+    replace_file(tmp, args.out)
     print(cm.report.summary_table())
     if cm.report.exits:
         print(cm.report.exit_table())

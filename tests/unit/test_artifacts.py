@@ -46,9 +46,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def assert_new_process_matches(path, geometry: str, family: str, kinds, tmp_path, exact: bool = False) -> None:
-    """Load the artifact in a new process in which building the model raises, and check there: prefill parity with
-    the eager program (kept positions exact, logits within 1e-4, or equal when `exact`) and the same 8 greedy
-    tokens from `generate`."""
+    """Load the artifact in a new process in which building the model and compiling anything raise, with an Inductor
+    cache of its own that must stay empty, and check there: prefill parity with the eager program (kept positions
+    exact, logits within 1e-4, or equal when `exact`), the same 8 greedy tokens from `generate`, and no compile or
+    stage load in the generate calls' timings."""
     ref = compiled(geometry, family)
     cases = []
     for kind in kinds:
@@ -63,6 +64,8 @@ import types, torch, vtcompile.models as m
 def refuse(*a, **k):
     raise AssertionError("load_compiled rebuilt the model")
 m.build_from_spec = m.load_model = refuse
+import torch._inductor
+torch.compile = torch._inductor.aoti_compile_and_package = torch._inductor.aot_compile = refuse
 from vtcompile import load_compiled
 from tests.unit.test_targets import assert_parity, fast_inductor
 with fast_inductor():
@@ -74,10 +77,16 @@ with fast_inductor():
         assert not {exact} or (out.logits - ref.logits).abs().max().item() == 0.0, c["kind"]
         tokens = lm.generate(c["ids"], c["pixels"], c["mask"], max_new_tokens=8, eos_token_id=[])
         assert torch.equal(tokens, c["tokens"]), (c["kind"], tokens, c["tokens"])
+        assert lm.last_generation.compile_seconds == 0.0, lm.last_generation
         print(c["kind"], "ok")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    import os
+
+    cache = tmp_path / "inductor-cache-of-the-new-process"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache)))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*")), list(cache.rglob("*"))
     assert r.stdout.split() == [w for k in kinds for w in (k, "ok")]
 
 

@@ -308,3 +308,20 @@ def test_killed_write_leaves_nothing_the_next_one_does_not_clean(tmp_path):
     assert f"removed {left}, left behind by an earlier write to {tmp_path / 'images' / 'test'} that was killed " \
            f"(pid {proc.pid}" in r.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["000000.png", "000001.png", "images", "test", "test.jsonl"]
+
+
+def test_calibrate_writes_recipe_and_routers_with_the_umask(tmp_path, capsys):
+    """calibrate's JSON and its routers' safetensors (written 0600 by safetensors) get the umask's modes, through
+    temporaries that do not stay behind; a second run without --force is refused."""
+    from vtcompile.files import umask
+
+    out = tmp_path / "routers.json"
+    args = ["calibrate", "--model", "tiny", "--pass", "dyvte:samples=4,epochs=2,holdout=0", "--calibration",
+            "synthetic", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"reuse with --pass dyvte:routers={tmp_path / 'routers.safetensors'}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routers.json", "routers.safetensors"]
+    for p in tmp_path.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask(), (p, oct(p.stat().st_mode))
+    assert json.loads(out.read_text())["weights_file"] == "routers.safetensors"
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
