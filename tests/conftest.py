@@ -50,6 +50,7 @@ SLOW_TESTS = {
     "test_careless_flags_from_the_shell", "test_closed_pipe_and_ctrl_c_exit_quietly",  # subprocesses of the CLI
     "test_killed_write_leaves_nothing_the_next_one_does_not_clean",
     "test_calibrate_writes_recipe_and_routers_with_the_umask",  # trains routers
+    "test_run_keeps_messages_off_the_answer_and_warns_about_unknown_words",  # compiles the testbed
 }
 
 

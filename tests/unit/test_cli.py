@@ -325,3 +325,20 @@ def test_calibrate_writes_recipe_and_routers_with_the_umask(tmp_path, capsys):
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask(), (p, oct(p.stat().st_mode))
     assert json.loads(out.read_text())["weights_file"] == "routers.safetensors"
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_run_keeps_messages_off_the_answer_and_warns_about_unknown_words(tmp_path, capsys):
+    """`vtcompile run` on the testbed: the answer and its table on stdout, every progress, compile and warning line
+    on stderr (a streamed answer never has a log line in it); a prompt of unknown words is answered with a warning
+    (exit 0), the compile time is given apart from the timings."""
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "grey16.png"
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(image)
+    assert main(["run", "--pass", "fastv", "--image", str(image), "--prompt", "what is the flux capacitor doing",
+                 "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "[vtcompile]" not in out and "│ answer" in out and "time to first token s" in out
+    assert "[vtcompile] compiled in " in err and "passes + lowering to eager" in err
+    assert "3 of its 6 words are unknown to the model's tokenizer (<unk>): 'flux', 'capacitor', 'doing'" in err

@@ -230,6 +230,26 @@ def test_streamer_gets_the_prompt_then_each_token():
     assert [s[0] for s in rec.seen[1:]] == out[0, ids.shape[1]:].tolist()
 
 
+def test_decode_step_is_ready_before_the_first_token_is_streamed():
+    """A first generate lowers (compiles, on a compiling target) the decode step before its clock starts and before
+    anything is streamed, so no compile message lands inside a streamed answer and no compile inside its timings."""
+    cm = compiled("tiny", "fastv").with_target("eager")  # the same programs, lowered afresh: no decode step yet
+    assert cm.executable(16).decode is None
+    ids, pixels, mask = prompt("tiny", "image_first")
+    seen = []
+
+    class Recorder:
+        def put(self, value):
+            exe = cm.executable(16)
+            seen.append(exe.decode is not None and exe.decode.lowered is not None)
+
+        def end(self):
+            pass
+
+    cm.generate(ids, pixels, mask, max_new_tokens=3, eos_token_id=[], streamer=Recorder())
+    assert seen and all(seen), seen
+
+
 def test_inductor_decode_compiles_once():
     """One AOT-compiled step, written to its caches in place, serves every step of a call and new prompt lengths,
     batch sizes and max_new_tokens (other cache lengths): the first generate compiles it (given apart in
