@@ -30,8 +30,9 @@ def pytest_configure(config):
 # ONNX lowering, their artifacts, TensorRT's graph transform), starts the CLI in a subprocess, trains or evaluates
 # the testbed, or compares the per-rewrite build's slow path; each costs 10-150 s on two cores. It also runs the
 # geometry-parametrised oracle tests on the MHA geometry only (their tiny-gqa cases are slow) and leaves out the
-# artifact round trips through torch.export. The default suite runs everything.
-SLOW_WORDS = ("inductor", "onnx", "tensorrt_graph_transform", "tiny-gqa")
+# artifact round trips through torch.export, and the README blocks marked <!-- readme-test: slow -->. The default
+# suite runs everything.
+SLOW_WORDS = ("inductor", "onnx", "tensorrt_graph_transform", "tiny-gqa", "readme-slow")
 SLOW_TESTS = {
     "test_optimize_prints_report_and_writes_artifact", "test_bad_input_from_the_shell",  # subprocess smoke tests
     "test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact",
@@ -46,6 +47,10 @@ SLOW_TESTS = {
     "test_in_memory_transformers_model_is_accepted", "test_save_refuses_existing_dir_and_force_replaces_only_artifacts",
     "test_layout_and_manifest", "test_load_refuses_bad_manifests", "test_recipe_file_round_trip",
     "test_head_passes_after_dyvte_routers_rewrite_every_exit_branch",  # trains routers, compiles a program per exit
+    "test_careless_flags_from_the_shell", "test_closed_pipe_and_ctrl_c_exit_quietly",  # subprocesses of the CLI
+    "test_killed_write_leaves_nothing_the_next_one_does_not_clean",
+    "test_calibrate_writes_recipe_and_routers_with_the_umask",  # trains routers
+    "test_run_keeps_messages_off_the_answer_and_warns_about_unknown_words",  # compiles the testbed
 }
 
 

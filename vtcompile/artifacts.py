@@ -2,11 +2,14 @@
 
 Layout (format 5):
     manifest.json             versions, model id + config hash, passes + configs, target, input spec, the report,
-                              generation defaults, the programs and their stages, and the sha256 of every other file
+                              generation defaults, the programs and their stages, the sha256 of every other file, and
+                              `manifest_sha256`: the sha256 of the manifest's own content (its canonical JSON without
+                              that field), so an edited field (a pass config) is refused like an edited file
     config.json               the model's LlavaConfig (geometry, image token id, vision settings)
     embeddings.safetensors    the token embedding table ("weight" [V, D])
     vision.pt2                vision tower + projector, torch.export'ed with a dynamic image count
-    <stage>.pt2 | .onnx       every stage of every program, in the target's format (runtime/executable.py): for
+    <stage>.pt2 | .onnx       every stage of every program, in the target's format (runtime/executable.py; inductor:
+                              an AOTInductor package, loaded without compiling; eager: the torch.export'ed graph): for
                               a static program decoder-v<N> (N visual tokens per prompt) and its decode step
                               decoder-v<N>-decode; for a program with branches one stage per layer of the base
                               graph and of each branch (decoder-v<N>-layer<i>, decoder-v<N>-branch<e>-layer<i>)
@@ -14,9 +17,14 @@ Layout (format 5):
                               manifest, its tensors here; rebuilt by the class its pass registered)
     processor/                the model's processor files, when it has a processor
 
-Loading checks, in order: the format, the vtcompile and torch versions the files were written with, the
-sha256 of every file, and the config hash of the stored config; any mismatch is refused with what was
-expected, what was found and what to do. Stages are loaded at their first call.
+Loading checks, in order: the format, the manifest's digest of itself, the vtcompile and torch versions the files
+were written with, the sha256 of every file, and the config hash of the stored config; any mismatch is refused with
+what was expected, what was found and what to do. (The digests detect corruption and edits, they are no signature
+against someone who rewrites them.) Stages are loaded at their first call.
+
+Writing never leaves a half-written artifact (a temporary sibling moved into place, stale ones from killed writes
+removed: vtcompile/files.py) and never deletes what vtcompile did not write: --force replaces an artifact only when
+the directory holds nothing but the files its manifest lists.
 """
 from __future__ import annotations
 
@@ -25,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +45,14 @@ from .compiler.branches import load_decision
 from .compiler.signature import Signature
 from .compiler.staged import Stage, StagedGraph, StagePlan
 from .errors import ArtifactError, UnsupportedModelError
+from .files import apply_umask, old_dir, temp_dir
 from .models import Frontend, ModelSpec, family_of_config
 from .report import Report
 from .runtime.executable import Executable, LazyStage
 
 ARTIFACT_FORMAT = 5
 MANIFEST = "manifest.json"
+DIGEST = "manifest_sha256"
 MAX_IMAGES = 64
 
 
@@ -60,9 +69,39 @@ def _file_table(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without its own digest field."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sign(manifest: dict) -> dict:
+    """The manifest with its digest (write_artifact calls this last)."""
+    return {**{k: v for k, v in manifest.items() if k != DIGEST}, DIGEST: manifest_digest(manifest)}
+
+
+def _unlisted(out: Path) -> list[str]:
+    """What an existing artifact directory holds beyond its manifest and the files the manifest lists (directories
+    that hold only listed files count as listed); every entry when the manifest cannot be read."""
+    try:
+        listed = set(json.loads((out / MANIFEST).read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    parents = {d.as_posix() for f in listed for d in Path(f).parents if d != Path(".")}
+    extra = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if rel == MANIFEST or rel in listed or (p.is_dir() and not p.is_symlink() and rel in parents):
+            continue
+        extra.append(rel + ("/" if p.is_dir() else ""))
+    return extra
+
+
 def check_destination(out: Path, force: bool) -> None:
     """Refuse to write over something: an existing path without --force, and (even with it) anything that is
-    not a vtcompile artifact - replacing a directory deletes it, and no command deletes what it did not make."""
+    not a vtcompile artifact or holds files its manifest does not list - replacing a directory deletes it, and no
+    command deletes what it did not make."""
+    out = Path(out)
     if not out.exists():
         return
     if not force:
@@ -71,12 +110,19 @@ def check_destination(out: Path, force: bool) -> None:
     if not out.is_dir() or not (out / MANIFEST).is_file():
         raise ArtifactError(f"{out} exists and is not a vtcompile artifact (no {MANIFEST}); --force only replaces "
                             "an artifact. Choose another --out, or remove it yourself if it should go.")
+    extra = _unlisted(out)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ArtifactError(f"{out} holds {len(extra)} file(s) its manifest does not list ({shown}); --force replaces "
+                            "an artifact only when nothing else is in it, because replacing it deletes the whole "
+                            "directory. Move them out, or choose another --out.")
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    check_destination(out, force)  # again: the directory may have appeared while we wrote
+    check_destination(out, force)  # again: the directory may have appeared, or gained files, while we wrote
+    apply_umask(tmp)  # mkdtemp made it private; safetensors writes 0600
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = old_dir(out)
         os.replace(out, old / out.name)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -95,6 +141,8 @@ def _export_vision(adapter) -> torch.export.ExportedProgram:
 # -- writing --------------------------------------------------------------------------------------------
 def _save_stage(lazy: LazyStage, target, directory: Path) -> dict:
     try:
+        if target.saves_lowered and lazy.lowered is None:
+            lazy.lower()  # compiled once: saved here, and run in this process without compiling it again
         files = target.save(lazy.stage, lazy.exported, lazy.lowered, directory)
     except UnsupportedModelError as exc:
         raise ArtifactError(str(exc)) from exc
@@ -127,8 +175,7 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
     out = Path(out_dir)
     check_destination(out, force)
     adapter = cm.adapter
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out)
     try:
         t0 = time.perf_counter()
         manifest = cm.manifest()
@@ -151,7 +198,7 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
             "files": _file_table(tmp),
             "write_seconds": time.perf_counter() - t0,
         })
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / MANIFEST).write_text(json.dumps(sign(manifest), indent=2, sort_keys=True))
         _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,8 +210,7 @@ def copy_artifact(src: Path, out_dir: str | os.PathLike, force: bool = False) ->
     """Save a loaded artifact elsewhere (it is already in its final form)."""
     out = Path(out_dir)
     check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out)
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         _move_into_place(tmp, out, force)
@@ -187,6 +233,10 @@ def read_manifest(path: Path) -> dict:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{path} has artifact format {found!r}; this vtcompile reads format "
                             f"{ARTIFACT_FORMAT}. Re-create it with this version (vtcompile optimize ... --out DIR).")
+    if manifest.get(DIGEST) != manifest_digest(manifest):
+        raise ArtifactError(f"{mf} does not match its own digest ({DIGEST}): its content was edited or corrupted "
+                            "after it was written (a pass config, a version, a checksum). Re-create the artifact "
+                            "with vtcompile optimize ... --out DIR rather than editing it.")
     return manifest
 
 
@@ -312,11 +362,16 @@ def read_artifact(path: str | os.PathLike) -> Contents:
         if name not in TARGETS:
             raise ArtifactError(f"{path} was compiled for target {name!r}, unknown to this vtcompile")
         target = get_target(name)
+        device = manifest.get("device", "cpu")
+        if device != "cpu" and not torch.cuda.is_available():
+            if getattr(target.module, "DEVICE_BOUND", False):
+                raise ArtifactError(f"{path} holds {name} stages compiled for {device}, and this machine has no CUDA; "
+                                    "re-create the artifact here (vtcompile optimize ... --target "
+                                    f"{name} --out DIR) or run it on a CUDA machine")
+            device = "cpu"
         spec = ModelSpec.from_dict(manifest["model"])
         passes = [(get_pass(p["pass"]), get_pass(p["pass"]).config.from_dict(p["config"]))
                   for p in manifest["passes"]]
-        device = manifest.get("device", "cpu")
-        device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
         weight = load_file(str(path / manifest["embeddings"]["file"]), device=device)[manifest["embeddings"]["key"]]
         vision_file = manifest["vision"]["file"]
         report = Report.from_dict(manifest["report"], geometry)

@@ -1,9 +1,14 @@
 """The `vtcompile` command: thin commands over the API. Arguments are checked before any model is loaded; every
-error a user can fix is one line on stderr and a non-zero exit code."""
+error a user can fix is one line on stderr and a non-zero exit code; a flag that would be ignored is an error that
+says what applies. Progress and compile messages go through `logging` (stderr, "[vtcompile] ..."), never into
+stdout, where answers, tables and JSON go. A closed stdout (`| head`) ends the command quietly with 141 (128 +
+SIGPIPE), Ctrl-C with 130 (128 + SIGINT), as shells report commands killed by those signals."""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import shutil
 import sys
 import textwrap
@@ -13,16 +18,20 @@ from pathlib import Path
 
 from .errors import InputError, PassConfigError, VtcompileError
 
+log = logging.getLogger("vtcompile.cli")
+EXIT_BROKEN_PIPE = 141
+EXIT_INTERRUPTED = 130
+
 
 def _log(msg: str) -> None:
-    print(f"[vtcompile] {msg}", file=sys.stderr, flush=True)
+    log.info(msg)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, seed_help: str = "seed of random weights (default 0)") -> None:
     from .models import DEFAULT_MODEL
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
+    g.add_argument("--model", default=None,
                    help=f"preset name (see `vtcompile models`) or a local checkpoint directory "
                         f"(default: {DEFAULT_MODEL})")
     g.add_argument("--weights", metavar="DIR", help="local checkpoint directory for a preset")
@@ -32,7 +41,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=int, metavar="N", help="keep only the first N decoder layers (CPU speed work)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weight dtype (default: float32; bfloat16 for the 7B/13B presets)")
-    g.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
+    g.add_argument("--seed", type=int, default=None, help=seed_help)
 
 
 def _pass_args(p: argparse.ArgumentParser) -> None:
@@ -49,16 +58,24 @@ def _calibration_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _target_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="eager",
-                   help="backend: eager (default, the rewritten graphs in PyTorch), inductor (torch.compile, one "
-                        "compile for every prompt length and decode step), onnx (ONNX Runtime; float32 on CPU; "
-                        "prefill only), tensorrt (CUDA + torch-tensorrt; prefill only)")
+    p.add_argument("--target", default=None,
+                   help="backend: eager (default, the rewritten graphs in PyTorch), inductor (AOTInductor: compiled "
+                        "ahead of time, one compile for every batch, prompt length and decode step; an artifact "
+                        "loads without compiling), onnx (ONNX Runtime; float32 on CPU; prefill and decode), "
+                        "tensorrt (CUDA + torch-tensorrt; prefill only)")
+
+
+def _model_name(args) -> str:
+    from .models import DEFAULT_MODEL
+
+    return args.model if args.model is not None else DEFAULT_MODEL
 
 
 def _spec(args):
     from .models import resolve_spec
 
-    return resolve_spec(args.model, args.weights, args.random_weights, args.layers, args.dtype, args.seed)
+    return resolve_spec(_model_name(args), args.weights, args.random_weights, args.layers, args.dtype,
+                        args.seed if args.seed is not None else 0)
 
 
 def _passes(args) -> list:
@@ -71,6 +88,17 @@ def _passes(args) -> list:
             raise PassConfigError(f"--pass {spec!r} names several passes; give each its own --pass, in order "
                                   "(e.g. --pass fastv --pass pyramiddrop)")
     return resolve_passes(args.passes)
+
+
+def _check_calibration_flag(args, passes) -> None:
+    """--calibration with no pass that calibrates would be ignored: an error, as compile_pruned's."""
+    if getattr(args, "calibration", None) is not None and not any(p.calibrate for p, _ in passes):
+        from .passes import REGISTRY
+
+        names = ", ".join(p.name for p, _ in passes) or "no pass"
+        users = ", ".join(n for n, p in REGISTRY.items() if p.calibrate is not None)
+        raise PassConfigError(f"--calibration applies to passes that fit a recipe on data ({users}); {names} "
+                              "fit(s) none: drop --calibration")
 
 
 def _calibration(args, passes, spec) -> str | None:
@@ -89,7 +117,8 @@ def _compile(args, target: str = "eager"):
     from .targets import get_target
 
     passes = _passes(args)
-    tgt = get_target(target)
+    _check_calibration_flag(args, passes)
+    tgt = get_target(target or "eager")
     spec = _spec(args)
     calibration = _calibration(args, passes, spec)
     _log(f"loading {spec.label} ...")
@@ -99,7 +128,12 @@ def _compile(args, target: str = "eager"):
         p.check_supports(adapter.geometry)
         cfg.check_model(adapter.geometry)
     _log(f"loaded in {time.perf_counter() - t0:.1f}s; capturing the decoder and applying {len(passes)} pass(es) ...")
-    return CompiledModel.build(adapter, passes, tgt, getattr(args, "text_tokens", 64), calibration=calibration)
+    cm = CompiledModel.build(adapter, passes, tgt, getattr(args, "text_tokens", 64), calibration=calibration)
+    r = cm.report
+    _log(f"compiled in {r.capture_seconds + r.calibration_seconds + r.compile_seconds:.1f} s (capture "
+         f"{r.capture_seconds:.1f} s, calibration {r.calibration_seconds:.1f} s, passes + lowering to "
+         f"{tgt.name} {r.compile_seconds:.1f} s)")
+    return cm
 
 
 def cmd_optimize(args) -> int:
@@ -198,6 +232,11 @@ def cmd_eval(args) -> int:
     if args.artifact:
         if args.passes:
             raise VtcompileError("--artifact already holds its passes; drop --pass")
+        given = [f"--{f.replace('_', '-')}" for f in _MODEL_FLAGS if getattr(args, f, None) not in (None, False)]
+        given += ["--seed"] if args.seed is not None else []
+        if given:
+            raise VtcompileError(f"{', '.join(given)} do(es) not apply to --artifact, which holds its model and "
+                                 "passes; drop them, or evaluate --model/--pass without --artifact")
         cm = load_compiled(args.artifact)
     else:
         cm = _compile(args)
@@ -218,8 +257,9 @@ def cmd_flops(args) -> int:
     passes = _passes(args)
     if args.images < 1 or args.text_tokens < 1:
         raise InputError(f"--images and --text-tokens must be >= 1, found {args.images} and {args.text_tokens}")
-    if args.model in PRESETS and not args.weights:
-        args.random_weights = not PRESETS[args.model].shipped  # FLOPs need only the geometry, never weights
+    name = _model_name(args)
+    if name in PRESETS and not args.weights:
+        args.random_weights = not PRESETS[name].shipped  # FLOPs need only the geometry, never weights
     spec = _spec(args)
     geom = geometry_of(spec)
     n_visual = geom.visual_tokens_per_image * args.images
@@ -285,7 +325,27 @@ def cmd_models(args) -> int:
                 status = "no local weights (use --weights DIR or --random-weights)"
         rows.append([name, desc, status])
     print(tabulate(rows, headers=["model", "description", "weights"], tablefmt="simple_grid"))
+    words = _testbed_words()
+    if words:
+        width = max(60, shutil.get_terminal_size((100, 20)).columns)
+        print(textwrap.fill(f"The testbed knows {len(words)} words (any other word reads as <unk>): "
+                            + " ".join(words), width))
     return 0
+
+
+def _testbed_words() -> list[str]:
+    """The words of the shipped testbed's tokenizer (its vocabulary without special tokens)."""
+    from .errors import ModelNotFoundError
+    from .models import resolve_spec
+
+    try:
+        path = Path(resolve_spec("testbed").path) / "tokenizer.json"
+        tok = json.loads(path.read_text())
+    except (ModelNotFoundError, OSError, ValueError):
+        return []
+    special = {t["content"] for t in tok.get("added_tokens", [])}
+    vocab = tok.get("model", {}).get("vocab", {})
+    return sorted(w for w in vocab if w not in special and any(c.isalnum() for c in w))
 
 
 def cmd_inspect(args) -> int:
@@ -341,6 +401,49 @@ class _PrintStreamer:
             self.inner.end()
 
 
+_MODEL_FLAGS = ("model", "weights", "random_weights", "layers", "dtype", "target", "calibration")
+
+
+def _check_run_flags(args) -> None:
+    """Flags `run` would ignore are errors that say what applies (before anything is loaded)."""
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, found {args.max_new_tokens}")
+    if args.dir is not None:
+        if args.passes:
+            raise VtcompileError("an artifact already holds its passes; give DIR or --model/--pass, not both")
+        given = [f"--{f.replace('_', '-')}" for f in _MODEL_FLAGS if getattr(args, f) not in (None, False)]
+        if given:
+            raise VtcompileError(f"{', '.join(given)} do(es) not apply to an artifact: {args.dir} runs the model, "
+                                 "passes and target it was compiled with. Drop them, or compile here with "
+                                 "--model/--pass/--target instead of DIR")
+        if args.seed is not None and not args.sample:
+            raise VtcompileError("--seed seeds sampling (--sample) when running an artifact; greedy decoding "
+                                 "ignores it: add --sample or drop --seed")
+    if not args.sample:
+        given = [flag for flag, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                      ("--top-p", args.top_p)) if v is not None]
+        if given:
+            raise VtcompileError(f"{', '.join(given)} appl(ies) only with --sample; greedy decoding (the default) "
+                                 "ignores it: add --sample or drop it")
+    if args.prompt and args.input_ids is not None:
+        raise VtcompileError("give --prompt (text, read by the model's processor) or --input-ids (token ids), not "
+                             "both")
+
+
+def _parse_input_ids(text: str) -> list[list[int]]:
+    try:
+        ids = json.loads(text)
+        if ids and all(isinstance(t, int) for t in ids):
+            ids = [ids]
+        if not isinstance(ids, list) or not all(isinstance(r, list) and r and all(isinstance(t, int) for t in r)
+                                                for r in ids):
+            raise ValueError("not a non-empty list of ints (or of lists of ints, one per prompt)")
+    except ValueError as exc:
+        raise VtcompileError(f"--input-ids must be a JSON list of token ids, e.g. '[5, 9, 127, 7]', or one list "
+                             f"per prompt ({exc})") from None
+    return ids
+
+
 def cmd_run(args) -> int:
     import torch
     from tabulate import tabulate
@@ -348,22 +451,9 @@ def cmd_run(args) -> int:
     from .api import load_compiled
     from .data import prompt_inputs
 
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, found {args.max_new_tokens}")
-    if args.dir is not None and args.passes:
-        raise VtcompileError("an artifact already holds its passes; give DIR or --model/--pass, not both")
-    prompts, ids = args.prompt or None, None
-    if args.input_ids is not None:
-        try:
-            ids = json.loads(args.input_ids)
-            if ids and all(isinstance(t, int) for t in ids):
-                ids = [ids]
-            if not isinstance(ids, list) or not all(isinstance(r, list) and all(isinstance(t, int) for t in r)
-                                                    for r in ids):
-                raise ValueError("not a list of ints (or of lists of ints, one per prompt)")
-        except ValueError as exc:
-            raise VtcompileError(f"--input-ids must be a JSON list of token ids, e.g. '[5, 9, 127, 7]', or one list "
-                                 f"per prompt ({exc})") from None
+    _check_run_flags(args)
+    prompts = args.prompt or None
+    ids = _parse_input_ids(args.input_ids) if args.input_ids is not None else None
     rows = len(ids) if ids is not None else len(prompts or [])
     if rows == 0:
         raise InputError("give --prompt TEXT (repeat for a batch) or --input-ids JSON")
@@ -372,22 +462,26 @@ def cmd_run(args) -> int:
         raise InputError(f"{len(images)} --image for {rows} prompt(s); give one image per prompt (or one for all)")
     for im in images:
         if not im.is_file():
-            raise InputError(f"image {im} does not exist")
+            raise InputError(f"image {im} does not exist" if not im.exists() else f"image {im} is not a file")
     images = images * rows if len(images) == 1 else images or [None] * rows
     if args.dir is not None:
+        t0 = time.perf_counter()
         cm = load_compiled(args.dir)
+        _log(f"loaded {args.dir} ({cm.target.name}) in {time.perf_counter() - t0:.1f} s")
     else:
         cm = _compile(args, args.target)
     input_ids, pixels, mask = prompt_inputs(cm.frontend, images, prompts, ids)
-    generator = torch.Generator().manual_seed(args.seed) if args.sample else None
+    generator = torch.Generator().manual_seed(args.seed or 0) if args.sample else None
     tok = cm.frontend.tokenizer
     stream = tok is not None and rows == 1 and not args.json
+    sampling = {"temperature": 1.0 if args.temperature is None else args.temperature,
+                "top_k": 0 if args.top_k is None else args.top_k, "top_p": 1.0 if args.top_p is None else args.top_p}
     t0 = time.perf_counter()
     out = cm.generate(input_ids, pixels, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      streamer=_PrintStreamer(tok, stream) if tok is not None else None, generator=generator)
-    seconds = time.perf_counter() - t0
+                      streamer=_PrintStreamer(tok, stream) if tok is not None else None, generator=generator,
+                      **sampling)
     stats = cm.last_generation
+    seconds = time.perf_counter() - t0 - stats.compile_seconds - stats.load_seconds
     new = out[:, input_ids.shape[1]:].tolist()
     answers = [tok.decode(r, skip_special_tokens=True).strip() if tok is not None else None for r in new]
     res = {"answers": answers, "token_ids": new, "seconds": seconds, **stats.to_dict(), "target": cm.target.name}
@@ -403,6 +497,9 @@ def cmd_run(args) -> int:
               ["KV cache after prefill", f"{sum(stats.kv_prompt_bytes.values()) / 1e6:.3f} MB"],
               ["time to first token s", f"{stats.ttft_seconds:.3f}"],
               ["decode ms/token, tokens/s", f"{stats.decode_ms_per_token:.1f}, {stats.tokens_per_second:.1f}"],
+              *([["compiled / loaded stages s (not in the times)",
+                  f"{stats.compile_seconds:.1f} / {stats.load_seconds:.2f}"]]
+                if stats.compile_seconds + stats.load_seconds >= 0.005 else []),
               ["target", cm.target.name]]
     print(tabulate(table, tablefmt="simple_outline"))
     return 0
@@ -413,8 +510,10 @@ def cmd_testbed_data(args) -> int:
 
     if args.n < 1:
         raise InputError(f"-n must be >= 1, found {args.n}")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file; give a directory for <split>.jsonl and images/")
     for split in args.split or ["test"]:
-        path = write_split(args.out, split, args.n, args.seed)
+        path = write_split(args.out, split, args.n, args.seed, force=args.force)
         _log(f"wrote {args.n} {split} samples: {path}")
     return 0
 
@@ -435,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     _pass_args(p)
     _target_arg(p)
     p.add_argument("--out", type=Path, metavar="DIR", help="write the artifact here (refused if it exists)")
-    p.add_argument("--force", action="store_true", help="replace an existing artifact at --out (never a directory "
-                                                        "that is not an artifact)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact at --out (refused when the "
+                                                        "directory is not an artifact or holds files its manifest "
+                                                        "does not list)")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs and KV bytes "
                                                                "(default 64)")
     p.add_argument("--no-check", action="store_true", help="skip the fidelity self-check against the unpruned model")
@@ -446,10 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy and fidelity on VQA data (the testbed test split or a JSONL file)",
                        description="Exact-match accuracy of WHOLE generated answers (greedy, until eos, at most "
-                                   "--max-new-tokens) per question kind and overall, the share of answers that end, "
+                                   "--max-new-tokens) per question kind and overall, compared after the VQA "
+                                   "convention's normalisation (lower case, punctuation and the articles a/an/the "
+                                   "removed, number words as digits), the share of answers that end, "
                                    "fidelity against the unpruned model (answers identical, token agreement, "
-                                   "first-token agreement and KL), FLOPs ratios, visual tokens kept, wall time. "
-                                   "--max-new-tokens 1 scores the next token instead. JSONL lines: {\"image\": "
+                                   "first-token agreement and KL), FLOPs ratios, visual tokens kept, wall time "
+                                   "(compiling excluded, given apart). --max-new-tokens 1 scores the next token "
+                                   "instead (the answer must be one token). JSONL lines: {\"image\": "
                                    "path, \"question\": str, \"answer\": str, \"kind\": optional str}.")
     _model_args(p)
     _pass_args(p)
@@ -460,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="longest generated answer (default 24); 1 scores the next token (single-token answers)")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines, unreadable images, "
-                                                           "answers outside the vocabulary, instead of failing")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines, unreadable images and, "
+                                                           "with --max-new-tokens 1, answers that are not one token "
+                                                           "of the vocabulary, instead of failing")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -496,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "used as is. Models without a processor take --input-ids.")
     p.add_argument("dir", type=Path, nargs="?", help="artifact directory (vtcompile optimize ... --out DIR); omit to "
                                                      "compile --model with --pass here")
-    _model_args(p)
+    _model_args(p, seed_help="seed of the sampling generator with --sample (default 0); when compiling a random-weight "
+                             "model here (a tiny preset, --random-weights) also the seed of its weights")
     _pass_args(p)
     _target_arg(p)
     _calibration_arg(p)
@@ -506,9 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "token id per --image")
     p.add_argument("--max-new-tokens", type=int, default=32, help="most new tokens per answer (default 32)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, with --sample (default 1.0)")
+    p.add_argument("--top-k", type=int, help="with --sample: sample from the k most likely tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, help="with --sample: nucleus sampling mass (default 1.0: off)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_run)
 
@@ -526,11 +631,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to write (repeatable; default: test)")
     t.add_argument("-n", type=int, default=500, help="samples per split (default 500)")
     t.add_argument("--seed", type=int, default=0, help="generator seed (default 0, the shipped model's)")
+    t.add_argument("--force", action="store_true", help="replace an existing <split>.jsonl and images/<split>/ in "
+                                                        "--out (refused without it)")
     t.set_defaults(func=cmd_testbed_data)
 
     p = sub.add_parser("passes", help="list the registered passes and their fields")
     p.set_defaults(func=cmd_passes)
-    p = sub.add_parser("models", help="list model presets and whether local weights were found")
+    p = sub.add_parser("models", help="list model presets, whether local weights were found, and the words the "
+                                      "shipped testbed knows")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("inspect", help="show an artifact's manifest (after checking its files' sha256)")
     p.add_argument("dir", type=Path, help="artifact directory")
@@ -539,18 +647,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment (a test's capture, a redirected stream), not the one at set-up."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging() -> None:
+    """vtcompile's messages on stderr as "[vtcompile] ..." (INFO and up), once per process."""
+    logger = logging.getLogger("vtcompile")
+    if any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("[vtcompile] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null, so that flushing it at exit raises nothing again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["testbed", "train"]:  # its own parser (argparse's REMAINDER would swallow no leading option)
-        from .testbed.train import main as train_main
-
-        return train_main(argv[2:])
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except VtcompileError as exc:
-        print(f"vtcompile: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        if argv[:2] == ["testbed", "train"]:  # its own parser (argparse's REMAINDER would swallow no leading option)
+            from .testbed.train import main as train_main
+
+            return train_main(argv[2:])
+        args = build_parser().parse_args(argv)
+        _setup_logging()
+        try:
+            return args.func(args)
+        except VtcompileError as exc:
+            print(f"vtcompile: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+    except BrokenPipeError:  # `vtcompile ... | head`: the reader has gone, which is no error of the command
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("vtcompile: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

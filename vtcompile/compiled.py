@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .runtime.generate import GenerationConfig, GenerationStats, generate
 from .runtime.inputs import PreparedInputs, prepare
 
 DEFAULT_TEXT_TOKENS = 64
+log = logging.getLogger(__name__)
 _DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
@@ -45,6 +47,11 @@ def captured(adapter: Family) -> Captured:
         cap = capture_decoder(adapter.decoder_stage(), adapter.geometry, adapter.device, adapter.dtype)
         adapter._vt_captured = cap
     return cap
+
+
+def _setup(stages) -> float:
+    """Seconds spent compiling or loading these (lazy) stages so far."""
+    return sum(s.compile_seconds + s.load_seconds for s in stages)
 
 
 def _decode_note(target) -> str:
@@ -223,25 +230,52 @@ class CompiledModel:
         """Tokens [B, S + n] like transformers' generate: the prompt, then up to max_new_tokens new tokens per row
         (rows that ended are padded with pad_token_id). Prefill is the pruned program; each new token runs the
         compiled decode step over the per-layer caches (runtime/generate.py). `cm.last_generation` holds the
-        timings and cache sizes of the call."""
+        timings and cache sizes of the call; compiling or loading stages (a first call) is kept out of the timings and
+        given apart (compile_seconds, load_seconds)."""
         config = self.generation_config(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                                         pad_token_id=pad_token_id)
-        context = getattr(self.frontend.config.text_config, "max_position_embeddings", None)
-        if context is not None and input_ids.shape[-1] + max_new_tokens > context:
-            raise InputError(f"the prompt ({input_ids.shape[-1]} tokens) plus max_new_tokens={max_new_tokens} exceeds "
-                             f"the model's context of {context} positions; ask for fewer new tokens")
+        self._check_context(input_ids, max_new_tokens)
+        setup0 = self.setup_seconds()
         t0 = time.perf_counter()
         prepared = self.prepare(input_ids, pixel_values, attention_mask)  # vision + merge: part of TTFT
         t_prepare = time.perf_counter() - t0
-        exe = self.executable(prepared.n_visual)
-        step = exe.step_stage()  # built on the first call (not timed: a one-off, like compiling)
+        exe = self.executable(prepared.n_visual)  # a program for a new image count is built and lowered here
+        step = exe.step_stage()
+        step.lower()  # the decode step compiled (or loaded from the artifact) before the clock starts
+        prefill_stages = exe.prefill_stages()
+        prefill0, step0 = _setup(prefill_stages), _setup([step])
         stats = GenerationStats()
         out = generate(exe.prefill, step, self.frontend.embed_tokens, prepared, config, streamer=streamer,
                        generator=generator, stats=stats, signature=exe.signature)
-        stats.ttft_seconds += t_prepare
+        # Stages of a program with branches are lowered at their first call, inside prefill; a JIT decode step
+        # compiles inside its first call: neither is run time.
+        stats.ttft_seconds += t_prepare - (_setup(prefill_stages) - prefill0)
+        stats.decode_seconds -= _setup([step]) - step0
+        compiled, loaded = (a - b for a, b in zip(self.setup_seconds(), setup0))
+        stats.compile_seconds, stats.load_seconds = compiled, loaded
+        if compiled > 0.05:
+            log.info("generate: compiled in %.1f s (not in its timings)", compiled)
         self.last_generation = stats
         return out
+
+    def _check_context(self, input_ids, max_new_tokens: int) -> None:
+        """The prompt and the new tokens fit the model's positions (the message gives the limit that applies)."""
+        context = getattr(self.frontend.config.text_config, "max_position_embeddings", None)
+        n = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else None
+        if context is None or n is None or n + max_new_tokens <= context:
+            return
+        if n >= context:
+            raise InputError(f"the prompt alone has {n} tokens; the model's context holds {context} positions for the "
+                             f"prompt and the new tokens together. Shorten the prompt to at most {context - 1} tokens "
+                             "(fewer words, or a smaller image count)")
+        raise InputError(f"the prompt ({n} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's context "
+                         f"of {context} positions; ask for at most {context - n} new tokens")
+
+    def setup_seconds(self) -> tuple[float, float]:
+        """(compile, load) seconds spent so far on every program's stages: what timings of runs leave out."""
+        totals = [e.setup_seconds() for e in self.executables.values()]
+        return sum(c for c, _ in totals), sum(lo for _, lo in totals)
 
     # -- artifacts ---------------------------------------------------------------------------------
     def manifest(self) -> dict:

@@ -11,6 +11,7 @@ Data: "testbed" (a split of the shipped testbed, generated in memory) or a JSONL
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from .errors import InputError
 
+log = logging.getLogger(__name__)
 LLAVA_TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
 DEFAULT_TESTBED_LIMIT = 500
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,17 +44,40 @@ def format_prompt(processor, question: str, n_images: int = 1) -> str:
         LLAVA_TEMPLATE.replace("{image}\n", "").format(question=question)
 
 
+def to_rgb(image):
+    """An 8-bit RGB image. High-bit-depth greyscale (16-bit PNG: PIL mode I;16, 32-bit integer I, float F) is scaled
+    to 0-255: PIL's own convert("RGB") clips such values at 255, which turns most 16-bit images white."""
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        elif mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0  # float images hold 0-1 (or already 0-255)
+        else:  # 32-bit integers: 16-bit data (TIFF, older PIL PNGs) unless it already fits in 8 bits
+            scale = 1.0 if top <= 255 else 255.0 / 65535.0 if top <= 65535 else 255.0 / 4294967295.0
+        grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
 def open_image(image):
-    """A PIL image in RGB from a path or an image; a clear error for a missing or unreadable file."""
+    """A PIL image in 8-bit RGB from a path or an image; a clear error for a missing or unreadable file."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(image, (str, Path)):
-        return image.convert("RGB")
+        return to_rgb(image)
     try:
         with Image.open(image) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise InputError(f"image {image} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"image {image} is a directory; give an image file") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"image {image} does not open as an image ({exc})") from None
 
@@ -93,6 +118,13 @@ class PromptEncoder:
 
     def batch(self, questions: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(input_ids, pixel_values, attention_mask) for one image per question (None: a text-only prompt)."""
+        token = image_token(self.processor)
+        for i, (q, im) in enumerate(zip(questions, images)):
+            n, want = q.count(token), 0 if im is None else 1
+            if n > want:  # a prompt in the chat format names its images itself; each one needs its own image
+                raise InputError(f"prompt {i + 1} holds {n} {token} placeholders but {want} image(s) go with it; "
+                                 f"each prompt takes one image (--image): keep one {token} in it, or none and the "
+                                 "chat format places the image")
         prompts = [format_prompt(self.processor, q, 0 if im is None else 1) for q, im in zip(questions, images)]
         present = [im for im in images if im is not None]
         if present:
@@ -117,7 +149,9 @@ def prompt_inputs(frontend, images: list, prompts: list[str] | None = None, inpu
                 "this model has no processor (tokenizer + image processor), as tiny random models do. Pass token ids "
                 f"instead: --input-ids '[5, 9, {frontend.image_token_id}, 7]' (one image token id "
                 f"{frontend.image_token_id} per --image).")
-        return PromptEncoder(frontend.processor).batch(prompts, pil)
+        encoder = PromptEncoder(frontend.processor)
+        warn_unknown_words(encoder.tok, prompts)
+        return encoder.batch(prompts, pil)
     per_image = frontend.geometry.visual_tokens_per_image
     rows = []
     for ids, im in zip(input_ids, pil):
@@ -136,6 +170,36 @@ def prompt_inputs(frontend, images: list, prompts: list[str] | None = None, inpu
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
     present = [im for im in pil if im is not None]
     return ids_t, (_plain_pixels(frontend, present) if present else None), mask
+
+
+def warn_unknown_words(tokenizer, prompts: list[str], share: float = 0.5) -> list[int]:
+    """Warn (logging) about prompts the model cannot read: empty ones, and ones where at least `share` of the words
+    are unknown to its tokenizer (<unk>): the model answers them anyway, and the answer means little. Returns the
+    indices of the prompts warned about."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    warned = []
+    for i, text in enumerate(prompts):
+        label = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
+        question = text.replace(image_token(None), " ")
+        if not question.strip():
+            log.warning("%s is empty: the model answers with nothing to go on but the image", label)
+            warned.append(i)
+            continue
+        if unk is None:
+            continue
+        enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = enc["input_ids"], enc.get("offset_mapping") or []
+        unknown = [question[a:b] for t, (a, b) in zip(ids, spans) if t == unk] if spans else \
+            ["?"] * sum(t == unk for t in ids)
+        if ids and len(unknown) >= share * len(ids):
+            size = len(tokenizer)
+            hint = (f" This tokenizer knows {size} tokens; `vtcompile models` lists the words of the shipped testbed."
+                    if size < 1000 else "")
+            log.warning("%s: %d of its %d words are unknown to the model's tokenizer (<unk>): %s. The model reads "
+                        "them as <unk>, so its answer means little.%s", label, len(unknown), len(ids),
+                        ", ".join(repr(w) for w in unknown[:8]) + (" ..." if len(unknown) > 8 else ""), hint)
+            warned.append(i)
+    return warned
 
 
 # -- data sets ------------------------------------------------------------------------------------------

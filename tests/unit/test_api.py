@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vtcompile import compile_pruned, load_compiled
+from vtcompile.artifacts import sign
 from vtcompile.errors import ArtifactError, InputError, ModelNotFoundError, TargetUnavailableError, VtcompileError
 from vtcompile.models.llava import example_inputs
 
@@ -46,8 +47,8 @@ def test_save_refuses_existing_dir_and_force_replaces_only_artifacts(tmp_path):
     with pytest.raises(ArtifactError, match="is not a vtcompile artifact .*--force only replaces an artifact"):
         cm.save(tmp_path / "x", force=True)
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"  # nothing of the user's was deleted
-    (tmp_path / "y").mkdir()  # a directory with a manifest is an artifact
-    (tmp_path / "y" / "manifest.json").write_text("{}")
+    (tmp_path / "y").mkdir()  # a directory with a manifest listing everything else in it is an artifact
+    (tmp_path / "y" / "manifest.json").write_text(json.dumps({"files": {"stale.txt": {}}}))
     (tmp_path / "y" / "stale.txt").write_text("from an older artifact")
     cm.save(tmp_path / "y", force=True)  # an artifact is replaced whole
     assert (tmp_path / "y" / "manifest.json").is_file() and not (tmp_path / "y" / "stale.txt").exists()
@@ -62,6 +63,9 @@ def test_load_refuses_bad_manifests(tmp_path):
         load_compiled(path)
     m["config_hash"] = "0" * 16
     (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="does not match its own digest"):  # an edited manifest
+        load_compiled(path)
+    (path / "manifest.json").write_text(json.dumps(sign(m)))  # a manifest written with another model's hash
     with pytest.raises(ArtifactError, match="config hash"):
         load_compiled(path)
     (path / "manifest.json").write_text("{not json")

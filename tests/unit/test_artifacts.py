@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vtcompile import CompiledModel, compile_pruned, load_compiled
-from vtcompile.artifacts import ARTIFACT_FORMAT
+from vtcompile.artifacts import ARTIFACT_FORMAT, DIGEST, manifest_digest, sign
 from vtcompile.errors import ArtifactError, InputError
 from vtcompile.models.llava import LlavaFamily
 
@@ -46,9 +46,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def assert_new_process_matches(path, geometry: str, family: str, kinds, tmp_path, exact: bool = False) -> None:
-    """Load the artifact in a new process in which building the model raises, and check there: prefill parity with
-    the eager program (kept positions exact, logits within 1e-4, or equal when `exact`) and the same 8 greedy
-    tokens from `generate`."""
+    """Load the artifact in a new process in which building the model and compiling anything raise, with an Inductor
+    cache of its own that must stay empty, and check there: prefill parity with the eager program (kept positions
+    exact, logits within 1e-4, or equal when `exact`), the same 8 greedy tokens from `generate`, and no compile or
+    stage load in the generate calls' timings."""
     ref = compiled(geometry, family)
     cases = []
     for kind in kinds:
@@ -63,6 +64,8 @@ import types, torch, vtcompile.models as m
 def refuse(*a, **k):
     raise AssertionError("load_compiled rebuilt the model")
 m.build_from_spec = m.load_model = refuse
+import torch._inductor
+torch.compile = torch._inductor.aoti_compile_and_package = torch._inductor.aot_compile = refuse
 from vtcompile import load_compiled
 from tests.unit.test_targets import assert_parity, fast_inductor
 with fast_inductor():
@@ -74,10 +77,16 @@ with fast_inductor():
         assert not {exact} or (out.logits - ref.logits).abs().max().item() == 0.0, c["kind"]
         tokens = lm.generate(c["ids"], c["pixels"], c["mask"], max_new_tokens=8, eos_token_id=[])
         assert torch.equal(tokens, c["tokens"]), (c["kind"], tokens, c["tokens"])
+        assert lm.last_generation.compile_seconds == 0.0, lm.last_generation
         print(c["kind"], "ok")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    import os
+
+    cache = tmp_path / "inductor-cache-of-the-new-process"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache)))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*")), list(cache.rglob("*"))
     assert r.stdout.split() == [w for k in kinds for w in (k, "ok")]
 
 
@@ -110,9 +119,100 @@ def test_version_mismatch_is_refused(eager_art, tmp_path, key, value, needle):
     art = shutil.copytree(eager_art, tmp_path / "v")
     m = json.loads((art / "manifest.json").read_text())
     m["versions"][key] = value
-    (art / "manifest.json").write_text(json.dumps(m))
+    (art / "manifest.json").write_text(json.dumps(sign(m)))  # as that version would have written it
     with pytest.raises(ArtifactError, match=needle):
         load_compiled(art)
+
+
+def test_edited_manifest_is_refused_by_load_and_inspect(eager_art, tmp_path, capsys):
+    """The manifest's digest covers its own content: an edited pass config (r=0.5 -> 0.9) passed every file's sha256
+    before; now loading and `inspect` refuse it, and restoring the value makes it load again."""
+    import shutil
+
+    from vtcompile.cli import main
+
+    art = shutil.copytree(eager_art, tmp_path / "e")
+    text = (art / "manifest.json").read_text()
+    m = json.loads(text)
+    assert m[DIGEST] == manifest_digest(m) and len(m[DIGEST]) == 64
+    m["passes"][0]["config"]["r"] = 0.9
+    (art / "manifest.json").write_text(json.dumps(m, indent=2))
+    with pytest.raises(ArtifactError, match="does not match its own digest .* edited or corrupted"):
+        load_compiled(art)
+    assert main(["inspect", str(art)]) == 2
+    assert "does not match its own digest" in capsys.readouterr().err
+    # formatting is not content: the same values re-indented still verify
+    m["passes"][0]["config"]["r"] = 0.5
+    (art / "manifest.json").write_text(json.dumps(m, separators=(",", ":")))
+    assert main(["inspect", str(art)]) == 0
+    assert "sha256 verified" in capsys.readouterr().out
+
+
+def test_artifact_files_follow_the_umask(eager_art):
+    """Files and directories of an artifact get the user's umask like any other file (mkdtemp made the directory
+    0700, safetensors the embeddings 0600)."""
+    from vtcompile.files import umask
+
+    mask = umask()
+    assert (eager_art.stat().st_mode & 0o777) == 0o777 & ~mask
+    for f in eager_art.rglob("*"):
+        want = (0o777 if f.is_dir() else 0o666) & ~mask
+        assert (f.stat().st_mode & 0o777) == want, (f, oct(f.stat().st_mode))
+
+
+def test_force_replaces_only_an_artifact_that_holds_nothing_else(eager_art, tmp_path):
+    """--force replaces an artifact whose directory holds exactly the files its manifest lists; a file of the user's
+    inside it (or one the manifest does not list) makes it refuse, and nothing is deleted."""
+    import shutil
+
+    cm = compiled("tiny-gqa", "fastv")
+    art = shutil.copytree(eager_art, tmp_path / "f")
+    (art / "notes.txt").write_text("mine")
+    (art / "processor").mkdir()
+    with pytest.raises(ArtifactError, match=r"holds 2 file\(s\) its manifest does not list \(notes.txt, processor/\)"):
+        cm.save(art, force=True)
+    assert (art / "notes.txt").read_text() == "mine" and (art / "manifest.json").is_file()
+    (art / "notes.txt").unlink()
+    (art / "processor").rmdir()
+    assert cm.save(art, force=True) == art
+    assert json.loads((art / "manifest.json").read_text())["format"] == ARTIFACT_FORMAT
+
+
+def test_stale_temporary_directories_are_removed_on_the_next_write(tmp_path, caplog):
+    """A killed write leaves `.NAME.tmp-<pid>-*`: the next write to the same place (temp_dir, which write_artifact,
+    copy_artifact and `testbed data` start with) removes it when its pid is gone (or, without a pid, when it is an hour
+    old) and says so; a live writer's, a fresh one without a pid and another destination's are left alone. The killed
+    write end to end: test_cli.py::test_killed_write_leaves_nothing_the_next_one_does_not_clean."""
+    import os
+    import shutil
+    import time
+
+    from vtcompile.files import temp_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".art.tmp-{dead}-abcd1234"
+    stale.mkdir()
+    (stale / "embeddings.safetensors").write_bytes(b"x" * 1000)
+    old = tmp_path / ".art.tmp-q1w2e3r4"  # the naming before pids: stale once an hour old
+    old.mkdir()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    fresh = tmp_path / ".art.tmp-a1b2c3d4"
+    fresh.mkdir()
+    live = tmp_path / f".art.tmp-{os.getppid()}-zzzz0000"  # a running process's write
+    live.mkdir()
+    other = tmp_path / f".other.tmp-{dead}-abcd1234"  # another destination's
+    other.mkdir()
+    with caplog.at_level("WARNING", logger="vtcompile"):
+        mine = temp_dir(tmp_path / "art")
+    assert mine.name.startswith(f".art.tmp-{os.getpid()}-")
+    assert not stale.exists() and not old.exists()
+    assert fresh.exists() and live.exists() and other.exists()
+    said = caplog.text
+    assert f"removed {stale}, left behind by an earlier write to {tmp_path / 'art'} that was killed (pid {dead}" in said
+    assert f"removed {old}" in said and str(fresh) not in said
+    for d in (mine, fresh, live, other):
+        shutil.rmtree(d)
 
 
 def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
@@ -127,7 +227,7 @@ def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
 # The ONNX artifact's round trip is test_cli_optimize_onnx_then_run_with_input_ids (one ONNX export for the CLI,
 # the artifact's layout and parity, and the exported graph's dynamic axes).
 @pytest.mark.parametrize("target,geometry,family", [("inductor", "tiny-gqa", "fastv")])
-def test_target_artifact_round_trip(target, geometry, family, tmp_path):
+def test_target_artifact_round_trip(target, geometry, family, tmp_path, monkeypatch):
     cm = lowered(target, geometry, family)
     path = cm.save(tmp_path / target)
     m = json.loads((path / "manifest.json").read_text())
@@ -135,6 +235,14 @@ def test_target_artifact_round_trip(target, geometry, family, tmp_path):
     assert m["target"] == target and m["programs"][0]["stages"]["decoder-v16"]["files"] == [f"decoder-v16.{ext}"]
     assert m["programs"][0]["decode"]["files"] == [f"decoder-v16-decode.{ext}"]
     assert_new_process_matches(path, geometry, family, ["mid_pad_b2", "image_first"], tmp_path)
+    if target == "inductor":  # a package's kernels are for the machine that compiled them: a clear error elsewhere
+        import platform
+
+        here = platform.machine()
+        monkeypatch.setattr(platform, "machine", lambda: "elsewhere")
+        with pytest.raises(ArtifactError, match=rf"was compiled for machine {here} \(this machine: elsewhere\): its "
+                                                r"kernels cannot run here. Re-create the artifact on this machine"):
+            load_compiled(path)(*prompt(geometry, "image_first"))
 
 
 def test_dyvte_routers_artifact_round_trip(tmp_path):
@@ -166,6 +274,13 @@ def test_dyvte_routers_artifact_round_trip(tmp_path):
     # as the program compiled with it (test_dyvte: a higher threshold never exits a row earlier).
     high = compile_pruned(adapter("tiny"), "dyvte:threshold=0.999", recipes={"dyvte": cm.recipes["dyvte"]},
                           progress=False)
+    original = (path / "manifest.json").read_text()
+    (entry,) = [p for p in m["passes"] if p["pass"] == "dyvte"]
+    entry["config"]["threshold"] = 0.999
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="does not match its own digest"):  # an edited manifest is refused
+        load_compiled(path)
+    (path / "manifest.json").write_text(original)
     high_path = high.save(tmp_path / "dy-high")
     (entry,) = json.loads((high_path / "manifest.json").read_text())["programs"]
     assert entry["decision"]["meta"]["threshold"] == 0.999

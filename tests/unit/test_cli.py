@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from vtcompile.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args, cwd=None):
@@ -56,6 +59,9 @@ def test_listing_commands(capsys, monkeypatch):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "llava-1.5-7b" in out and "tiny" in out
+    words = " ".join(out.split("The testbed knows ", 1)[1].split())
+    assert words.startswith("52 words (any other word reads as <unk>): a above and are assistant")
+    assert " circle " in words and "<image>" not in words and "</s>" not in words
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -78,6 +84,22 @@ def test_listing_commands(capsys, monkeypatch):
     (["run", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["run"], "give --prompt TEXT"),
     (["flops", "--images", "0"], "--images and --text-tokens must be >= 1"),
+    # flags that would be ignored say what applies
+    (["run", "art/", "--target", "onnx", "--prompt", "hi"], "--target do(es) not apply to an artifact: art runs"),
+    (["run", "art/", "--model", "tiny", "--prompt", "hi"], "--model do(es) not apply to an artifact"),
+    (["run", "art/", "--calibration", "testbed", "--layers", "2", "--prompt", "hi"], "--layers, --calibration do(es)"),
+    (["run", "art/", "--seed", "3", "--prompt", "hi"], "--seed seeds sampling (--sample)"),
+    (["run", "--prompt", "hi", "--temperature", "0.7", "--top-p", "0.9"], "--temperature, --top-p appl(ies) only "
+                                                                           "with --sample"),
+    (["run", "--prompt", "hi", "--top-k", "5"], "--top-k appl(ies) only with --sample"),
+    (["run", "--prompt", "hi", "--input-ids", "[5, 7]"], "give --prompt (text, read by the model's processor) or "
+                                                         "--input-ids (token ids), not both"),
+    (["run", "--input-ids", "[[5, 7], []]"], "must be a JSON list of token ids"),
+    (["optimize", "--pass", "fastv", "--calibration", "testbed"], "--calibration applies to passes that fit a recipe "
+                                                                  "on data (attnskip, dyvte, fitprune, headskip); "
+                                                                  "fastv fit(s) none: drop --calibration"),
+    (["run", "--pass", "pyramiddrop", "--calibration", "testbed", "--prompt", "hi"], "drop --calibration"),
+    (["eval", "--artifact", "art/", "--model", "tiny"], "--model do(es) not apply to --artifact"),
 ])
 def test_bad_input_is_a_clear_error_before_any_loading(args, needle, tmp_path, capsys, no_model):
     if args[0] == "optimize":
@@ -163,9 +185,9 @@ def test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact(tmp_
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert main(["optimize", "--model", "tiny", "--out", str(out), "--no-check", "--force"]) != 0
     assert "is not a vtcompile artifact" in capsys.readouterr().err and (out / "keep.txt").read_text() == "x"
-    art = tmp_path / "art"  # a directory with a manifest is an artifact: --force replaces it whole
+    art = tmp_path / "art"  # a directory with a manifest listing all else in it is an artifact: --force replaces it
     art.mkdir()
-    (art / "manifest.json").write_text("{}")
+    (art / "manifest.json").write_text(json.dumps({"files": {"decoder-v16.pt2": {}}}))
     (art / "decoder-v16.pt2").write_text("old")
     assert main(["optimize", "--model", "tiny", "--pass", "fastv", "--out", str(art), "--no-check", "--force"]) == 0
     assert json.loads((art / "manifest.json").read_text())["passes"][0]["pass"] == "fastv"
@@ -181,6 +203,25 @@ def test_testbed_data_writes_jsonl_that_eval_reads(tmp_path, capsys):
         assert len(samples) == 4 and bad == 0
     assert main(["testbed", "data", "--out", str(tmp_path), "-n", "0"]) != 0
     assert "-n must be >= 1" in capsys.readouterr().err
+    assert (tmp_path / "images" / "test").stat().st_mode & 0o777 == 0o777 & ~__import__("vtcompile.files").files.umask()
+
+
+def test_testbed_data_never_overwrites_without_force(tmp_path, capsys):
+    """An existing test.jsonl (a user's, or an earlier run's) is refused without --force and left as it was; --force
+    replaces the split's JSONL and images; --out naming a file is an error, not a NotADirectoryError."""
+    (tmp_path / "test.jsonl").write_text("mine\n")
+    assert main(["testbed", "data", "--out", str(tmp_path), "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} already holds test.jsonl; pass --force to replace them" in err
+    assert (tmp_path / "test.jsonl").read_text() == "mine\n" and not (tmp_path / "images").exists()
+    assert main(["testbed", "data", "--out", str(tmp_path), "-n", "2", "--force"]) == 0
+    assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in (tmp_path / "images" / "test").iterdir()) == ["000000.png", "000001.png"]
+    assert main(["testbed", "data", "--out", str(tmp_path), "-n", "3"]) == 2  # images/test and test.jsonl now
+    assert "already holds test.jsonl and images/test" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+    assert main(["testbed", "data", "--out", str(tmp_path / "test.jsonl")]) == 2
+    assert f"--out {tmp_path / 'test.jsonl'} is a file; give a directory" in capsys.readouterr().err
 
 
 def test_testbed_train_help_lists_its_options():
@@ -201,3 +242,103 @@ def test_flops_of_head_passes_without_weights(capsys):
     assert d["baseline_kv_cache_bytes"] - d["kv_cache_bytes"] == 2 * 2 * 128 * 2 * (576 + 64)
     assert main(["flops", "--model", "llava-1.5-7b", "--pass", "headskip:budget=0.25"]) != 0
     assert "give --calibration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "art/", "--target", "onnx", "--prompt", "hi"], "--target do(es) not apply to an artifact"),
+    (["run", "--prompt", "hi", "--temperature", "0.7"], "--temperature appl(ies) only with --sample"),
+    (["run", "--prompt", "hi", "--input-ids", "[5, 7]"], "not both"),
+    (["testbed", "data", "--out", "README.md"], "--out README.md is a file"),
+])
+def test_careless_flags_from_the_shell(args, needle):
+    """What a user types: exit 2, one line on stderr after the progress lines, no traceback (the other refusals exit
+    through the same main(), tested in-process above; fastv twice: test_inputs.py)."""
+    r = run(*args, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("[vtcompile]")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.stderr, r.stderr
+
+
+
+def test_closed_pipe_and_ctrl_c_exit_quietly(tmp_path):
+    """`vtcompile flops ... | head` ends with 141 (SIGPIPE's 128 + 13, as the shell reports a killed writer) once
+    head has gone (`head -n 0` exits at once: the table is written into a closed pipe), and Ctrl-C during a compile
+    with 130 (128 + SIGINT), each without a traceback."""
+    import signal
+    import time
+
+    piped = subprocess.run(["bash", "-c", f"{sys.executable} -m vtcompile flops --model llava-1.5-7b --pass fastv "
+                                          "| head -n 0; echo ${PIPESTATUS[0]} >&2"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert piped.stderr.strip().splitlines()[-1] == "141", piped.stderr
+    assert "Traceback" not in piped.stderr and "BrokenPipeError" not in piped.stderr, piped.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "vtcompile", "optimize", "--model", "tiny", "--pass", "fastv"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    line = proc.stderr.readline()  # "[vtcompile] loading tiny ...": arguments checked, work under way
+    assert line.startswith("[vtcompile] loading"), line
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    # 130, or death by SIGINT, which a shell reports as 130 too: CPython ends that way when the interrupt passed
+    # through code a C extension ran (its flag for an unhandled KeyboardInterrupt stays set), whoever caught it
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and err.rstrip().endswith(
+        "vtcompile: interrupted"), err
+
+
+def test_killed_write_leaves_nothing_the_next_one_does_not_clean(tmp_path):
+    """A killed write (here `testbed data`, which writes 400 PNGs first; `optimize --out` takes its temporary directory
+    from the same vtcompile.files.temp_dir) leaves its hidden temporary directory; the next write to the same place
+    removes it and says so on stderr."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "vtcompile", "testbed", "data", "--out", str(tmp_path), "-n", "400"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while not list((tmp_path / "images").glob(".test.tmp-*/000010.png")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    (left,) = (tmp_path / "images").glob(".test.tmp-*")
+    assert left.name.startswith(f".test.tmp-{proc.pid}-") and not (tmp_path / "test.jsonl").exists()
+    r = run("testbed", "data", "--out", str(tmp_path), "-n", "2", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert f"removed {left}, left behind by an earlier write to {tmp_path / 'images' / 'test'} that was killed " \
+           f"(pid {proc.pid}" in r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["000000.png", "000001.png", "images", "test", "test.jsonl"]
+
+
+def test_calibrate_writes_recipe_and_routers_with_the_umask(tmp_path, capsys):
+    """calibrate's JSON and its routers' safetensors (written 0600 by safetensors) get the umask's modes, through
+    temporaries that do not stay behind; a second run without --force is refused."""
+    from vtcompile.files import umask
+
+    out = tmp_path / "routers.json"
+    args = ["calibrate", "--model", "tiny", "--pass", "dyvte:samples=4,epochs=2,holdout=0", "--calibration",
+            "synthetic", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"reuse with --pass dyvte:routers={tmp_path / 'routers.safetensors'}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routers.json", "routers.safetensors"]
+    for p in tmp_path.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask(), (p, oct(p.stat().st_mode))
+    assert json.loads(out.read_text())["weights_file"] == "routers.safetensors"
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_run_keeps_messages_off_the_answer_and_warns_about_unknown_words(tmp_path, capsys):
+    """`vtcompile run` on the testbed: the answer and its table on stdout, every progress, compile and warning line
+    on stderr (a streamed answer never has a log line in it); a prompt of unknown words is answered with a warning
+    (exit 0), the compile time is given apart from the timings."""
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "grey16.png"
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(image)
+    assert main(["run", "--pass", "fastv", "--image", str(image), "--prompt", "what is the flux capacitor doing",
+                 "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "[vtcompile]" not in out and "│ answer" in out and "time to first token s" in out
+    assert "[vtcompile] compiled in " in err and "passes + lowering to eager" in err
+    assert "3 of its 6 words are unknown to the model's tokenizer (<unk>): 'flux', 'capacitor', 'doing'" in err

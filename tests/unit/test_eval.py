@@ -8,7 +8,7 @@ import types
 import pytest
 
 from vtcompile.errors import InputError
-from vtcompile.evaluate import evaluate, load_data
+from vtcompile.evaluate import evaluate, load_data, normalize_answer
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_eval_json_schema(checkpoint, data, run):
     assert r.returncode == 0, r.stderr
     res = first = json.loads(r.stdout)
     assert res["n"] == 6 and res["skipped_bad"] == 0 and res["max_new_tokens"] == 4
-    assert res["scoring"] == "whole generated answer (<= 4 tokens)"
+    assert res["scoring"] == "whole generated answer (<= 4 tokens), VQA-normalised"
     assert set(res["accuracy_by_kind"]) == set(res["count_by_kind"]) and sum(res["count_by_kind"].values()) == 6
     assert 0 <= res["accuracy"] <= 1 and 0 <= res["ended_with_eos"] <= 1
     fid = res["fidelity"]
@@ -148,3 +148,24 @@ def test_per_sample_correctness_is_in_data_order():
     assert res["correct"] == alone and res["correct"][i] == res["correct"][j] == 0
     assert sum(res["correct"]) / 8 == res["accuracy"] and sum(res["correct"]) >= 5
     assert "correct" not in evaluate(cm, samples[:2], progress=False, max_new_tokens=1)
+
+
+def test_answers_are_compared_after_vqa_normalisation():
+    """Whole answers are compared after the VQA convention's normalisation: case, punctuation, articles and number
+    words no longer decide whether an answer is right ("No" was wrong for "no"); different words still do."""
+    import dataclasses
+
+    from .common import compiled
+
+    assert normalize_answer("No.") == normalize_answer("no") == "no"
+    assert normalize_answer("  The Red circle,blue  square! ") == "red circle blue square"
+    assert normalize_answer("Two") == normalize_answer("2") == "2" and normalize_answer("an apple") == "apple"
+    assert normalize_answer("red circle") != normalize_answer("red square")
+    samples = load_data("testbed", limit=6, split="test")[0]
+    restyled = [dataclasses.replace(s, answer=f"The {s.answer.upper()}.") for s in samples]
+    wrong = [dataclasses.replace(s, answer=s.answer + " square") for s in samples]
+    cm = compiled("testbed", None)
+    runs = [evaluate(cm, d, per_sample=True, progress=False, max_new_tokens=24)["correct"]
+            for d in (samples, restyled, wrong)]
+    assert runs[0] == runs[1] and sum(runs[0]) >= 5  # the shipped testbed answers these right
+    assert sum(runs[2]) == 0

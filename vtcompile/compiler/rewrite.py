@@ -87,6 +87,14 @@ def select_tokens(program: Program, cut: "Cut | int", scorer: Scorer | None, k_v
         raise PassConfigError(
             f"pass {by!r} removes tokens {cut}, but an earlier pass already removed tokens "
             f"{program.last_cut}; list token-removing passes in increasing layer order")
+    if scorer is not None and program.rewrites and cut == program.last_cut:
+        # A scorer reads values from before the cut, which cover the tokens the earlier selection there already
+        # removed: its scores would not line up with the tokens left (composing them needs the earlier keep indices).
+        earlier = program.rewrites[-1]
+        raise PassConfigError(
+            f"pass {by!r} removes tokens {cut}, where pass {earlier.by!r} already removed tokens; two scored "
+            f"selections at one cut do not compose. Give one pass a stronger setting instead (e.g. fastv:r=0.75 "
+            f"rather than fastv twice), or make the second cut a later layer (e.g. fastv:k={cut.layer + 1})")
     visual_now = program.visual_at(cut)
     if not 0 <= k_visual <= visual_now:
         raise PassConfigError(f"cannot keep {k_visual} visual tokens {cut}: {visual_now} are present there")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -229,19 +228,20 @@ class Recipe:
         temporary name and moved into place. Returns the files written."""
         from safetensors.torch import save_file
 
+        from ..files import replace_file, temp_path
+
         path = Path(path)
         data, written, tensors = self.to_dict(), [path], self.tensors()
         if tensors:
             weights = path.with_suffix(".safetensors")
-            tmp = weights.with_name(f".{weights.name}.tmp")
+            tmp = temp_path(weights)
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-            _umask_mode(tmp)  # safetensors writes 0600; the user's umask decides, as for every other file
-            tmp.replace(weights)
+            replace_file(tmp, weights)  # safetensors writes 0600: the user's umask decides, as for other files
             data["weights_file"] = weights.name
             written.append(weights)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temp_path(path)
         tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        replace_file(tmp, path)
         return written
 
     @classmethod
@@ -265,12 +265,6 @@ class Recipe:
                 raise PassConfigError(f"{cls.name}: recipe {path} names {weights}, which does not exist")
             tensors = load_file(str(weights))
         return cls.from_dict(data, tensors)
-
-
-def _umask_mode(path: Path) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _jsonable(value):

@@ -46,13 +46,16 @@ class GenerationConfig:
 
 @dataclass
 class GenerationStats:
-    """Timing and memory of the last generate call (compile time of a first call included in its step)."""
+    """Timing and memory of the last generate call. The timings never include compilation: a first call that
+    compiles (or loads) stages gives those seconds apart, and CompiledModel.generate takes them out of the timings."""
 
     batch: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0  # steps taken (the longest row)
     ttft_seconds: float = 0.0  # vision + merge + prefill + first token
     decode_seconds: float = 0.0  # every decode step after the first token
+    compile_seconds: float = 0.0  # compiling stages during the call (not in the timings above)
+    load_seconds: float = 0.0  # loading stored stages at their first use (not in the timings above)
     kv_prompt_bytes: dict[int, int] = field(default_factory=dict)  # per layer, after prefill
     kv_allocated_bytes: int = 0
     exit_layers: list[int] | None = None
@@ -73,7 +76,8 @@ class GenerationStats:
                 "ttft_seconds": self.ttft_seconds, "decode_seconds": self.decode_seconds,
                 "decode_ms_per_token": self.decode_ms_per_token, "tokens_per_second": self.tokens_per_second,
                 "kv_prompt_bytes": sum(self.kv_prompt_bytes.values()), "kv_allocated_bytes": self.kv_allocated_bytes,
-                "exit_layers": self.exit_layers}
+                "exit_layers": self.exit_layers, "compile_seconds": self.compile_seconds,
+                "load_seconds": self.load_seconds}
 
 
 def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:

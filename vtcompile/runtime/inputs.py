@@ -38,20 +38,61 @@ def prepare(frontend, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
         raise InputError(f"input_ids must be an integer tensor [batch, seq], found {type(input_ids).__name__}"
                          + (f" of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must be [batch, seq] with at least one row and one token, found shape "
+                         f"{tuple(input_ids.shape)}")
+    check_token_ids(input_ids, frontend.embed.weight.shape[0])
     device = frontend.device
     input_ids = input_ids.to(device).long()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise InputError(f"attention_mask must be a tensor [batch, seq] of 0/1, found {type(attention_mask).__name__}")
     attention_mask = attention_mask.to(device).long()
     if attention_mask.shape != input_ids.shape:
         raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                          f"{tuple(input_ids.shape)}; they must match")
-    if input_ids.dim() == 2 and input_ids.shape[1] and not bool((attention_mask[:, -1] == 1).all()):
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (token); found other values")
+    empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"attention_mask row(s) {empty} are all zeros: those prompts have no token at all. Every "
+                         "row needs at least one real token; drop the empty prompts from the batch")
+    if not bool((attention_mask[:, -1] == 1).all()):
         raise InputError("prompts must be left-padded (the last position of every row is a real token); "
                          "set tokenizer.padding_side = 'left'")
+    check_pixels(frontend, pixel_values)
     embeds, visual = frontend.merge(input_ids, pixel_values)
     if bool((visual & (attention_mask == 0)).any()):
         raise InputError("image tokens fall on padding positions (attention_mask 0); fix the attention mask")
     position_ids, next_position = frontend.positions(attention_mask)
     return PreparedInputs(input_ids, embeds, attention_mask, position_ids, visual, next_position,
                           frontend.step_positions)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab: int) -> None:
+    """Every id indexes the embedding table (an id outside it is an IndexError deep inside torch.embedding)."""
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if bool(bad.any()):
+        found = sorted(set(input_ids[bad].tolist()))
+        shown = ", ".join(map(str, found[:8])) + (" ..." if len(found) > 8 else "")
+        raise InputError(f"token id(s) {shown} are outside the model's vocabulary of {vocab} ids (0..{vocab - 1}); "
+                         "encode prompts with the model's own tokenizer")
+
+
+def check_pixels(frontend, pixel_values) -> None:
+    """pixel_values is [n_images, 3, H, W] at the vision tower's resolution (a raw conv error otherwise)."""
+    if pixel_values is None:
+        return
+    vc = frontend.config.vision_config
+    channels, size = getattr(vc, "num_channels", 3), vc.image_size
+    want = f"[n_images, {channels}, {size}, {size}]"
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+        found = type(pixel_values).__name__ + (f" of {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor)
+                                               else "")
+        raise InputError(f"pixel_values must be a floating-point tensor {want}, found {found}; the model's "
+                         "processor makes them from images")
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
+        raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}, the vision tower takes {want} "
+                         f"({channels} channels at {size}x{size}); make them with the model's processor, which "
+                         "converts (RGB) and resizes images")

@@ -9,7 +9,8 @@ Every module provides
     load(stage, directory, files) -> callable
 and the flags NEEDS_EXPORT, FORMAT (artifact file format), DECODES (whether the decode step runs on it; when
 not, DECODE_NOTE says why), IN_PLACE_DECODE (default True; False: the step's functional form, which returns
-its written caches) and optionally prepare(program) -> program (a compiler transform the backend needs,
+its written caches), SAVES_LOWERED (default False; True: save stores what lower made, so a stage is lowered
+before it is saved) and optionally prepare(program) -> program (a compiler transform the backend needs,
 run before staging). A stage is the one graph of a static program, a per-layer graph of a program with
 branches, or the decode step (compiler/staged.py, compiler/decode.py). Optional backends (onnxruntime,
 torch_tensorrt) are imported lazily, inside the functions that need them, never at package import.
@@ -58,6 +59,12 @@ class Target:
         return getattr(self.module, "DECODE_NOTE", "")
 
     @property
+    def saves_lowered(self) -> bool:
+        """Whether saving a stage stores what lowering made (then artifacts lower a stage before saving it, so that
+        it is compiled once and usable in this process too)."""
+        return getattr(self.module, "SAVES_LOWERED", False)
+
+    @property
     def prepare(self) -> Callable | None:
         return getattr(self.module, "prepare", None)
 
@@ -73,8 +80,8 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "eager": Target("eager", "the rewritten FX GraphModules run by PyTorch (reference for parity)", eager),
-    "inductor": Target("inductor", "torch.compile/Inductor of each stage, symbolic batch and lengths (compiles "
-                                   "once, no recompilation per prompt length or decode step)", inductor),
+    "inductor": Target("inductor", "AOTInductor package of each stage, symbolic batch and lengths (compiled once "
+                                   "ahead of time; an artifact loads without compiling)", inductor),
     "onnx": Target("onnx", "ONNX export (dynamo) of each stage run by ONNX Runtime (TensorRT/CUDA providers when "
                            "present, CPU otherwise)", onnx),
     "tensorrt": Target("tensorrt", "torch-tensorrt dynamo compile of each stage (static-k selection, index_select "

@@ -10,9 +10,9 @@ Inputs and outputs cross as numpy arrays (no IO binding yet: on CUDA that is a h
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import weakref
@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from ..errors import TargetUnavailableError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
 
 REQUIREMENT = "the onnx, onnxscript and onnxruntime packages (pip install onnx onnxscript onnxruntime)"
 NEEDS_EXPORT = True
@@ -115,6 +117,7 @@ def _output_names(names: list[str]) -> list[str]:
 def lower(stage, exported) -> OnnxStage:
     """Translate the exported stage to ONNX in a temporary directory (removed with the session) and open it."""
     _check_dtype(_dtype(exported), providers())
+    log.info("onnx: exporting %s (%s) ...", stage.name, stage.role)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="vtcompile-onnx-"))
     try:
@@ -125,8 +128,8 @@ def lower(stage, exported) -> OnnxStage:
         raise
     lowered.compile_seconds = time.perf_counter() - t0  # translation + session
     weakref.finalize(lowered, shutil.rmtree, str(tmp), True)
-    print(f"[vtcompile] onnx: exported {stage.name} and opened an ONNX Runtime session "
-          f"({', '.join(lowered.providers)}) in {lowered.compile_seconds:.1f}s", file=sys.stderr, flush=True)
+    log.info("onnx: exported %s and opened an ONNX Runtime session (%s) in %.1f s", stage.name,
+             ", ".join(lowered.providers), lowered.compile_seconds)
     return lowered
 
 

@@ -16,8 +16,8 @@ default suite. The compile itself (`lower`), saving as an exported program (`sav
 from __future__ import annotations
 
 import importlib.util
+import logging
 import operator
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +27,8 @@ import torch.fx as fx
 from ..errors import TargetUnavailableError, UnsupportedModelError
 
 aten = torch.ops.aten
+log = logging.getLogger(__name__)
+
 REQUIREMENT = "a CUDA GPU and the torch-tensorrt package (pip install 'vtcompile[tensorrt]')"
 NEEDS_EXPORT = True
 FORMAT = "pt2"
@@ -234,7 +236,7 @@ def lower(stage, exported) -> TensorRTStage:
     except TypeError:  # torch-tensorrt < 2.4 names them `inputs`
         module = torch_tensorrt.dynamo.compile(exported, inputs=_inputs(torch_tensorrt, stage, exported), **settings)
     seconds = time.perf_counter() - t0
-    print(f"[vtcompile] tensorrt: built {stage.name} in {seconds:.1f}s", file=sys.stderr, flush=True)
+    log.info("tensorrt: built %s in %.1f s", stage.name, seconds)
     lowered = TensorRTStage(module, label=stage.name, compile_seconds=seconds)
     lowered.example = exported.example_inputs[0]
     return lowered

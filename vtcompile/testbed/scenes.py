@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -552,24 +553,49 @@ def image_digest(image: Image.Image) -> str:
     return hashlib.sha256(image.tobytes()).hexdigest()
 
 
-def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0) -> Path:
+def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0, force: bool = False) -> Path:
     """Write ``n`` samples of ``split`` as PNGs plus ``<out_dir>/<split>.jsonl``; returns the JSONL path.
 
     Each line: {"image": path relative to out_dir, "question", "answer", "kind"}; the answer is the whole answer
-    text (a list answer with its commas), without the eos token the model ends it with.
+    text (a list answer with its commas), without the eos token the model ends it with. An existing
+    ``<split>.jsonl`` or ``images/<split>/`` is refused unless ``force`` (then both are replaced); the images and the
+    JSONL are written beside their destinations and moved into place complete (vtcompile/files.py).
     """
+    from ..errors import InputError
+    from ..files import apply_umask, old_dir, replace_file, temp_dir, temp_path
+
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a directory to write {split}.jsonl and images/{split}/ into")
     img_dir = out / "images" / split
-    img_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out / f"{split}.jsonl"
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in iter_samples(split, seed, n):
-            rel = f"images/{split}/{s.index:06d}.png"
-            s.image.save(out / rel, format="PNG")
-            rec = {"image": rel, "question": s.question, "answer": s.answer, "kind": s.kind}
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, jsonl)
+    existing = [p for p in (jsonl, img_dir) if p.exists()]
+    if existing and not force:
+        raise InputError(f"{out} already holds {' and '.join(p.relative_to(out).as_posix() for p in existing)}; pass "
+                         "--force to replace them, or choose another --out")
+    if img_dir.exists() and not img_dir.is_dir():
+        raise InputError(f"{img_dir} is a file; move it away or choose another --out")
+    tmp_images, tmp_jsonl = temp_dir(img_dir), temp_path(jsonl)
+    try:
+        with open(tmp_jsonl, "w", encoding="utf-8") as f:
+            for s in iter_samples(split, seed, n):
+                name = f"{s.index:06d}.png"
+                s.image.save(tmp_images / name, format="PNG")
+                rec = {"image": f"images/{split}/{name}", "question": s.question, "answer": s.answer, "kind": s.kind}
+                f.write(json.dumps(rec) + "\n")
+        apply_umask(tmp_images)
+        if img_dir.exists():
+            old = old_dir(img_dir)
+            os.replace(img_dir, old / split)
+            os.replace(tmp_images, img_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_images, img_dir)
+        replace_file(tmp_jsonl, jsonl)
+    except BaseException:
+        shutil.rmtree(tmp_images, ignore_errors=True)
+        tmp_jsonl.unlink(missing_ok=True)
+        raise
     return jsonl
 
 
