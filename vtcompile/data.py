@@ -282,10 +282,8 @@ def calibration_prompts(frontend, calibration, samples: int) -> list[tuple]:
 
     calibration: 'testbed' (its train split) or a JSONL file, through the model's processor; 'synthetic' (random
     prompts, for random-weight smoke tests); or a list of (input_ids, pixel_values, attention_mask) tuples."""
-    from .models.llava import example_inputs
-
     if isinstance(calibration, str) and calibration == "synthetic":
-        return [example_inputs(frontend, batch=1, seed=1000 + i) for i in range(samples)]
+        return [frontend.example_inputs(batch=1, seed=1000 + i) for i in range(samples)]
     if isinstance(calibration, (str, Path)):
         data, _ = load_data(str(calibration), limit=samples, split="train")
         enc = PromptEncoder(frontend.processor)
@@ -296,3 +294,18 @@ def calibration_prompts(frontend, calibration, samples: int) -> list[tuple]:
                 for i in items]
     raise InputError(f"calibration data {calibration!r} is not understood; give 'testbed', a JSONL file, a list "
                      "of (input_ids, pixel_values, attention_mask) tuples, or 'synthetic'")
+
+
+def testbed_words() -> list[str]:
+    """The words of the shipped testbed's tokenizer (its vocabulary without special tokens); [] without it."""
+    from .errors import ModelNotFoundError
+    from .models import resolve_spec
+
+    try:
+        path = Path(resolve_spec("testbed").path) / "tokenizer.json"
+        tok = json.loads(path.read_text())
+    except (ModelNotFoundError, OSError, ValueError):
+        return []
+    special = {t["content"] for t in tok.get("added_tokens", [])}
+    vocab = tok.get("model", {}).get("vocab", {})
+    return sorted(w for w in vocab if w not in special and any(c.isalnum() for c in w))

@@ -11,6 +11,7 @@ visual tokens kept and wall time (compiling stages on first use excluded, given 
 """
 from __future__ import annotations
 
+import logging
 import re
 import string
 import time
@@ -21,6 +22,7 @@ from .data import PromptEncoder, Sample, load_data, sample_image
 from .errors import InputError
 
 AGREEMENT_TOKENS = 16
+log = logging.getLogger(__name__)
 _ARTICLES = {"a", "an", "the"}
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -197,6 +199,43 @@ def _branch_flops(report, taken: list[int]) -> tuple[float, float]:
             sum(rows[e]["true_ratio"] for e in taken) / len(taken))
 
 
+def self_check(cm, agreement_floor: float = 0.9) -> dict:
+    """Next-token fidelity of a compiled model vs its unpruned model, judged: on the testbed its val questions,
+    elsewhere a synthetic left-padded batch in the family's layout. Agreement below the floor is a warning (logged,
+    and in the verdict)."""
+    from .metrics import next_token_fidelity
+    from .runtime.inputs import prepare
+
+    if cm.spec.name == "testbed":
+        data, _ = load_data("testbed", limit=16, split="val")
+        ids, pixels, mask = PromptEncoder(cm.frontend.processor).batch([s.question for s in data],
+                                                                      [sample_image(s) for s in data])
+        what = "16 testbed val questions"
+    else:
+        ids, pixels, mask = cm.frontend.example_inputs(batch=2)
+        what = "synthetic, 2 rows, left padding"
+    out = cm(ids, pixels, mask)
+    with torch.no_grad():
+        ref = cm.adapter.model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                               position_ids=prepare(cm.frontend, ids, pixels, mask).position_ids).logits
+    fid = next_token_fidelity(ref[:, -1], out.logits[:, -1])
+    ok = fid["top1_agreement"] >= agreement_floor
+    verdict = "ok" if ok else (f"WARNING: the pruned model's next token differs from the unpruned one on "
+                               f"{1 - fid['top1_agreement']:.0%} of the prompts")
+    if not ok:
+        log.warning(verdict)
+    return dict(fid, prompt=what, verdict=verdict)
+
+
+def self_check_table(check: dict) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[check["prompt"], check["n"], f"{check['top1_agreement']:.3f}", f"{check['mean_kl']:.2e}",
+                      check["verdict"]]],
+                    headers=["self-check prompts", "rows", "top-1 agreement vs unpruned", "mean KL", "verdict"],
+                    tablefmt="simple_outline")
+
+
 def result_table(res: dict) -> str:
     from tabulate import tabulate
 
@@ -226,4 +265,4 @@ def result_table(res: dict) -> str:
     return head + "\n" + summary
 
 
-__all__ = ["Sample", "evaluate", "load_data", "normalize_answer", "result_table"]
+__all__ = ["Sample", "evaluate", "load_data", "normalize_answer", "result_table", "self_check"]

@@ -187,3 +187,47 @@ def _after_branches(rows: list[dict], label: str) -> str:
 def _fmt_cfg(cfg: dict) -> str:
     shown = {k: v for k, v in cfg.items() if v not in ("", [], ())}
     return "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else ""
+
+
+def flops_tables(report: FlopsReport, branches: list[dict], label: str, text_tokens: int, dtype: str) -> str:
+    """What `vtcompile flops` prints: the per-layer table, the branch table when a pass makes branches, and the
+    per-prompt totals (paper and true FLOPs, KV bytes) unpruned vs pruned."""
+    d = report.to_dict()
+    parts = [layer_table(report)]
+    if branches:
+        parts += [f"The saving depends on the {label} each prompt takes, decided at run time (the table below is "
+                  f"per way a prompt can run; the rows above and below are the case without a {label}):",
+                  Report.branch_table(branches, label)]
+    parts.append(tabulate([
+        ["paper FLOPs (visual tokens)", fmt_flops(report.baseline_paper), fmt_flops(report.paper),
+         f"{d['paper_ratio']:.1%}", f"{1 - d['paper_ratio']:.1%}"],
+        [f"true FLOPs ({text_tokens} text tokens, 2xMAC)", fmt_flops(report.baseline_true),
+         fmt_flops(report.true), f"{d['true_ratio']:.1%}", f"{1 - d['true_ratio']:.1%}"],
+        [f"KV cache after prefill ({dtype})", fmt_bytes(report.baseline_kv_bytes), fmt_bytes(report.kv_bytes),
+         f"{d['kv_ratio']:.1%}", f"{1 - d['kv_ratio']:.1%}"]],
+        headers=["per prompt", "unpruned", f"pruned, no {label}" if branches else "pruned", "ratio", "saved"],
+        tablefmt="simple_outline"))
+    return "\n".join(parts)
+
+
+def manifest_table(m: dict) -> str:
+    """An artifact's manifest (artifacts.verify) as `vtcompile inspect` prints it; KeyError/TypeError when a field
+    is missing."""
+    f = m["report"]["flops"]
+    rows = [["model", m["report"]["model"]], ["config hash", m["config_hash"]],
+            ["passes", "\n".join(p["pass"] + _fmt_cfg(p["config"]) for p in m["passes"]) or "none"],
+            ["target", m["target"]], ["generate", m.get("generate", "")],
+            ["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())],
+            ["programs", ", ".join(f"{p['n_visual']} visual tokens ({len(p['stages'])} stage(s)"
+                                   + (", decode step" if p.get("decode") else ", no decode step") + ")"
+                                   for p in m["programs"])],
+            ["visual tokens per layer", " ".join(map(str, f["visual_tokens_per_layer"]))],
+            ["paper FLOPs", f"{fmt_flops(f['baseline_paper_tflops'] * 1e12)} -> "
+                            f"{fmt_flops(f['paper_tflops'] * 1e12)} (saves {1 - f['paper_ratio']:.1%})"],
+            ["true FLOPs", f"{fmt_flops(f['baseline_true_tflops'] * 1e12)} -> {fmt_flops(f['true_tflops'] * 1e12)}"
+                           f" (saves {1 - f['true_ratio']:.1%})"],
+            ["KV cache after prefill", f"{fmt_bytes(f['baseline_kv_cache_bytes'])} -> "
+                                       f"{fmt_bytes(f['kv_cache_bytes'])} (saves {1 - f['kv_ratio']:.1%})"],
+            ["files", f"{len(m['files'])}, {fmt_bytes(sum(e['bytes'] for e in m['files'].values()))}, "
+                      "sha256 verified"]]
+    return tabulate(rows, tablefmt="simple_outline")

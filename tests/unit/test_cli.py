@@ -126,7 +126,9 @@ def test_calibrating_pass_on_the_testbed_defaults_to_its_train_split(no_model):
     another model the error names the CLI flag, not a Python parameter."""
     import argparse
 
-    from vtcompile.cli import _calibration, _passes, _spec
+    from vtcompile.cli.common import calibration_data as _calibration
+    from vtcompile.cli.common import parse_passes as _passes
+    from vtcompile.cli.common import spec_of as _spec
     from vtcompile.passes import resolve_passes
 
     args = argparse.Namespace(passes=["fitprune"], calibration=None, model="testbed", weights=None,
@@ -150,9 +152,25 @@ def test_report_says_what_was_saved_and_that_no_artifact_was_written(capsys):
     assert "(saves 25.6%)" in out and "no artifact written (give --out DIR to write one)" in out
 
 
+def test_quiet_keeps_stderr_to_warnings_and_verbose_adds_debug(capsys):
+    """-q: no progress or info lines, the report still on stdout; -v: debug lines too; not both."""
+    assert main(["-q", "optimize", "--model", "tiny", "--pass", "fastv", "--no-check"]) == 0
+    out, err = capsys.readouterr()
+    assert "(saves 25.6%)" in out and err == ""
+    assert main(["optimize", "--model", "tiny", "--pass", "fastv", "--no-check"]) == 0
+    assert "[vtcompile] loading tiny" in capsys.readouterr().err  # the default level shows progress
+    import logging
+
+    main(["-v", "passes"])
+    assert logging.getLogger("vtcompile").getEffectiveLevel() == logging.DEBUG
+    with pytest.raises(SystemExit):
+        main(["-v", "-q", "passes"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_self_check_judges_its_own_numbers():
     """The verdict follows the agreement: below the floor it is a warning, not silence."""
-    from vtcompile.cli import self_check
+    from vtcompile.evaluate import self_check
 
     from .common import compiled
 

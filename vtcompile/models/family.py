@@ -99,6 +99,12 @@ class Frontend(ABC):
         """The decode step's position_ids from each new token's position [B, T] (1-D RoPE: the same)."""
         return position
 
+    @abstractmethod
+    def example_inputs(self, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A synthetic prompt batch in this family's layout (random text around each image's tokens, odd rows
+        left-padded): (input_ids, pixel_values, attention_mask), for self-checks and smoke calibration where no
+        processor or data set is at hand."""
+
 
 class Family(ABC):
     """A live transformers MLLM of one family (see the module docstring)."""

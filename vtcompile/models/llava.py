@@ -87,6 +87,9 @@ class LlavaFrontend(Frontend):
         return geometry_from_config(self.config)
 
     @torch.no_grad()
+    def example_inputs(self, batch: int = 2, seed: int = 0):
+        return example_inputs(self, batch=batch, seed=seed)
+
     def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
         """Token embeddings with image features written at the image-token positions.
 
