@@ -33,9 +33,9 @@ def compile_pruned(model=DEFAULT_MODEL, passes=None, target: str = "eager", cali
 
     model: a preset name / checkpoint directory, a transformers model of a supported family
     (LlavaForConditionalGeneration with a Llama, Mistral, Qwen2 or Gemma backbone), or an adapter from
-    vtcompile.models.load_model. passes: a name ('fastv'), a spec ('fastv:k=2,r=0.5'), a config
+    vtcompile.models.load_model. passes: a name ('NAME'), a spec ('NAME:field=value,...'; `vtcompile passes`), a config
     object, a (name, {field: value}) tuple, or a list of those. calibration: data for passes that calibrate
-    (fitprune, dyvte): 'testbed', a JSONL file, a list of (input_ids, pixel_values, attention_mask), or
+    (PassDef.calibrate): 'testbed', a JSONL file, a list of (input_ids, pixel_values, attention_mask), or
     'synthetic'; giving it when no pass calibrates is an error rather than silently ignored. recipes: {pass name:
     recipe} fitted earlier. text_tokens: the prompt length assumed by the report's true-FLOPs and KV columns.
     """

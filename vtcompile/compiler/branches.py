@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: program.py imports this module
+if TYPE_CHECKING:  # annotations only
     from .geometry import Geometry
-    from .program import Program
 
 
 class Decision(ABC):
@@ -50,7 +49,7 @@ class Branches:
     """The branch description a pass gives a program (see the module docstring)."""
 
     decision: Decision
-    programs: dict[int, "Program"]
+    programs: dict[int, object]  # compiler.program.Program per branch (program.py imports this module)
     by: str  # the pass that made them (messages)
     label: str = "branch"  # what taking a branch means, for reports (e.g. "visual-token exit")
     # How many of the pass's calibration prompts the decision sends after each layer (-1: no branch), when the pass

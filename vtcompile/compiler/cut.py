@@ -2,7 +2,7 @@
 
 A cut is before a decoder layer (that layer's attention and MLP, and every later layer, see only the kept
 tokens) or after a layer's attention (the removed tokens were still keys in that layer's attention, so they stay
-in its KV cache; its MLP and the later layers see only the kept tokens: FitPrune's removal point).
+in its KV cache; its MLP and the later layers see only the kept tokens: the removal point of layer-wise budgeted pruning).
 
 The graph annotation (compiler/graph.py) places every node at a position: l for the attention half of layer l,
 l + 0.5 for its MLP half, -1 before the decoder and L after it. All arithmetic between cuts and positions lives

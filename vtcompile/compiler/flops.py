@@ -1,6 +1,6 @@
 """FLOPs and KV-cache bytes of a token schedule: the papers' convention and true FLOPs, per layer and total.
 
-Paper convention (FitPrune / PyramidDrop / SparseVLM tables): per decoder layer with n visual tokens,
+Paper convention (the tables of the token-pruning papers): per decoder layer with n visual tokens,
 4nd^2 + 2n^2d + 3ndm, text tokens ignored (3.82 T for LLaVA-1.5-7B). True FLOPs: 2 x multiply-accumulates
 of every decoder layer and the LM head over all tokens (text included), q/o and GQA-sized k/v projections,
 dense attention scores and values, SwiGLU MLP. KV-cache bytes: the prompt's cache after prefill, each layer

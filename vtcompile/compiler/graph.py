@@ -97,7 +97,7 @@ def sdpa_node(gm: fx.GraphModule, layer: int) -> fx.Node:
     found = layer_nodes(gm, layer, "sdpa")
     if not found and not layer_nodes(gm, layer, "o_proj"):
         raise UnsupportedModelError(
-            f"layer {layer} has no attention: an earlier pass (attnskip) removed it; list the pass that reads "
+            f"layer {layer} has no attention: an earlier pass removed it; list the pass that reads "
             f"layer {layer}'s attention before the one that removes it")
     if len(found) != 1:
         raise UnsupportedModelError(

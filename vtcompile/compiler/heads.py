@@ -14,7 +14,7 @@ slice_heads(program, {layer: keep}): each layer's attention runs only the query 
     old heads x head_dim on the last axis of a flattening reshape.
 remove_attention(program, {layer: adapter or None}): the attention sub-block of a layer is deleted (no q/k/v/o, no
   SDPA): the residual add that received o_proj's output receives nothing, or a linear map of the layer's normed
-  input (a closed-form stand-in for the skipped attention, fitted by passes/attnskip.py). The layer has no KV cache
+  input (a closed-form stand-in for the skipped attention, fitted by the pass that removes it). The layer has no KV cache
   any more, so its cache outputs leave the prefill signature and the decode step has no cache for it.
 Both keep the Program's per-layer head counts (q_heads, kv_heads, kept_heads) that the FLOPs report reads.
 """
@@ -188,8 +188,8 @@ def _slice_layer(program: Program, layer: int, keep, by: str) -> bool:
         raise PassConfigError(f"{by}: heads {gone} of layer {layer} do not exist or were removed by an earlier pass; "
                               f"its attention runs query heads {list(current)}")
     if not keep:
-        raise PassConfigError(f"{by}: removing every head of layer {layer} removes its attention; use "
-                              f"attnskip:layers={layer} for that")
+        raise PassConfigError(f"{by}: removing every head of layer {layer} removes its attention; remove "
+                              "the whole attention block instead (`vtcompile passes` lists the pass that does)")
     if keep == current:
         return False
     group, hd = g.num_heads // g.num_kv_heads, g.head_dim
@@ -259,10 +259,10 @@ def remove_attention(program: Program, layers: dict, by: str = "?") -> Program:
     left = set(gm.graph.nodes)
     for layer, nodes in removed.items():
         if nodes.q in left or nodes.k in left:
-            # A token pass applied before (fastv, pyramiddrop) scores tokens with this layer's q/k: they would stay
+            # A token pass applied before (one that scores by attention) scores tokens with this layer's q/k: they would stay
             # in the graph while the FLOPs report counts the attention as gone.
             raise PassConfigError(f"{by}: layer {layer}'s q/k projections also feed the token scores of a pass "
-                                  "applied before it (fastv/pyramiddrop score with a layer's attention); remove "
+                                  "applied before it (it scores tokens with that attention); remove "
                                   "another layer's attention, or list this pass first")
     return program
 
@@ -276,7 +276,7 @@ def last_token_logprobs(program: Program, batches) -> list[torch.Tensor]:
 
 def last_token_kl(reference: list[torch.Tensor], program: Program, batches) -> float:
     """Mean over the prompts of KL(reference || program) of the next-token distribution at the last position: how
-    far a removal moves the model's prediction (the loss of EAS's skip-set search and of headskip's ablation)."""
+    far a removal moves the model's prediction (the loss of the skip-set search of the attention and head passes)."""
     kl = [torch.nn.functional.kl_div(got, ref, log_target=True, reduction="none").sum(-1)
           for got, ref in zip(last_token_logprobs(program, batches), reference)]
     return float(torch.cat(kl).mean())

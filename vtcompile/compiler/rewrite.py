@@ -93,8 +93,9 @@ def select_tokens(program: Program, cut: "Cut | int", scorer: Scorer | None, k_v
         earlier = program.rewrites[-1]
         raise PassConfigError(
             f"pass {by!r} removes tokens {cut}, where pass {earlier.by!r} already removed tokens; two scored "
-            f"selections at one cut do not compose. Give one pass a stronger setting instead (e.g. fastv:r=0.75 "
-            f"rather than fastv twice), or make the second cut a later layer (e.g. fastv:k={cut.layer + 1})")
+            f"selections at one cut do not compose. Give one pass a stronger setting instead (one {by} "
+            f"removing a larger share), or make the second cut a later layer (before layer {cut.layer + 1} "
+            "or after)")
     visual_now = program.visual_at(cut)
     if not 0 <= k_visual <= visual_now:
         raise PassConfigError(f"cannot keep {k_visual} visual tokens {cut}: {visual_now} are present there")

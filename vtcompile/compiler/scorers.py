@@ -12,6 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..errors import PassConfigError
 from .graph import sdpa_node
 from .program import Program
 from .rewrite import Emitter, Scorer
@@ -49,7 +50,7 @@ def last_query_attention(program: Program, layer: int, clone: bool = False) -> S
 
     Recomputes one query row (q_last . K^T, scaled, masked, softmax) from the q/k that layer's SDPA
     consumes. The last position is the last prompt token for every row (prompts are left-padded).
-    clone=True scores with a layer at or after the cut being made (PyramidDrop's "next layer"): its q/k
+    clone=True scores with a layer at or after the cut being made (the "next layer" of a pyramid schedule): its q/k
     projections are copied in front of the cut and fed the ungathered states.
     """
 
@@ -114,9 +115,22 @@ def text_after_images(visual: torch.Tensor) -> torch.Tensor:
     return (seen == seen[:, -1:]) & ~visual
 
 
+def kept_per_image(keep: float, per_image: int) -> int:
+    """Tokens a pre-LLM selection keeps of each image for a kept share `keep` (at least one)."""
+    return max(1, int(round(keep * per_image)))
+
+
+def check_before_llm(program: Program, name: str) -> None:
+    """Pre-LLM selection (visual_selection) must come before every in-decoder cut."""
+    if program.rewrites:
+        raise PassConfigError(f"{name} selects visual tokens before the LLM, but {program.rewrites[-1].by!r} already "
+                              f"removed tokens {program.rewrites[-1].cut}; list {name} before the passes that "
+                              "remove tokens inside the decoder")
+
+
 def visual_selection(program: Program, select, keep_per_image: int, **constants) -> Scorer:
-    """Selector form beside scorers: `select(feats, keep, **constants)` - a plain torch function (inlined, as for
-    FitPrune's statistic) - picks `keep_per_image` tokens of one image from that image's projected visual tokens
+    """Selector form beside scorers: `select(feats, keep, **constants)` - a plain torch function (inlined, as the
+    scorers' statistics are) - picks `keep_per_image` tokens of one image from that image's projected visual tokens
     feats [rows, P, D] and returns their indices [rows, keep]; the scorer gives those tokens 1 and the image's
     other tokens 0, so select_tokens keeps exactly them (each image its own share, any image position, several
     images, batches). Reads the decoder's input embeddings: use it at the cut before layer 0.

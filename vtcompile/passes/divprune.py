@@ -16,9 +16,8 @@ from ..compiler.cut import Cut
 from ..compiler.geometry import Geometry
 from ..compiler.program import Program
 from ..compiler.rewrite import select_tokens
-from ..compiler.scorers import visual_selection
+from ..compiler.scorers import check_before_llm, kept_per_image, visual_selection
 from .base import PassConfig, PassDef, param, register
-from .gprune import check_first, kept_per_image
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def plan(config: DivPruneConfig, geometry: Geometry, n_visual: int, recipe=None)
 
 
 def apply(program: Program, config: DivPruneConfig, recipe=None) -> Program:
-    check_first(program, "divprune")
+    check_before_llm(program, "divprune")
     per_image = program.geometry.visual_tokens_per_image
     k = kept_per_image(config.keep, per_image)
     for cut, keep in plan(config, program.geometry, program.visual_at(0)):

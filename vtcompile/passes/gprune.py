@@ -20,8 +20,7 @@ from ..compiler.cut import Cut
 from ..compiler.geometry import Geometry
 from ..compiler.program import Program
 from ..compiler.rewrite import select_tokens
-from ..compiler.scorers import visual_selection
-from ..errors import PassConfigError
+from ..compiler.scorers import check_before_llm, kept_per_image, visual_selection
 from .base import PassConfig, PassDef, param, register
 
 
@@ -32,10 +31,6 @@ class GPruneConfig(PassConfig):
     threshold: float = param(0.5, "similarity below which graph edges are dropped", low=-1.0, high=1.0)
     temperature: float = param(0.03, "softmax temperature of the graph's edge weights", low=0.0, low_open=True)
     steps: int = param(5, "propagation steps", low=1)
-
-
-def kept_per_image(keep: float, per_image: int) -> int:
-    return max(1, int(round(keep * per_image)))
 
 
 def gprune_scores(feats: torch.Tensor, threshold: float = 0.5, temperature: float = 0.03, steps: int = 5):
@@ -64,16 +59,8 @@ def plan(config: GPruneConfig, geometry: Geometry, n_visual: int, recipe=None):
     return [(Cut(0), (n_visual // per_image) * kept_per_image(config.keep, per_image))]
 
 
-def check_first(program: Program, name: str) -> None:
-    """Pre-LLM selection must come before every in-decoder cut."""
-    if program.rewrites:
-        raise PassConfigError(f"{name} selects visual tokens before the LLM, but {program.rewrites[-1].by!r} already "
-                              f"removed tokens {program.rewrites[-1].cut}; list {name} before the in-decoder passes "
-                              f"(e.g. --pass {name} --pass fastv)")
-
-
 def apply(program: Program, config: GPruneConfig, recipe=None) -> Program:
-    check_first(program, "gprune")
+    check_before_llm(program, "gprune")
     k = kept_per_image(config.keep, program.geometry.visual_tokens_per_image)
     for cut, keep in plan(config, program.geometry, program.visual_at(0)):
         scorer = visual_selection(program, gprune_keep, k, threshold=config.threshold,

@@ -69,12 +69,12 @@ class TrainConfig:
                              "grounding reads the counted objects' tokens)")
 
     # Phase 3 (polish): 1400 steps, counts weighted 6, visual-exit training. Half the rows lose their visual
-    # tokens after a layer drawn from 1-4 (DyVTE's exit), except the tokens of count turns, which keep seeing them
+    # tokens after a layer drawn from 1-4 (a visual-token exit), except the tokens of count turns, which keep seeing them
     # (polish_exit_keep): counting needs the visual tokens late, the other kinds learn to gather early, so
-    # per-question exits (DyVTE's routers) have room. On the phase-2 weights of this recipe (2-core AMX Xeon),
+    # per-question exits (decided by routers) have room. On the phase-2 weights of this recipe (2-core AMX Xeon),
     # trials of 1400 steps with 1 thread (test 1000): no exits (the previous checkpoint's phase 3) 94.7%, counts
     # 83.0%; exits with count turns kept 94.8%, counts 83.5%, and a static exit after layer 1 then costs 16.3
-    # points (test300; counts cannot exit), the exit oracle of bench/dyvte.py saves 62.1%. Exits for every turn
+    # points (test300; counts cannot exit), the exit oracle of the exit bench (bench/) saves 62.1%. Exits for every turn
     # (1000 steps, then a 400-step finish without exits) 93.0%, counts 75.5%; the same with no loss on count
     # answers in exiting rows instead of keeping their visual tokens: 92.4%, counts 73.0%. The previous
     # checkpoint's phase 3, on its own phase-2 weights: val 92.7 -> 93.4%, val counts 77.5 -> 84.0%.

@@ -102,7 +102,7 @@ def forward(model, ids, pv, positions, evidence, object_mask, bg_frac: float = 1
 
 def visual_exit_hooks(layers, row_exit, visual, exempt=None) -> list:
     """Forward pre-hooks that mask, in every decoder layer ``i``, the visual keys (``visual`` [B, S] bool) of the
-    rows whose exit layer (``row_exit`` [B] long; >= the number of layers: no exit) is below ``i`` - DyVTE's
+    rows whose exit layer (``row_exit`` [B] long; >= the number of layers: no exit) is below ``i`` - a visual-token
     exit, by the masked-key equivalence of DESIGN.md. Query tokens in ``exempt`` ([B, S] bool, optional) keep
     seeing them, and then so do the visual tokens themselves, so an exempt token reads the visual states of a run
     without an exit. Every token still sees BOS, so no attention row is empty. Returns the hook handles."""

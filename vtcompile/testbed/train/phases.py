@@ -106,9 +106,9 @@ def polish_phase(model, enc: build.PromptEncoder, ip, cfg: TrainConfig, *, name:
     """The answer loss alone (every answer token and its eos) on count-heavy dialogues (polish_turn_weights), a
     fresh AdamW (betas=(0.9, 0.98)), grad clip 1, warmup over a twentieth of the steps then cosine to 0. With exit
     layers, visual-exit training: in a random exit_frac of the dialogues no token attends to a visual token in the
-    layers after one exit layer drawn uniformly from the list (DyVTE's exit, as key masks), except the tokens of the
-    exit_keep kinds' turns; the model learns to gather what it needs from the image early, which DyVTE reports
-    LLaVA-1.5 does on its own.
+    layers after one exit layer drawn uniformly from the list (a visual-token exit, as key masks), except the tokens of the
+    exit_keep kinds' turns; the model learns to gather what it needs from the image early, which the visual-token-exit
+    literature reports LLaVA-1.5 does on its own (METHODS.md).
 
     It depends on nothing of the run before it but the model's weights, so it gives the same result on a
     checkpoint loaded from disk as at the end of a full run. Phase 4 (finish) is the same phase without exits."""
