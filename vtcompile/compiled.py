@@ -19,6 +19,7 @@ from .errors import ArtifactError, InputError, VtcompileError
 from .models import Family, ModelSpec
 from .report import Report, exit_rows
 from .runtime.executable import Executable, lower_program
+from .runtime.cache import CachePool
 from .runtime.generate import GenerationConfig, GenerationStats, generate
 from .runtime.inputs import PreparedInputs, prepare
 
@@ -81,6 +82,7 @@ class CompiledModel:
         self.source = source  # the artifact directory this was loaded from
         self._manifest = manifest
         self.last_generation: GenerationStats | None = None
+        self.cache_pool = CachePool()  # decode caches kept between generate calls of the same shapes
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -247,7 +249,7 @@ class CompiledModel:
         prefill0, step0 = _setup(prefill_stages), _setup([step])
         stats = GenerationStats()
         out = generate(exe.prefill, step, self.frontend.embed_tokens, prepared, config, streamer=streamer,
-                       generator=generator, stats=stats, signature=exe.signature)
+                       generator=generator, stats=stats, signature=exe.signature, pool=self.cache_pool)
         # Stages of a program with branches are lowered at their first call, inside prefill; a JIT decode step
         # compiles inside its first call: neither is run time.
         stats.ttft_seconds += t_prepare - (_setup(prefill_stages) - prefill0)

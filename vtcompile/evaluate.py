@@ -51,7 +51,7 @@ def _answers(cm, ids, pixels, mask, max_new_tokens: int, tok) -> dict:
                 "texts": None, "ended": None}
     stats = GenerationStats()
     out = generate(exe.prefill, exe.step_stage(), cm.frontend.embed_tokens, prepared, config, stats=stats,
-                   signature=exe.signature, on_prefill=lambda r: seen.update(result=r))
+                   signature=exe.signature, on_prefill=lambda r: seen.update(result=r), pool=cm.cache_pool)
     result = seen["result"]
     new = out[:, ids.shape[1]:]
     eos = set(config.eos_token_id)

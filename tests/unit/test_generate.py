@@ -193,6 +193,42 @@ def test_eos_ends_each_row_and_pads_it():
     assert out.shape[1] <= NEW
 
 
+def test_eos_looked_at_every_few_steps_gives_the_same_tokens(monkeypatch):
+    """On an accelerator the loop reads "every row ended" on the host only every 8 steps and drops the steps run
+    after the end: the tokens and their number equal a loop that looks at every step."""
+    import vtcompile.runtime.generate as gen
+
+    cm = compiled("tiny", None)
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2", seed=4)
+    free = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])[:, -NEW:]
+    eos = [int(free[0, 2]), int(free[1, 5])]  # both rows end, row 1 by step 5 at the latest
+    every_step = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    assert every_step.shape[1] - ids.shape[1] <= 6
+    monkeypatch.setattr(gen, "_check_every", lambda device, streamer: 8)
+    assert torch.equal(cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0),
+                       every_step)
+
+
+def test_cache_buffers_are_kept_for_the_next_call_of_the_same_shapes():
+    """A call gives its cache buffers back to the model's pool; the next call of the same shapes writes into them
+    (no allocation) and answers as a model with an empty pool does, though the slots held another prompt."""
+    cm = compiled("tiny", "fastv").with_target("eager")
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2", seed=4)
+    other = ids.clone()
+    other[:, -3:] = (other[:, -3:] + 7) % 100 + 1  # another question over the same image, the same shapes
+    cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
+    assert len(cm.cache_pool) == 1
+    (buffers,) = cm.cache_pool._free.values()
+    pointers = [t.data_ptr() for group in buffers for t in group]
+    reused = cm.generate(other, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
+    (buffers,) = cm.cache_pool._free.values()
+    assert [t.data_ptr() for group in buffers for t in group] == pointers
+    fresh = cm.with_target("eager")
+    assert torch.equal(reused, fresh.generate(other, pixels, mask, max_new_tokens=NEW, eos_token_id=[]))
+    cm.generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=[])  # other shapes: a second entry
+    assert len(cm.cache_pool) == 2
+
+
 def test_kv_cache_bytes_equal_the_analytic_report():
     """A prompt without padding: the cache each layer holds after prefill is the report's KV bytes for that
     prompt's text length (per layer), pruned and unpruned."""

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError
-from .cache import KVCache
+from .cache import CachePool, KVCache, prefill_bytes
 from .executor import PrefillResult
 from .inputs import PreparedInputs
 
@@ -81,7 +81,9 @@ class GenerationStats:
 
 
 def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """[B, V] logits -> [B] token ids (greedy, or sampled with temperature / top-k / top-p)."""
+    """[B, V] logits -> [B] token ids (greedy, or sampled with temperature / top-k / top-p). Sampling draws on the
+    logits' device when the generator lives there (no copy to the host); a generator of another device (a CPU
+    generator for a CUDA model) draws on its own device, the result going back to the logits' device."""
     if not config.do_sample:
         return logits.argmax(-1)
     scores = logits.float() / config.temperature
@@ -95,7 +97,9 @@ def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch
         drop = (probs.cumsum(-1) - probs) >= config.top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def _end_test(eos_token_id, device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -107,15 +111,26 @@ def _end_test(eos_token_id, device) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda token: torch.isin(token, eos)
 
 
+def _check_every(device: torch.device, streamer) -> int:
+    """Decode steps between two looks at whether every row has ended. Reading the flag on the host waits for the
+    device; on the CPU that costs nothing (and each extra step does), on an accelerator it stalls the queue of
+    kernels, so the loop looks every 8 steps and drops the steps after the end. A streamer reads every token on
+    the host anyway."""
+    return 1 if device.type == "cpu" or streamer is not None else 8
+
+
 @torch.no_grad()
 def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable, embed: Callable,
              prepared: PreparedInputs, config: GenerationConfig, streamer=None,
              generator: torch.Generator | None = None, stats: GenerationStats | None = None,
-             signature=None, on_prefill: Callable[[PrefillResult], None] | None = None) -> torch.Tensor:
+             signature=None, on_prefill: Callable[[PrefillResult], None] | None = None,
+             pool: CachePool | None = None) -> torch.Tensor:
     """Tokens [B, S + n]: the prompt, then n <= max_new_tokens new tokens per row.
 
     prefill(prepared) runs the pruned program; step(*decode inputs) is the decode step (compiler.signature);
-    embed(ids) gives token embeddings. `stats` (optional) receives timings and cache sizes."""
+    embed(ids) gives token embeddings. `stats` (optional) receives timings and cache sizes; `pool` (optional) keeps
+    the cache buffers for the next call of the same shapes. The loop follows gpt-fast: no host synchronisation per
+    step where a device tensor will do (tokens, ended rows and positions stay on the device; see _check_every)."""
     t0 = time.perf_counter()
     result = prefill(prepared)
     if on_prefill is not None:
@@ -124,21 +139,22 @@ def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable,
     device = prepared.input_ids.device
     ends = _end_test(config.eos_token_id, device)
     token = next_tokens(result.values["logits"][:, -1], config, generator)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
     if streamer is not None:
         streamer.put(prepared.input_ids.cpu())
-    out = [token]
-    done |= ends(token)
-    if streamer is not None:
         streamer.put(token.cpu())
+    out = [token]
+    done = ends(token)
+    ended = [done.all()]  # per step, on the device: had every row ended
     t1 = time.perf_counter()
-    cache = None
-    if config.max_new_tokens > 1 and not bool(done.all()):
-        cache = KVCache.from_prefill(result.values, signature, prepared.attention_mask, config.max_new_tokens - 1)
+    cache, allocated = None, 0
+    every = _check_every(device, streamer)
+    if config.max_new_tokens > 1 and not bool(ended[0]):
+        cache = KVCache.from_prefill(result.values, signature, prepared.attention_mask, config.max_new_tokens - 1,
+                                     pool)
         position = prepared.next_position.clone()  # RoPE position of the first new token, per row (the family's)
         # its sequence index: right after the padded prompt in every row (what the attention rule compares)
         query = torch.full_like(position, prepared.input_ids.shape[1])
-        for _ in range(config.max_new_tokens - 1):
+        for n in range(1, config.max_new_tokens):
             returned = step(embed(token[:, None]), prepared.step_positions(position), query, cache.write_index,
                             *cache.inputs())
             logits = returned[0] if isinstance(returned, (tuple, list)) else returned
@@ -151,9 +167,15 @@ def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable,
             out.append(token)
             if streamer is not None:
                 streamer.put(token.cpu())
-            done |= ends(token)
-            if bool(done.all()):
+            done = done | ends(token)
+            ended.append(done.all())
+            if n % every == 0 and bool(ended[-1]):
                 break
+        allocated = cache.allocated_bytes()
+        cache.release(pool)
+    # steps after the one where every row had ended (a loop that looks every few steps ran them): dropped
+    steps = int(torch.stack(ended).long().argmax()) + 1 if bool(ended[-1]) else len(out)
+    out = out[:steps]
     t2 = time.perf_counter()
     if streamer is not None:
         streamer.end()
@@ -161,8 +183,6 @@ def generate(prefill: Callable[[PreparedInputs], PrefillResult], step: Callable,
         stats.batch, stats.prompt_tokens, stats.new_tokens = batch, int(prepared.input_ids.shape[1]), len(out)
         stats.ttft_seconds, stats.decode_seconds = t1 - t0, t2 - t1
         stats.exit_layers = result.exit_layers
-        if cache is None:
-            cache = KVCache.from_prefill(result.values, signature, prepared.attention_mask, 0)
-        stats.kv_prompt_bytes = cache.prompt_bytes()
-        stats.kv_allocated_bytes = cache.allocated_bytes()
+        stats.kv_prompt_bytes = prefill_bytes(result.values, signature)
+        stats.kv_allocated_bytes = allocated or sum(stats.kv_prompt_bytes.values())
     return torch.cat([prepared.input_ids, torch.stack(out, 1)], dim=1)
