@@ -100,7 +100,7 @@ def _coerce(cls, key: str, value: Any):
     kind = _field_type(cls, f)
     if not isinstance(value, str) or kind is str:
         return value
-    if typing.get_origin(kind) is tuple:  # CLI lists use '/': pyramiddrop:layers=8/16/24
+    if typing.get_origin(kind) is tuple:  # CLI lists use "/": NAME:layers=8/16/24
         elem = typing.get_args(kind)[0]
         try:
             return tuple(elem(v) for v in value.split("/") if v.strip())
