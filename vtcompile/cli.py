@@ -644,6 +644,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="artifact directory")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=cmd_inspect)
+
+    # `vtcompile serve` lives in vtcompile/serve/command.py: this file's model flags, then the server's own
+    from .serve import command as serve_command
+
+    p = sub.add_parser("serve", help=serve_command.HELP, description=serve_command.DESCRIPTION)
+    serve_command.add_arguments(p)
+    _model_args(p)
+    _pass_args(p)
+    _target_arg(p)
+    _calibration_arg(p)
+    p.set_defaults(func=lambda args: serve_command.main(args, compile_model=_compile))
     return parser
 
 

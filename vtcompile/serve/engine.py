@@ -47,16 +47,9 @@ import torch
 from ..errors import InputError, VtcompileError
 from ..runtime.cache import KVCache
 from ..runtime.generate import GenerationConfig, next_tokens
+from .errors import EngineStoppedError, QueueFullError
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(VtcompileError):
-    """The engine's waiting queue is full (HTTP 429)."""
-
-
-class EngineStoppedError(VtcompileError):
-    """The engine was stopped; no request is taken."""
 
 
 @dataclass(frozen=True)
