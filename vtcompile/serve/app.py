@@ -71,6 +71,10 @@ def _error(exc: ServeError, metrics: ServeMetrics):
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+class _ClientGone(Exception):
+    """The client closed its connection."""
+
+
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -149,6 +153,16 @@ def create_app(service: Service, manage_engine: bool = True):
                 return "token", None, piece
             return "done", value, checker.feed(handle.tokens, final=True)
 
+        async def wait_event():
+            """The next event; raises _ClientGone when the client disconnected meanwhile (checked twice a second,
+            so a request still queued or between tokens is let go at once)."""
+            while True:
+                try:
+                    return await asyncio.wait_for(next_event(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise _ClientGone from None
+
         def usage() -> dict:
             n = int(creq.input_ids.shape[1])
             return {"prompt_tokens": n, "completion_tokens": len(handle.tokens),
@@ -160,7 +174,7 @@ def create_app(service: Service, manage_engine: bool = True):
                 try:
                     yield protocol.chunk(creq, {"role": "assistant", "content": ""})
                     while True:
-                        kind, reason, piece = await next_event()
+                        kind, reason, piece = await wait_event()
                         if piece:
                             yield protocol.chunk(creq, {"content": piece})
                         if kind == "done":
@@ -175,6 +189,8 @@ def create_app(service: Service, manage_engine: bool = True):
                         metrics.request(500)
                         yield f"data: {json.dumps(ServeError(f'the request ended: {reason}', status=500).body())}\n\n"
                     yield "data: [DONE]\n\n"
+                except _ClientGone:
+                    return
                 finally:
                     if not finished:  # the client went away: free the slot now
                         engine.cancel(handle)
@@ -186,20 +202,16 @@ def create_app(service: Service, manage_engine: bool = True):
         text = []
         try:
             while True:
-                try:
-                    kind, reason, piece = await asyncio.wait_for(next_event(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        engine.cancel(handle)
-                        metrics.request(499)
-                        return Response(status_code=499)
-                    continue
+                kind, reason, piece = await wait_event()
                 text.append(piece)
                 if kind == "done":
                     break
-        except asyncio.CancelledError:
+        except (_ClientGone, asyncio.CancelledError) as exc:
             engine.cancel(handle)
-            raise
+            metrics.request(499)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return Response(status_code=499)  # nobody reads it: the connection is gone
         if reason not in _FINISH:
             return _error(ServeError(f"the request ended: {reason}", status=503 if reason == "abort" else 500),
                           metrics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import signal
 import socket
 from pathlib import Path
 
@@ -115,7 +116,14 @@ def main(args, compile_model=None) -> int:
              ", ".join(service.info["passes"]) or "none", args.max_batch,
              f"{args.kv_budget_mb} MB" if args.kv_budget_mb else "none")
     log.info("listening on http://%s:%d", host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # SIGINT/SIGTERM stop the server gracefully (the engine lets its requests go) and the command exits 0;
+            # uvicorn would raise the signal again after shutting down
+            self.force_exit = self.should_exit and sig == signal.SIGINT
+            self.should_exit = True
+
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
     log.info("stopped")
     return 0
