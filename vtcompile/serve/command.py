@@ -97,7 +97,7 @@ def main(args, compile_model=None) -> int:
         _require("ray", ("ray", "ray.serve"))
         from .ray_app import run_ray
 
-        return run_ray(args, compile_model)
+        return run_ray(args, service_options(args), compile_model)
     import uvicorn
 
     from .app import Service, create_app

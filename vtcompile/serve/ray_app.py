@@ -99,14 +99,12 @@ def deployment(source: dict, options: dict, replicas: int = 1, compile_model=Non
     return VtcompileReplica.bind(source, options, compile_model)
 
 
-def run_ray(args, compile_model=None) -> int:
+def run_ray(args, options: dict, compile_model=None) -> int:
     """`vtcompile serve --ray`: start Ray locally, run the deployment, block until SIGINT/SIGTERM, clean up."""
-    from ray import serve
-
-    from .command import service_options
-
     import argparse
     import socket
+
+    from ray import serve
 
     # the command's flags travel to the replicas (its `func`, a closure of the parser, stays here)
     plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
@@ -122,7 +120,7 @@ def run_ray(args, compile_model=None) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": args.host, "port": port})
-        serve.run(deployment(source, service_options(args), replicas, compile_model if args.dir is None else None),
+        serve.run(deployment(source, options, replicas, compile_model if args.dir is None else None),
                   name="vtcompile", route_prefix="/")
         log.info("serving on Ray Serve with %d replica(s)", replicas)
         log.info("listening on http://%s:%d", args.host, port)
