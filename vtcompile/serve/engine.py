@@ -8,7 +8,8 @@ row. So new requests join the running batch between steps and finished ones leav
 Slot cache (why joins and leaves never recompile). The decode step (compiler/decode.py) takes per layer a cache
 [B, H_kv, C_l, hd] and key_index [B, C_l] (the ORIGINAL sequence index of each slot's key, -1 = empty) and ONE write
 slot per layer shared by all rows; its attention mask comes only from key_index against each row's query index, so
-the physical order of a row's slots does not matter. The engine keeps one such cache per layer for `max_batch` rows:
+the physical order of a row's slots does not matter. The engine keeps one such cache per layer for up to `max_batch`
+rows (allocated in powers of two as requests need them, so the slot cache follows the rows in use):
   - a joining row's prompt K/V (exactly what each layer's attention kept in its prefill, so layers differ in length)
     is copied into free slots of its row below the shared write slot (the write slot moves forward when the prompt
     is longer; the other rows just get empty slots there), with key_index set;
@@ -104,13 +105,14 @@ def _bucket(n: int, limit: int) -> int:
 class SlotCache:
     """Per layer [rows, H_kv, C_l, hd] keys and values, [rows, C_l] key indices, one shared write slot per layer."""
 
-    def __init__(self, layers: list[int], shapes: dict[int, tuple[int, int]], rows: int, dtype, device,
+    def __init__(self, layers: list[int], shapes: dict[int, tuple[int, int]], max_rows: int, dtype, device,
                  capacity_step: int = 64):
-        self.layers, self.rows, self.step_size = list(layers), rows, capacity_step
-        self.keys = [torch.zeros(rows, shapes[layer][0], capacity_step, shapes[layer][1], dtype=dtype, device=device)
+        self.layers, self.max_rows, self.step_size = list(layers), max_rows, capacity_step
+        self.rows = 1  # rows are allocated as requests need them (powers of two up to max_rows)
+        self.keys = [torch.zeros(1, shapes[layer][0], capacity_step, shapes[layer][1], dtype=dtype, device=device)
                      for layer in layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self.index = [torch.full((rows, capacity_step), -1, dtype=torch.long, device=device) for _ in layers]
+        self.index = [torch.full((1, capacity_step), -1, dtype=torch.long, device=device) for _ in layers]
         self.write = [0] * len(layers)
         self.live: set[int] = set()  # rows holding a request
         self.compactions = 0
@@ -123,11 +125,14 @@ class SlotCache:
         return sum((k.nelement() + v.nelement()) * k.element_size() for k, v in zip(self.keys, self.values))
 
     def clear(self, row: int) -> None:
-        for idx in self.index:
-            idx[row] = -1
+        if row < self.rows:
+            for idx in self.index:
+                idx[row] = -1
 
     def insert(self, row: int, per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """Put a prompt's valid K [H, n, hd], V and key indices [n] of each layer into free slots of `row`."""
+        if row >= self.rows:
+            self.add_rows(_bucket(row + 1, self.max_rows))
         self.clear(row)
         self.live.add(row)
         for i, (k, v, idx) in enumerate(per_layer):
@@ -164,6 +169,16 @@ class SlotCache:
         self.values[i] = self.values[i].gather(2, gather)
         self.write[i] = int((self.index[i] >= 0).sum(1).max())
         self.compactions += 1
+
+    def add_rows(self, rows: int) -> None:
+        """More rows (new ones empty): the allocation follows the rows in use, not max_batch."""
+        extra = rows - self.rows
+        for i in range(len(self.layers)):
+            k, v, idx = self.keys[i], self.values[i], self.index[i]
+            self.keys[i] = torch.cat([k, k.new_zeros(extra, *k.shape[1:])])
+            self.values[i] = torch.cat([v, v.new_zeros(extra, *v.shape[1:])])
+            self.index[i] = torch.cat([idx, idx.new_full((extra, idx.shape[1]), -1)])
+        self.rows = rows
 
     def grow(self, i: int, size: int) -> None:
         k, v, idx = self.keys[i], self.values[i], self.index[i]
