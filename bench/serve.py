@@ -347,13 +347,15 @@ def main(argv=None) -> int:
     adm = [[v, admits[v]["request_kv_bytes"], admits[v]["admits"],
             f"{admits[v]['admits'] / max(1, admits['unpruned']['admits']):.2f}x", f"{admits[v]['compile_s']:.1f}"]
            for v in variants]
-    label = adapter.spec.label + (" (random weights)" if adapter.spec.random_weights else "")
+    label = adapter.spec.label + (" (random weights)" if adapter.spec.random_weights and "random" not in
+                                  adapter.spec.label else "")
     out = args.out or RESULTS / f"serve-{args.model}"
     command = "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = [f"# Serving: {label}, {mode} mode", "", f"Command: `{command.strip()}`", "",
           f"- date: {time.strftime('%Y-%m-%d')}; machine: {machine()} (shared with other work; numbers move with its "
           "load); CPU only, eager target",
-          f"- server: torch.set_num_threads({args.threads}); the clients in a process of their own (http mode)",
+          f"- server: torch.set_num_threads({args.threads}); " + ("the clients in a process of their own" if mode == "http"
+                                                                 else "the clients are threads of the same process"),
           *([f"- questions: {'every scene asked ' + repr(LIST_QUESTION) if args.ask == 'list' else 'each scene its own test question'}"] if mode == "http" else []),
           f"- {len(prompts)} distinct prompts ({prompt_len} tokens at most), max_tokens {args.max_tokens}, greedy; "
           f"closed-loop clients, each sending its requests one after the other; --max-batch {args.max_batch}",
