@@ -51,6 +51,11 @@ SLOW_TESTS = {
     "test_killed_write_leaves_nothing_the_next_one_does_not_clean",
     "test_calibrate_writes_recipe_and_routers_with_the_umask",  # trains routers
     "test_run_keeps_messages_off_the_answer_and_warns_about_unknown_words",  # compiles the testbed
+    # vtcompile serve: compile the testbed, start servers (threads, a subprocess, Ray in a network namespace)
+    "test_engine_concurrent_requests_equal_each_alone",
+    "test_server_openai_client_concurrent_equals_alone_and_bad_requests",
+    "test_full_queue_gets_429_and_a_client_that_leaves_frees_its_place",
+    "test_serve_command_answers_and_stops_cleanly", "test_ray_replicas_share_requests_and_answer_as_one_process",
 }
 
 

@@ -14,11 +14,11 @@ import sys
 
 from ..errors import VtcompileError
 from . import compile as compile_commands
-from . import info, run, testbed
+from . import info, run, serve, testbed
 
 EXIT_BROKEN_PIPE = 141
 EXIT_INTERRUPTED = 130
-COMMANDS = (compile_commands, run, testbed, info)  # each module's register(subparsers) adds its commands
+COMMANDS = (compile_commands, run, serve, testbed, info)  # each module's register(subparsers) adds its commands
 
 
 def build_parser() -> argparse.ArgumentParser:
