@@ -100,35 +100,6 @@ def client_process(args) -> int:
 
 
 # -- the server side ---------------------------------------------------------------------------------------------
-class _ThreadServer:
-    def __init__(self, service):
-        import socket
-
-        import uvicorn
-
-        from vtcompile.serve.app import create_app
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        import httpx
-
-        self.thread.start()
-        for _ in range(400):
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("the server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def _http_level(service, data: list[dict], clients: int, per_client: int, max_tokens: int, srv) -> dict:
@@ -299,7 +270,9 @@ def main(argv=None) -> int:
             service = Service.build(cm, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=512,
                                     max_tokens_limit=max(args.max_tokens, 1))
             texts = [tok.decode(e, skip_special_tokens=True).lstrip() for e in expected]
-            with _ThreadServer(service) as srv:
+            from vtcompile.serve.app import ThreadServer
+
+            with ThreadServer(service) as srv:
                 for c in clients:
                     per = args.requests or max(2, -(-64 // c))
                     service.engine.peak_running = 0

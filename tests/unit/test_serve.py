@@ -9,10 +9,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,36 +69,21 @@ def _alone(question: str, image, max_tokens: int) -> list[int]:
 
 
 class ThreadServer:
-    """A Service's app under uvicorn in a thread, on a free loopback port."""
+    """The app in a thread on a free loopback port (vtcompile.serve.app.ThreadServer); its thread has ended after."""
 
     def __init__(self, service, manage_engine: bool = True):
-        import uvicorn
+        from vtcompile.serve.app import ThreadServer as Server
 
-        from vtcompile.serve.app import create_app
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service, manage_engine), log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.inner = Server(service, manage_engine, start_seconds=10)
 
     def __enter__(self):
-        import httpx
-
-        self.thread.start()
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("the server did not answer /health")
+        self.inner.__enter__()
+        self.url = self.inner.url
+        return self
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(20)
-        assert not self.thread.is_alive()
+        self.inner.__exit__(*exc)
+        assert not self.inner.thread.is_alive()
 
 
 def _metric(text: str, name: str, **labels) -> float:

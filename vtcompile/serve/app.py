@@ -220,3 +220,42 @@ def create_app(service: Service, manage_engine: bool = True):
                                               extra(handle)))
 
     return app
+
+
+class ThreadServer:
+    """A Service's app under uvicorn in a thread of this process, on a free 127.0.0.1 port (`url`): for tests and
+    benchmarks. `with ThreadServer(service) as srv:` returns once /health answers and stops the server at the end."""
+
+    def __init__(self, service: Service, manage_engine: bool = True, start_seconds: float = 20.0):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start_seconds = start_seconds
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service, manage_engine), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        import urllib.error
+        import urllib.request
+
+        self.thread.start()
+        deadline = time.monotonic() + self.start_seconds
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.05)
+        self.__exit__()
+        raise RuntimeError(f"the server did not answer {self.url}/health within {self.start_seconds:.0f} s")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
