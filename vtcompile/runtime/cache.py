@@ -28,8 +28,6 @@ class KVCache:
     values: list[torch.Tensor]
     index: list[torch.Tensor]  # per layer [B, P_l + new] long: the sequence index of each slot's key (-1: none)
     write_index: torch.Tensor  # [L] long: the slot the next token is written to, per layer
-    prompt_lengths: list[int]  # P_l
-
     pool_key: tuple = ()  # the shapes this cache's buffers go back to a CachePool under
 
     @classmethod
@@ -61,7 +59,7 @@ class KVCache:
             idx[:, :length] = torch.where(real, pos, -1)
             keys.append(kc), vals.append(vc), index.append(idx), lengths.append(length)
         device = keys[0].device if keys else attention_mask.device
-        return cls(layers, keys, vals, index, torch.tensor(lengths, dtype=torch.long, device=device), lengths, key)
+        return cls(layers, keys, vals, index, torch.tensor(lengths, dtype=torch.long, device=device), key)
 
     def release(self, pool: "CachePool | None") -> None:
         """Hand the buffers back to `pool` for the next call of the same shapes (the cache is not used after)."""
@@ -78,11 +76,6 @@ class KVCache:
     def replace(self, written: list[torch.Tensor]) -> None:
         """Keep the caches a functional decode step returned (k_cache_l, v_cache_l, key_index_l per layer)."""
         self.keys, self.values, self.index = list(written[0::3]), list(written[1::3]), list(written[2::3])
-
-    def prompt_bytes(self) -> dict[int, int]:
-        """Per layer: bytes of the K and V the prompt left in the cache (all rows, padding slots included)."""
-        return {layer: (k[:, :, :p].nelement() + v[:, :, :p].nelement()) * k.element_size()
-                for layer, k, v, p in zip(self.layers, self.keys, self.values, self.prompt_lengths)}
 
     def allocated_bytes(self) -> int:
         return sum((k.nelement() + v.nelement()) * k.element_size() for k, v in zip(self.keys, self.values))
