@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 from vtcompile import compile_pruned, load_model
 from vtcompile.compiler.flops import report_from_plan
-from vtcompile.evaluate import evaluate
+from vtcompile.evaluate import Reference, evaluate
 from vtcompile.passes import get_pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,8 +103,9 @@ def main(argv=None) -> int:
     geom, n = adapter.geometry, adapter.geometry.visual_tokens_per_image
     rows = []
     t0 = time.perf_counter()
-    base = evaluate(compile_pruned(adapter), "testbed", limit=args.limit, progress=False,
-                    max_new_tokens=args.max_new_tokens)
+    reference = Reference(compile_pruned(adapter))  # the unpruned answers, generated once for every row
+    base = evaluate(reference.model, "testbed", limit=args.limit, progress=False,
+                    max_new_tokens=args.max_new_tokens, reference=reference)
     rows.append({"method": "unpruned", "budget": 1.0, "spec": "-", "paper_ratio": 1.0,
                  "accuracy": base["accuracy"], "top1_agreement": 1.0,
                  "identical_answers": 1.0 if args.max_new_tokens > 1 else None})
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
             cm = compile_pruned(adapter, spec, calibration="testbed" if method == "fitprune" else None,
                                 progress=False)
             torch.manual_seed(args.seed)
-            res = evaluate(cm, "testbed", limit=args.limit, progress=False, max_new_tokens=args.max_new_tokens)
+            res = evaluate(cm, "testbed", limit=args.limit, progress=False, max_new_tokens=args.max_new_tokens,
+                           reference=reference)
             extra = ""
             if method == "fitprune":
                 r = cm.recipes["fitprune"]
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
         calibrates = get_pass(spec.split(":")[0]).calibrate is not None
         cm = compile_pruned(adapter, spec, calibration="testbed" if calibrates else None, progress=False)
         torch.manual_seed(args.seed)
-        res = evaluate(cm, "testbed", limit=args.limit, progress=False, max_new_tokens=args.max_new_tokens)
+        res = evaluate(cm, "testbed", limit=args.limit, progress=False, max_new_tokens=args.max_new_tokens,
+                       reference=reference)
         rows.append({"method": spec.split(":")[0], "budget": "default", "spec": spec,
                      "paper_ratio": res["paper_flops_ratio"], "accuracy": res["accuracy"],
                      "top1_agreement": res["fidelity"]["top1_agreement"],

@@ -65,6 +65,33 @@ def _answers(cm, ids, pixels, mask, max_new_tokens: int, tok) -> dict:
             "kept": result.values["visual"].sum(1), "texts": texts, "ended": ended}
 
 
+class Reference:
+    """The unpruned model as evaluate's fidelity reference, its answers kept per batch of inputs: evaluating several
+    pruned models on the same data against one Reference generates the unpruned answers once (a bench's rows, the
+    accuracy tests). Pass it as evaluate(..., reference=Reference(unpruned))."""
+
+    def __init__(self, model):
+        self.model = model
+        self._answers: dict[tuple, dict] = {}
+
+    def answers(self, ids, pixels, mask, max_new_tokens: int, tok) -> dict:
+        key = (max_new_tokens, _digest(ids, pixels, mask))
+        if key not in self._answers:
+            self._answers[key] = _answers(self.model, ids, pixels, mask, max_new_tokens, tok)
+        return self._answers[key]
+
+
+def _digest(*tensors) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 16, skip_bad: bool = False,
              progress: bool = True, per_sample: bool = False, max_new_tokens: int = 24, reference=None) -> dict:
     """Accuracy per kind and overall, fidelity vs the unpruned model, FLOPs, tokens kept, wall time.
@@ -73,7 +100,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     passes). data: 'testbed', a JSONL path, or a list of Sample. max_new_tokens: answers are generated up to this
     many tokens and compared whole; 1 scores the next token. per_sample: also return "correct", 1/0 for each
     evaluated sample in data order (bad samples skipped). reference: the unpruned CompiledModel to measure fidelity
-    against (default: built from the same model)."""
+    against (default: built from the same model), or a Reference holding it (its answers are reused across calls)."""
     from tqdm import tqdm
 
     from .api import CompiledModel, compile_pruned
@@ -86,10 +113,13 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     cm = model if isinstance(model, CompiledModel) else compile_pruned(model, progress=False)
     if reference is None:
         reference = cm if not cm.passes else _unpruned(cm)
+    ref_model = reference.model if isinstance(reference, Reference) else reference
+    if not isinstance(reference, Reference) and reference is not cm:
+        reference = Reference(reference)
     samples, bad = (data, 0) if isinstance(data, list) else load_data(data, limit, skip_bad)
     enc = PromptEncoder(cm.frontend.processor)
     tok = enc.tok
-    models = [cm] if reference is cm else [cm, reference]
+    models = [cm] if ref_model is cm else [cm, ref_model]
     setup0 = sum(sum(m.setup_seconds()) for m in models)
     t0 = time.perf_counter()
     per_kind: dict[str, list[int]] = {}
@@ -109,8 +139,11 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         if not chunk:
             continue
         ids, pixels, mask = enc.batch([s.question for s in chunk], images)
-        got = _answers(cm, ids, pixels, mask, max_new_tokens, tok)
-        ref = got if reference is cm else _answers(reference, ids, pixels, mask, max_new_tokens, tok)
+        if ref_model is cm and isinstance(reference, Reference):  # the unpruned model itself: its answers kept
+            got = reference.answers(ids, pixels, mask, max_new_tokens, tok)
+        else:
+            got = _answers(cm, ids, pixels, mask, max_new_tokens, tok)
+        ref = got if ref_model is cm else reference.answers(ids, pixels, mask, max_new_tokens, tok)
         new_first.append(got["first"])
         ref_first.append(ref["first"])
         kept_visual += got["kept"].tolist()
