@@ -226,23 +226,64 @@ def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
 
 # The ONNX artifact's round trip is test_cli_optimize_onnx_then_run_with_input_ids (one ONNX export for the CLI,
 # the artifact's layout and parity, and the exported graph's dynamic axes).
-@pytest.mark.parametrize("target,geometry,family", [("inductor", "tiny-gqa", "fastv")])
-def test_target_artifact_round_trip(target, geometry, family, tmp_path, monkeypatch):
-    cm = lowered(target, geometry, family)
-    path = cm.save(tmp_path / target)
-    m = json.loads((path / "manifest.json").read_text())
-    ext = "onnx" if target == "onnx" else "pt2"
-    assert m["target"] == target and m["programs"][0]["stages"]["decoder-v16"]["files"] == [f"decoder-v16.{ext}"]
-    assert m["programs"][0]["decode"]["files"] == [f"decoder-v16-decode.{ext}"]
-    assert_new_process_matches(path, geometry, family, ["mid_pad_b2", "image_first"], tmp_path)
-    if target == "inductor":  # a package's kernels are for the machine that compiled them: a clear error elsewhere
-        import platform
+def test_target_artifact_round_trip(tmp_path, monkeypatch):
+    """compile_pruned(target="inductor") AOT-compiles the stage once, timed apart; every batch size (1 included),
+    prompt length and padding then runs that package: nothing compiles again, neither Inductor nor Dynamo; the same
+    for the decode step over generate calls. Saved, the artifact holds the prefill and decode packages and loads in
+    a new process to the same logits and tokens; on another machine it is refused with a clear error."""
+    from torch._dynamo.utils import counters
 
-        here = platform.machine()
-        monkeypatch.setattr(platform, "machine", lambda: "elsewhere")
-        with pytest.raises(ArtifactError, match=rf"was compiled for machine {here} \(this machine: elsewhere\): its "
-                                                r"kernels cannot run here. Re-create the artifact on this machine"):
-            load_compiled(path)(*prompt(geometry, "image_first"))
+    from vtcompile.models.llava import example_inputs
+    from vtcompile.targets.inductor import AotStage
+
+    from .test_targets import fast_inductor
+
+    geometry, family = "tiny-gqa", "fastv"
+    with fast_inductor():  # end to end through compile_pruned
+        cm = compile_pruned(adapter(geometry), family, target="inductor", progress=False)
+    ref = compiled(geometry, family)
+    (lazy,) = cm.executable(16).prefill_stages()
+    assert isinstance(lazy.lowered, AotStage) and lazy.compile_seconds > 0  # compiled at lowering, timed apart
+    assert cm.report.compile_seconds >= lazy.compile_seconds
+    seconds, graphs = lazy.compile_seconds, counters["stats"]["unique_graphs"]
+    for batch, before, after, pad in [(1, 3, 5, 0), (1, 9, 30, 0), (3, 2, 7, 4), (2, 11, 1, 6)]:
+        ids, pixels, mask = example_inputs(adapter(geometry), batch=batch, text_before=before,
+                                           text_after=after, pad=pad, seed=batch + before)
+        assert_parity(cm(ids, pixels, mask), ref(ids, pixels, mask), mask)
+    assert lazy.compile_seconds == seconds and counters["stats"]["unique_graphs"] == graphs
+
+    # One AOT-compiled decode step, written to its caches in place, serves every step of a call and new prompt
+    # lengths, batch sizes and max_new_tokens (other cache lengths): the first generate compiles it (given apart in
+    # last_generation, not in its timings), later calls compile nothing.
+    first = prompt(geometry, "mid_pad_b2")
+    with fast_inductor():
+        assert torch.equal(cm.generate(*first, max_new_tokens=6, eos_token_id=[]),
+                           ref.generate(*first, max_new_tokens=6, eos_token_id=[]))
+    stats, step = cm.last_generation, cm.executable(16).decode
+    assert type(step.lowered).__name__ == "AotStage" and step.compile_seconds > 0
+    assert stats.compile_seconds >= step.compile_seconds
+    assert stats.ttft_seconds + stats.decode_seconds < stats.compile_seconds  # the run's ms, not the compile's s
+    decode_seconds = step.compile_seconds
+    for batch, before, after, pad, n in [(1, 3, 5, 0, 12), (3, 2, 7, 4, 5), (2, 11, 1, 6, 20)]:
+        ids, pixels, mask = example_inputs(adapter(geometry), batch=batch, text_before=before,
+                                           text_after=after, pad=pad, seed=batch)
+        out = cm.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[])
+        assert torch.equal(out, ref.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[]))
+        assert cm.last_generation.compile_seconds == 0.0
+
+    path = cm.save(tmp_path / "inductor")  # the two packages compiled above, nothing compiled again
+    assert lazy.compile_seconds == seconds and step.compile_seconds == decode_seconds
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["target"] == "inductor" and m["programs"][0]["stages"]["decoder-v16"]["files"] == ["decoder-v16.pt2"]
+    assert m["programs"][0]["decode"]["files"] == ["decoder-v16-decode.pt2"]
+    assert_new_process_matches(path, geometry, family, ["mid_pad_b2", "image_first"], tmp_path)
+    import platform  # a package's kernels are for the machine that compiled them: a clear error elsewhere
+
+    here = platform.machine()
+    monkeypatch.setattr(platform, "machine", lambda: "elsewhere")
+    with pytest.raises(ArtifactError, match=rf"was compiled for machine {here} \(this machine: elsewhere\): its "
+                                            r"kernels cannot run here. Re-create the artifact on this machine"):
+        load_compiled(path)(*prompt(geometry, "image_first"))
 
 
 def test_dyvte_routers_artifact_round_trip(tmp_path):

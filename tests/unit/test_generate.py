@@ -14,7 +14,6 @@ import torch
 from vtcompile import compile_pruned
 from vtcompile.compiler.reference import masked_key_generate
 from vtcompile.errors import InputError, TargetUnavailableError
-from vtcompile.models.llava import example_inputs
 from vtcompile.runtime.generate import generate
 
 from .common import adapter, compiled, prompt
@@ -286,35 +285,8 @@ def test_decode_step_is_ready_before_the_first_token_is_streamed():
     assert seen and all(seen), seen
 
 
-def test_inductor_decode_compiles_once():
-    """One AOT-compiled step, written to its caches in place, serves every step of a call and new prompt lengths,
-    batch sizes and max_new_tokens (other cache lengths): the first generate compiles it (given apart in
-    last_generation, not in its timings), later calls compile nothing."""
-    from .test_targets import fast_inductor, lowered
-
-    eager = compiled("tiny-gqa", "fastv")
-    with fast_inductor():
-        cm = lowered("inductor", "tiny-gqa", "fastv")  # shared with test_artifacts (one prefill compile)
-        first = prompt("tiny-gqa", "mid_pad_b2")
-        assert torch.equal(cm.generate(*first, max_new_tokens=6, eos_token_id=[]),
-                           eager.generate(*first, max_new_tokens=6, eos_token_id=[]))
-    stats = cm.last_generation
-    step = cm.executable(16).decode
-    assert type(step.lowered).__name__ == "AotStage" and step.compile_seconds > 0
-    if stats.compile_seconds:  # compiled by this call (not by an earlier test on the shared model)
-        assert stats.compile_seconds >= step.compile_seconds
-        # the timings are the run's milliseconds, not the compile's seconds
-        assert stats.ttft_seconds + stats.decode_seconds < stats.compile_seconds
-    seconds = step.compile_seconds
-    for batch, before, after, pad, n in [(1, 3, 5, 0, 12), (3, 2, 7, 4, 5), (2, 11, 1, 6, 20)]:
-        ids, pixels, mask = example_inputs(adapter("tiny-gqa"), batch=batch, text_before=before,
-                                           text_after=after, pad=pad, seed=batch)
-        a = cm.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[])
-        assert torch.equal(a, eager.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[]))
-        assert cm.last_generation.compile_seconds == 0.0
-    assert step.compile_seconds == seconds
-
-
+# Inductor generation (one AOT-compiled decode step for every step, prompt length, batch size and max_new_tokens,
+# compiled once): test_artifacts.py::test_target_artifact_round_trip, which shares its prefill and decode compiles.
 # ONNX generation (the exported functional decode step, loaded from an artifact): test_artifacts.py::
 # test_cli_optimize_onnx_then_run_with_input_ids.
 

@@ -57,14 +57,15 @@ _SPLIT = {("inductor", "none"): "tiny", ("inductor", "fastv"): "tiny-gqa", ("ind
 
 
 # The default suite lowers each pass family on at least one compiled target and each graph construct on both
-# (the pass-free graph on inductor; every pass graph on onnx is that graph plus the pass's rewrites):
+# (the pass-free graph is part of every pass graph: fastv's on both targets, below):
 # pyramiddrop's cuts are fastv's primitive several times (on onnx here), gprune is divprune's selector form with
 # another function (on onnx), divprune's greedy loop runs on inductor. fastv's parity on both targets is asserted
-# by test_inductor_compiles_once_for_every_prompt_shape, test_target_artifact_round_trip (inductor) and
-# test_cli_optimize_onnx_then_run_with_input_ids (onnx), the static exit's stages on both targets by
+# by test_target_artifact_round_trip (inductor: compiled once for every prompt shape, saved, loaded in a new
+# process) and test_cli_optimize_onnx_then_run_with_input_ids (onnx), the static exit's stages on both targets by
 # test_dynamic_exits_lower_stage_by_stage (every exit stage of the routers: all visual tokens dropped after a layer).
 # A cold Inductor compile costs 15-145 s of the suite's 12 minutes; VTCOMPILE_FULL_MATRIX=1 runs the rest too.
 _ONLY_FULL = {("inductor", "pyramiddrop"), ("inductor", "gprune"), ("onnx", "divprune"), ("onnx", "none"),
+              ("inductor", "none"),
               ("inductor", "fastv"), ("onnx", "fastv"), ("inductor", "dyvte"), ("onnx", "dyvte"),
               ("onnx", "fitprune"), ("inductor", "fitprune")}
 
@@ -126,8 +127,8 @@ def fast_inductor():
 @functools.lru_cache(maxsize=None)
 def lowered(target: str, geometry: str, family: str):
     """The eager compiled model of (geometry, family) with its programs lowered to `target` (with_target: the
-    same capture and rewritten program, so each test pays only the lowering; test_inductor_compiles_once and
-    the CLI test go through compile_pruned(target=...) end to end)."""
+    same capture and rewritten program, so each test pays only the lowering; test_artifacts.py's
+    inductor round trip and the CLI test go through compile_pruned(target=...) end to end)."""
     with fast_inductor():
         return reference(geometry, family).with_target(target)
 
@@ -234,40 +235,29 @@ def test_target_matches_eager(target, family, geometry):
         print(f"{target} {family} {geometry} {kind}: max |logit diff| {diff:.2e}")
 
 
-def test_inductor_compiles_once_for_every_prompt_shape():
-    """compile_pruned(target="inductor") AOT-compiles the stage once, timed apart; every batch size (1 included),
-    prompt length and padding then runs that package: nothing compiles again, neither Inductor nor Dynamo."""
-    from torch._dynamo.utils import counters
-
-    from vtcompile.targets.inductor import AotStage
-
-    with fast_inductor():  # end to end through compile_pruned
-        cm = compile_pruned(adapter("tiny-gqa"), "fastv", target="inductor")
-    ref = compiled("tiny-gqa", "fastv")
-    (lazy,) = cm.executable(16).prefill_stages()
-    assert isinstance(lazy.lowered, AotStage) and lazy.compile_seconds > 0  # compiled at lowering, timed apart
-    assert cm.report.compile_seconds >= lazy.compile_seconds
-    seconds, graphs = lazy.compile_seconds, counters["stats"]["unique_graphs"]
-    for batch, before, after, pad in [(1, 3, 5, 0), (1, 9, 30, 0), (3, 2, 7, 4), (2, 11, 1, 6)]:
-        ids, pixels, mask = example_inputs(adapter("tiny-gqa"), batch=batch, text_before=before,
-                                           text_after=after, pad=pad, seed=batch + before)
-        assert_parity(cm(ids, pixels, mask), ref(ids, pixels, mask), mask)
-    assert lazy.compile_seconds == seconds and counters["stats"]["unique_graphs"] == graphs
+# Inductor AOT-compiles one package per stage (4 + 3 + 2 + 1 of them, 8-10 s each on two cores): by default it runs
+# the batch whose rows exit after layer 2 and never (regrouped between layers), which lowers the 4 main stages and
+# one branch and leaves the other branches unlowered; VTCOMPILE_FULL_MATRIX=1 runs every exit and the round trip
+# through an artifact, as onnx always does (inductor's packages in an artifact: test_target_artifact_round_trip).
+_EXITS_BY_DEFAULT = {"inductor": [("mid_pad_b2", 9)], "onnx": list(EXIT_PROMPTS)}
 
 
 @pytest.mark.parametrize("target", ["inductor", "onnx"])
 def test_dynamic_exits_lower_stage_by_stage(target, tmp_path):
     """DyVTE with routers on a non-eager target: every per-layer stage lowered on its own (inductor: an AOTInductor
-    package each), the same exits and logits as the eager stages for every batch and prompt length. The lowered
-    program then saves every stage (the packages and ONNX files made above, nothing compiled again) and loads back
-    to the same exits and logits."""
+    package each) at its first call, the same exits and logits as the eager stages for every batch and prompt
+    length. The lowered program then saves every stage (the packages and ONNX files made above, nothing compiled
+    again) and loads back to the same exits and logits."""
     from vtcompile import load_compiled
 
     from .test_dyvte import trained
 
+    full = os.environ.get("VTCOMPILE_FULL_MATRIX") == "1"
+    prompts = list(EXIT_PROMPTS) if full else _EXITS_BY_DEFAULT[target]
     cm, ref = lowered_exits(target), trained("tiny")
     with fast_inductor():
-        for (kind, seed), exits in EXIT_PROMPTS.items():
+        for kind, seed in prompts:
+            exits = EXIT_PROMPTS[(kind, seed)]
             ids, pixels, mask = prompt("tiny", kind, seed=seed)
             out = cm(ids, pixels, mask)
             assert out.exit_layers == exits  # the routers still route as this test assumes
@@ -276,10 +266,14 @@ def test_dynamic_exits_lower_stage_by_stage(target, tmp_path):
     exe = cm.executable(16)
     stages = exe.prefill_stages()
     assert len(stages) == 4 + 3 + 2 + 1 and all(isinstance(m, LazyStage) for m in stages)
-    assert all(m.lowered is not None for m in stages)  # every stage ran, lowered to the target
-    assert sum(s.compile_seconds for s in stages) > 0
+    ran = [m for m in stages if m.lowered is not None]
     kind = {"inductor": "AotStage", "onnx": "OnnxStage"}[target]
-    assert all(type(m.lowered).__name__ == kind for m in stages)
+    assert ran and all(type(m.lowered).__name__ == kind and m.compile_seconds > 0 for m in ran)
+    exits = {e for p in prompts for e in EXIT_PROMPTS[p]}
+    main = 4 if -1 in exits else 1 + max(exits)  # layer stages up to the last exit, all 4 when a row never exits
+    assert len(ran) == main + sum(4 - 1 - e for e in exits if e >= 0)  # a branch no row took was never lowered
+    if len(ran) < len(stages):
+        return
 
     seconds = [m.compile_seconds for m in stages]
     path = cm.save(tmp_path / target)  # the stages' files made when they were lowered above
