@@ -2,8 +2,9 @@
 
 Ray runs inside a loopback-only network namespace (`unshare -n`, then `ip link set lo up`): otherwise it probes
 cloud-metadata addresses and uses the external interface. The test re-runs this file as a child inside the namespace;
-the child starts `vtcompile serve --ray --replicas 2`, sends requests with the openai client, stops the server and
-reports what it saw as JSON; the parent compares the answers with cm.generate on each request alone."""
+the child starts `vtcompile serve ART --ray --replicas 2` over an artifact of the testbed with FastV that the parent
+saved (each replica loads it, as a deployment does, instead of compiling), sends requests with the openai client, stops
+the server and reports what it saw as JSON; the parent compares the answers with cm.generate on each request alone."""
 from __future__ import annotations
 
 import glob
@@ -50,7 +51,8 @@ def test_ray_replicas_share_requests_and_answer_as_one_process(tmp_path):
     before = set(glob.glob("/tmp/vtray-*")) | set(glob.glob("/tmp/ray/session_*"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     out = tmp_path / "result.json"
-    cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__)} --child {out}"
+    art = cm.save(tmp_path / "art")
+    cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__)} --child {out} {art}"
     r = subprocess.run(["unshare", "-n", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=400,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
@@ -64,7 +66,7 @@ def test_ray_replicas_share_requests_and_answer_as_one_process(tmp_path):
     assert not after - before, after - before  # Ray's session directory was removed
 
 
-def _child(out: Path) -> int:
+def _child(out: Path, art: Path) -> int:
     """Inside the namespace: serve on Ray, ask, stop; write what happened to `out`."""
     import base64
     import io
@@ -75,8 +77,8 @@ def _child(out: Path) -> int:
 
     log = out.with_suffix(".log")
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "vtcompile", "serve", "--ray", "--replicas", "2", "--port",
-                                 str(PORT), "--max-batch", "4"], stdout=err, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "vtcompile", "serve", str(art), "--ray", "--replicas", "2",
+                                 "--port", str(PORT), "--max-batch", "4"], stdout=err, stderr=subprocess.STDOUT)
     answers, rc = [], None
     try:
         deadline = time.time() + 300
@@ -113,4 +115,4 @@ def _child(out: Path) -> int:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    sys.exit(_child(Path(sys.argv[2])))
+    sys.exit(_child(Path(sys.argv[2]), Path(sys.argv[3])))
