@@ -27,18 +27,28 @@ def train(out_dir: str | os.PathLike, config: TrainConfig | None = None, *, over
     """Train a testbed model and save it (weights, config, processor files, recipe.json) to ``out_dir``.
 
     ``config`` (default ``TrainConfig()``) with ``overrides`` (TrainConfig fields) replaced. The checkpoint is
-    written to a temporary directory next to ``out_dir`` and moved into place at the end. Returns the recipe."""
+    written to a temporary directory next to ``out_dir`` and moved into place at the end. Returns the recipe.
+    ``threads`` sets torch's thread count for the run; the caller's is restored at the end."""
     import torch
-    from tqdm import tqdm
-
-    from ..evaluate import evaluate_generated
 
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    threads_before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
+    try:
+        return _train(out, cfg, progress)
+    finally:  # the caller's thread count again: a training run must not leave its own to the rest of the process
+        torch.set_num_threads(threads_before)
+
+
+def _train(out: Path, cfg: TrainConfig, progress: bool) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from ..evaluate import evaluate_generated
 
     model, processor = build.build_model(cfg.seed)
     tok, ip = processor.tokenizer, processor.image_processor
