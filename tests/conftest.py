@@ -23,7 +23,12 @@ def pytest_configure(config):
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        # the same share for what a worker starts: ONNX Runtime's sessions (their own pool, one spinning thread per
+        # core by default) and the processes of the tests (the CLI, README blocks, new-process loads)
+        os.environ.setdefault("VTCOMPILE_ORT_THREADS", str(share))
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 
 # The fast tier (`pytest -m "not slow"`, the inner loop) leaves out what lowers to a compiled target (Inductor and
