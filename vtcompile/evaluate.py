@@ -113,9 +113,9 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     cm = model if isinstance(model, CompiledModel) else compile_pruned(model, progress=False)
     if reference is None:
         reference = cm if not cm.passes else _unpruned(cm)
-    ref_model = reference.model if isinstance(reference, Reference) else reference
-    if not isinstance(reference, Reference) and reference is not cm:
-        reference = Reference(reference)
+    if not isinstance(reference, Reference):
+        reference = Reference(reference)  # kept for this call only
+    ref_model = reference.model
     samples, bad = (data, 0) if isinstance(data, list) else load_data(data, limit, skip_bad)
     enc = PromptEncoder(cm.frontend.processor)
     tok = enc.tok
@@ -139,11 +139,11 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         if not chunk:
             continue
         ids, pixels, mask = enc.batch([s.question for s in chunk], images)
-        if ref_model is cm and isinstance(reference, Reference):  # the unpruned model itself: its answers kept
-            got = reference.answers(ids, pixels, mask, max_new_tokens, tok)
+        if ref_model is cm:
+            got = ref = reference.answers(ids, pixels, mask, max_new_tokens, tok)
         else:
             got = _answers(cm, ids, pixels, mask, max_new_tokens, tok)
-        ref = got if ref_model is cm else reference.answers(ids, pixels, mask, max_new_tokens, tok)
+            ref = reference.answers(ids, pixels, mask, max_new_tokens, tok)
         new_first.append(got["first"])
         ref_first.append(ref["first"])
         kept_visual += got["kept"].tolist()
