@@ -372,12 +372,16 @@ def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(phases, "dialogue_batch", lambda *a, **k: batches.append(real_batch(*a, **k)) or batches[-1])
     out = tmp_path / "tb"
     threads = torch.get_num_threads()
-    recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False,
-                         exit_after=2, count_sink=3, precision="bf16",  # the optional loss terms run too
-                         polish_steps=2, polish_exit_layers=(1, 2), polish_exit_keep=("count",), finish_steps=2,
-                         compile_layers=False)  # test_compiled_training_step_matches_eager covers the compiled step
+    torch.set_num_threads(1)  # the caller's count, other than the run's 2
+    try:
+        recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False,
+                             exit_after=2, count_sink=3, precision="bf16",  # the optional loss terms run too
+                             polish_steps=2, polish_exit_layers=(1, 2), polish_exit_keep=("count",), finish_steps=2,
+                             compile_layers=False)  # test_compiled_training_step_matches_eager: the compiled step
+        assert recipe["threads"] == 2 and torch.get_num_threads() == 1  # the caller's thread count restored
+    finally:
+        torch.set_num_threads(threads)
     assert len(batches) == 3 + 2 + 2  # phases 2-4
-    assert recipe["threads"] == 2 and torch.get_num_threads() == threads  # the caller's thread count restored
     eos = build.build_tokenizer().eos_token_id
     for b in batches:
         for q, (row, pos) in enumerate(b.positions.tolist()):
