@@ -1,4 +1,5 @@
-"""What the benchmarks share: the results folder, the machine's description, peak memory, device sync, p90."""
+"""What the benchmarks share: the results folder, the model flags, the machine's description, peak memory, device
+sync, p90."""
 from __future__ import annotations
 
 import ctypes
@@ -11,6 +12,22 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def model_flags(p, default: str) -> None:
+    """The model a bench loads (load_model's arguments): --model, --weights, --random-weights, --layers, --dtype."""
+    p.add_argument("--model", default=default)
+    p.add_argument("--weights", help="local checkpoint directory for a preset")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+
+
+def load_bench_model(args, device=None):
+    """The model that model_flags' flags name, on `device` (default: the CPU)."""
+    from vtcompile import load_model
+
+    return load_model(args.model, args.weights, args.random_weights, args.layers, args.dtype, device=device)
 
 
 # -- memory ------------------------------------------------------------------------------------------

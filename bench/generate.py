@@ -35,7 +35,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PEAK_NOTE, RESULTS, machine, mb, peak_memory, sync  # noqa: E402
+from common import PEAK_NOTE, RESULTS, load_bench_model, machine, mb, model_flags, peak_memory, sync  # noqa: E402
 
 HF = "transformers generate (sdpa, unpruned)"
 # The DyVTE setting the DyVTE bench chose on the testbed's val questions (bench/README.md)
@@ -88,11 +88,7 @@ def prompts_for(cm, batch: int, text_tokens: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="testbed")
-    p.add_argument("--random-weights", action="store_true")
-    p.add_argument("--weights")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    model_flags(p, "testbed")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--variant", action="append", default=[],
                    help="a pruned program, passes joined by '+' (default: fastv, fitprune:budget=0.5 and dyvte; on the "
@@ -122,11 +118,10 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
 
     from vtcompile import compile_pruned
-    from vtcompile.models import load_model
     from vtcompile.passes import resolve_passes
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    adapter = load_model(args.model, args.weights, args.random_weights, args.layers, args.dtype, device=device)
+    adapter = load_bench_model(args, device)
     calibration = args.calibration or ("testbed" if args.model == "testbed" else "synthetic")
     variants = {"unpruned": None, **{v: v.split("+") for v in (args.variant or default_variants(args.model))}}
     eager = {}

@@ -23,7 +23,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, sync  # noqa: E402
+from common import RESULTS, machine, model_flags, sync  # noqa: E402
 
 
 def selector_flops(name: str, config, per_image: int, dim: int) -> float:
@@ -61,10 +61,7 @@ def median_ms(fn, args, runs: int, warmup: int, device) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llava-1.5-7b")
-    p.add_argument("--random-weights", action="store_true")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    model_flags(p, "llava-1.5-7b")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--variant", action="append", default=[], help="selector pass specs (default gprune, divprune)")
     p.add_argument("--target", default="eager")
@@ -83,7 +80,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random = args.random_weights or args.model in ("tiny", "tiny-gqa")
-    adapter = load_model(args.model, random_weights=random and args.model not in ("tiny", "tiny-gqa"),
+    adapter = load_model(args.model, args.weights, random_weights=random and args.model not in ("tiny", "tiny-gqa"),
                          layers=args.layers, dtype=args.dtype, device=device)
     geom = adapter.geometry
     before = args.text_tokens // 4

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, machine, write_results  # noqa: E402
+from bench.common import RESULTS, load_bench_model, machine, model_flags, write_results  # noqa: E402
 
 LIST_QUESTION = "what objects are there from left to right?"
 DEFAULT_VARIANTS = ["unpruned", "fastv", "fitprune:budget=0.5"]
@@ -159,10 +159,7 @@ def _summary(level: dict, expected: list, key: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="testbed")
-    p.add_argument("--random-weights", action="store_true")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    model_flags(p, "testbed")
     p.add_argument("--variant", action="append", default=[], help="pruned program (passes joined by '+'); repeat "
                    f"(default: {', '.join(DEFAULT_VARIANTS)}; 'unpruned' is always first)")
     p.add_argument("--calibration", help="calibration data (default: testbed on the testbed, synthetic elsewhere)")
@@ -197,7 +194,6 @@ def main(argv=None) -> int:
     import torch
 
     from vtcompile import compile_pruned
-    from vtcompile.models import load_model
     from vtcompile.passes import resolve_passes
     from vtcompile.serve.engine import Engine
 
@@ -206,7 +202,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     clients = [int(c) for c in args.clients.split(",")]
     t_start = time.perf_counter()
-    adapter = load_model(args.model, None, args.random_weights, args.layers, args.dtype)
+    adapter = load_bench_model(args)
     mode = args.mode if args.mode != "auto" else ("http" if adapter.frontend.processor is not None else "engine")
     calibration = args.calibration or ("testbed" if args.model == "testbed" else "synthetic")
     variants = ["unpruned"] + [v for v in (args.variant or DEFAULT_VARIANTS) if v != "unpruned"]

@@ -36,7 +36,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PEAK_NOTE, RESULTS, machine, mb, p90, peak_memory, sync  # noqa: E402
+from common import PEAK_NOTE, RESULTS, load_bench_model, machine, mb, model_flags, p90, peak_memory, sync  # noqa: E402
 
 
 # -- the published-style FastV anchor ------------------------------------------------------------------
@@ -160,11 +160,7 @@ HF = "unpruned, transformers (sdpa)"
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--random-weights", action="store_true")
-    p.add_argument("--weights")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    model_flags(p, "tiny")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--pass", dest="passes", action="append", default=[],
                    help="a pass of the pruned program; repeat to compose (default: fastv)")
@@ -200,7 +196,6 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
 
     from vtcompile import compile_pruned
-    from vtcompile.models import load_model
     from vtcompile.models.llava import example_inputs
     from vtcompile.passes import resolve_passes
     from vtcompile.targets import get_target
@@ -213,7 +208,7 @@ def main(argv=None) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
-    adapter = load_model(args.model, args.weights, args.random_weights, args.layers, args.dtype, device=device)
+    adapter = load_bench_model(args, device)
     print(f"[bench] loaded {adapter.spec.label} ({adapter.dtype}, {device}) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr, flush=True)
     before = args.text_tokens // 4
