@@ -377,7 +377,8 @@ def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
         recipe = train.train(out, steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, progress=False,
                              exit_after=2, count_sink=3, precision="bf16",  # the optional loss terms run too
                              polish_steps=2, polish_exit_layers=(1, 2), polish_exit_keep=("count",), finish_steps=2,
-                             compile_layers=False)  # test_compiled_training_step_matches_eager: the compiled step
+                             compile_layers=False,  # test_compiled_training_step_matches_eager: the compiled step
+                             vision_batch_size=4, batch_size=2)  # small: bf16 is emulated, slowly, on CPUs without it
         assert recipe["threads"] == 2 and torch.get_num_threads() == 1  # the caller's thread count restored
     finally:
         torch.set_num_threads(threads)
@@ -402,14 +403,16 @@ def test_trainer_smoke_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
     saved = json.loads((out / "recipe.json").read_text())
     assert train.TrainConfig.from_dict(saved["config"]) == train.TrainConfig(
         steps=3, vision_steps=2, val_size=10, eval_every=0, threads=2, exit_after=2, count_sink=3, polish_steps=2,
-        polish_exit_layers=(1, 2), polish_exit_keep=("count",), finish_steps=2, compile_layers=False)
-    assert saved["command"].startswith("python -m vtcompile.testbed.train --out DIR --vision-steps 2 --steps 3")
+        polish_exit_layers=(1, 2), polish_exit_keep=("count",), finish_steps=2, compile_layers=False,
+        vision_batch_size=4, batch_size=2)
+    assert saved["command"].startswith(
+        "python -m vtcompile.testbed.train --out DIR --vision-steps 2 --vision-batch-size 4 --steps 3 --batch-size 2")
     polish, finish = saved["phases"][2], saved["phases"][3]
     assert polish["steps"] == 2 and polish["visual_exit"]["after_layers"] == [1, 2]
     assert polish["visual_exit"]["turns_that_keep_the_visual_tokens"] == ["count"]
     assert set(saved["val_accuracy"]) == {"overall", *scenes.KINDS} and 0 <= saved["val_eos_rate"] <= 1
-    assert polish["train_split"] == "train, seed 0, indices 48..79"  # after phase 2's 3 x 16 dialogues
-    assert finish["steps"] == 2 and finish["train_split"] == "train, seed 0, indices 80..111"  # after phase 3's
+    assert polish["train_split"] == "train, seed 0, indices 6..9"  # after phase 2's 3 x 2 dialogues
+    assert finish["steps"] == 2 and finish["train_split"] == "train, seed 0, indices 10..13"  # after phase 3's
     assert finish["visual_exit"] is None
     model, processor = build.load(out)
     assert model.config.text_config.num_hidden_layers >= 6 and processor.tokenizer is not None
