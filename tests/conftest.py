@@ -62,6 +62,9 @@ SLOW_TESTS = {
     "test_server_openai_client_concurrent_equals_alone_and_bad_requests",
     "test_full_queue_gets_429_and_a_client_that_leaves_frees_its_place",
     "test_serve_command_answers_and_stops_cleanly", "test_ray_replicas_share_requests_and_answer_as_one_process",
+    # the fuzzer's drawn programs (compiles, calibrations, an artifact round trip per example)
+    "test_fuzz_program_equals_masked_key_reference_and_keeps_its_schedule",
+    "test_fuzz_artifact_round_trip_generates_the_same_tokens",
 }
 
 
@@ -75,6 +78,7 @@ FILE_SECONDS = {
     "test_dyvte.py": 55, "test_generate.py": 50, "test_serve_ray.py": 45, "test_fitprune.py": 40,
     "test_pyramiddrop.py": 35, "test_backbones.py": 30, "test_api.py": 30, "test_eval.py": 25,
     "test_rewrite_primitives.py": 25, "test_serve.py": 20, "test_recipes.py": 17,
+    "test_fuzz.py": 40,
 }
 
 

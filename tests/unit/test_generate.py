@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vtcompile import compile_pruned
-from vtcompile.compiler.reference import masked_key_generate
+from vtcompile.compiler.reference import head_plan, masked_key_generate
 from vtcompile.errors import InputError, TargetUnavailableError
 from vtcompile.runtime.generate import generate
 
@@ -46,16 +46,20 @@ def generate_with_logits(cm, ids, pixels, mask, n: int = NEW):
 def oracle_keys(cm, prepared, result) -> list:
     """Per-layer key masks over the prompt: the keys each layer's attention saw in this very prefill (its
     key_positions outputs; test_identity_oracle and friends check those against the program's own cuts, and
-    randomdrop draws anew on every run). DyVTE rows that exited pad them with -1."""
+    randomdrop draws anew on every run). DyVTE rows that exited pad them with -1. A layer whose attention a pass
+    removed (attnskip) has none: None."""
     masks = []
     for layer in range(cm.frontend.geometry.num_layers):
-        pos = result.values[f"key_positions_{layer}"]
+        pos = result.values.get(f"key_positions_{layer}")
+        if pos is None:
+            masks.append(None)
+            continue
         keep = torch.zeros_like(prepared.attention_mask, dtype=torch.bool)
         keep.scatter_(1, pos.clamp(min=0), pos >= 0)
         masks.append(keep)
     if result.exit_layers is not None:  # independent of the outputs: a row that exited after e lost its images
         for layer, keep in enumerate(masks):
-            for b, e in enumerate(result.exit_layers):
+            for b, e in [] if keep is None else enumerate(result.exit_layers):
                 expect = ~prepared.visual_mask[b] if 0 <= e < layer else torch.ones_like(keep[b])
                 assert torch.equal(keep[b] | ~prepared.attention_mask[b].bool(),
                                    expect | ~prepared.attention_mask[b].bool()), (layer, b)
@@ -65,7 +69,8 @@ def oracle_keys(cm, prepared, result) -> list:
 def assert_matches_oracle(cm, ids, pixels, mask, n: int = NEW):
     tokens, logits, result, prepared = generate_with_logits(cm, ids, pixels, mask, n)
     ref = masked_key_generate(cm.adapter, prepared.inputs_embeds, prepared.attention_mask,
-                              oracle_keys(cm, prepared, result), tokens)
+                              oracle_keys(cm, prepared, result), tokens,
+                              **head_plan(cm.program_for(prepared.n_visual)))  # heads/attentions a pass removed
     diff = (ref - logits).abs().max().item()
     assert diff <= TOL, diff
     assert torch.equal(ref.argmax(-1), tokens)  # the greedy choices are the oracle's

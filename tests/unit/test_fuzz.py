@@ -1,0 +1,332 @@
+"""Property-based fuzzing of the oracles (hypothesis): drawn model x input layout x program, zero mismatches.
+
+Drawn models are tiny random LLaVAs of every backbone the family protocol accepts (llama, mistral, qwen2, gemma),
+windowed or not (windows shorter and longer than the prompt), MHA or GQA, 2-5 layers, head_dim 8/16, vision
+geometries of 4-17 visual tokens per image (feature layer -1/-2, CLS kept or not), tied embeddings or not.
+Drawn inputs: batch 1-3, rows of different lengths left-padded, 1-2 images per row at any position, text before,
+between and after. Drawn programs: 1-3 registered passes with fields inside their documented ranges, in the order
+the pipeline takes them (selectors before the LLM, cuts by layer, layer rewriters last).
+
+Properties (one test each; 2 and 3 share one drawn program):
+  1. no pass == transformers (prefill logits within TOL, greedy tokens equal);
+  2. every drawn program == the masked-key reference in prefill and at every decode step;
+  3. each layer's attention sees the scheduled visual count per row (per image for selectors before the LLM; 0 after
+     a DyVTE exit) and every text token;
+  4. inductor == eager (large profile only: each drawn program is an AOTInductor compile);
+  5. an eager artifact round trip generates the same tokens;
+  6. a config the passes refuse raises a VtcompileError with a message, never another exception.
+
+Profiles: the default suite runs a fixed small number of examples (11), derandomised (the same examples every run)
+and without shrinking, and leaves out the passes that calibrate; VTCOMPILE_FULL_MATRIX=1 runs the large profile
+(303 random examples, calibrating passes and property 4 included, failures shrunk); hypothesis' example database
+lives outside the repository (~/.cache/vtcompile/hypothesis, large profile only). A failure the fuzzer finds
+becomes an explicit @example on its test.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, Phase, event, given, reject, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vtcompile import compile_pruned, load_compiled  # noqa: E402
+from vtcompile.errors import PassConfigError, UnsupportedModelError, VtcompileError  # noqa: E402
+from vtcompile.models.family import rope_positions  # noqa: E402
+
+from .test_generate import assert_matches_oracle  # noqa: E402
+from .test_headskip import head_oracle_diff  # noqa: E402
+
+FULL = os.environ.get("VTCOMPILE_FULL_MATRIX") == "1"
+TOL = 1e-4
+NEW = 6  # new tokens per generation check
+IMAGE_TOKEN, PAD, VOCAB = 127, 0, 128
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               print_blob=True)
+# no shrinking in the default suite: a failure prints the example as drawn (shrinking it can take many minutes)
+settings.register_profile("vtcompile-default", derandomize=True, database=None,
+                          phases=[Phase.explicit, Phase.generate], **_common)
+settings.register_profile("vtcompile-full", derandomize=False, **_common, database=hypothesis.database.
+                          DirectoryBasedExampleDatabase(Path.home() / ".cache" / "vtcompile" / "hypothesis"))
+PROFILE = settings.get_profile("vtcompile-full" if FULL else "vtcompile-default")
+
+
+def examples(default: int, full: int):
+    """Settings of one property: its example count in the default and the large profile."""
+    return settings(PROFILE, max_examples=full if FULL else default)
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+@st.composite
+def model_configs(draw, max_layers: int = 5) -> dict:
+    backbone = draw(st.sampled_from(["llama", "mistral", "qwen2", "gemma"]))
+    layers = draw(st.integers(2, max_layers))
+    heads = draw(st.sampled_from([2, 4]))
+    kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    head_dim = draw(st.sampled_from([8, 16]))
+    hidden = heads * head_dim if backbone == "qwen2" else draw(st.sampled_from([32, 64]))
+    text = dict(model_type=backbone, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
+                max_position_embeddings=256, tie_word_embeddings=draw(st.booleans()), pad_token_id=PAD)
+    if backbone != "qwen2":
+        text["head_dim"] = head_dim
+    window = draw(st.one_of(st.none(), st.integers(4, 48)))  # shorter or longer than the prompt
+    if backbone == "mistral":
+        text["sliding_window"] = window
+    elif backbone == "qwen2" and window is not None:
+        text.update(use_sliding_window=True, sliding_window=window, max_window_layers=draw(st.integers(0, layers)))
+    image, patch = draw(st.sampled_from([(16, 8), (32, 8), (24, 8)]))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image,
+                  patch_size=patch, projection_dim=32)
+    llava = dict(image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu",
+                 vision_feature_layer=draw(st.sampled_from([-1, -2])),
+                 vision_feature_select_strategy=draw(st.sampled_from(["default", "full"])), pad_token_id=PAD)
+    return dict(text=text, vision=vision, llava=llava, seed=draw(st.integers(0, 2 ** 16)))
+
+
+def build_model(cfg: dict):
+    from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = dict(cfg["text"])
+    text_config = CONFIG_MAPPING[text.pop("model_type")](**text)
+    n = (cfg["vision"]["image_size"] // cfg["vision"]["patch_size"]) ** 2
+    per_image = n + (cfg["llava"]["vision_feature_select_strategy"] == "full")
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**cfg["vision"]), text_config=text_config,
+                         image_seq_length=per_image, **cfg["llava"])
+    torch.manual_seed(cfg["seed"])
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = None
+    return model, per_image
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------
+@st.composite
+def layouts(draw) -> dict:
+    """Per row: text before the first image, between images, after the last one (>= 1: prompts end in text)."""
+    batch = draw(st.integers(1, 3))
+    n_images = draw(st.integers(1, 2))
+    rows = [dict(before=draw(st.integers(0, 6)), between=draw(st.integers(0, 3)), after=draw(st.integers(1, 8)))
+            for _ in range(batch)]
+    return dict(n_images=n_images, rows=rows, seed=draw(st.integers(0, 2 ** 16)))
+
+
+def make_inputs(layout: dict, per_image: int, image_size: int):
+    gen = torch.Generator().manual_seed(layout["seed"])
+
+    def text(n):
+        return torch.randint(1, IMAGE_TOKEN, (n,), generator=gen).tolist()
+
+    bodies = []
+    for row in layout["rows"]:
+        body = text(row["before"])
+        for i in range(layout["n_images"]):
+            body += [IMAGE_TOKEN] * per_image + (text(row["between"]) if i < layout["n_images"] - 1 else [])
+        bodies.append(body + text(row["after"]))
+    length = max(len(b) for b in bodies)
+    ids = torch.tensor([[PAD] * (length - len(b)) + b for b in bodies])
+    mask = torch.tensor([[0] * (length - len(b)) + [1] * len(b) for b in bodies])
+    pixels = torch.randn(len(bodies) * layout["n_images"], 3, image_size, image_size, generator=gen)
+    return ids, pixels, mask
+
+
+# -- programs ----------------------------------------------------------------------------------------------------
+def _ratio(lo=0.0, hi=0.9):
+    return st.floats(lo, hi, allow_nan=False).map(lambda x: round(x, 3))
+
+
+@st.composite
+def pass_specs(draw, layers: int, heavy: bool) -> tuple[int, str]:
+    """(sort key, spec) of one pass with fields inside their documented ranges. Sort key: the pipeline's order
+    (selectors before the LLM, then cuts by layer, then layer rewriters). heavy adds what calibrates on synthetic
+    prompts (FitPrune, DyVTE routers, head ablation): seconds per example, so the large profile only."""
+    names = ["fastv", "randomdrop", "divprune", "gprune", "dyvte", "headskip", "attnskip"]
+    if layers >= 4:
+        names.append("pyramiddrop")
+    if heavy:  # passes that calibrate on synthetic prompts (seconds each): the large profile
+        names.append("fitprune")
+    name = draw(st.sampled_from(names))
+    if name == "fastv":
+        k = draw(st.integers(1, layers - 1))
+        return k, f"fastv:k={k},r={draw(_ratio())}"
+    if name == "randomdrop":
+        k = draw(st.integers(0, layers - 1))
+        return k, f"randomdrop:k={k},r={draw(_ratio())}"
+    if name in ("divprune", "gprune"):
+        keep = draw(_ratio(0.05, 1.0).filter(lambda x: x > 0))
+        extra = f",steps={draw(st.integers(1, 5))}" if name == "gprune" else ""
+        return 0, f"{name}:keep={keep}{extra}"
+    if name == "pyramiddrop":
+        cuts = sorted(draw(st.sets(st.integers(1, layers - 1), min_size=1, max_size=3)))
+        ratios = sorted((draw(_ratio(0.05, 1.0)) for _ in cuts), reverse=True)
+        return cuts[0], f"pyramiddrop:layers={'/'.join(map(str, cuts))},ratios={'/'.join(map(str, ratios))}"
+    if name == "dyvte":
+        if heavy and draw(st.booleans()):  # routers trained on synthetic prompts: exits decided per row at run time
+            return 1, f"dyvte:samples=8,epochs=20,threshold={draw(_ratio(0.05, 0.95))}"
+        exit_layer = draw(st.integers(0, layers - 2))
+        return exit_layer + 1, f"dyvte:exit_layer={exit_layer}"
+    if name == "fitprune":
+        return 1, f"fitprune:budget={draw(_ratio(0.3, 1.0))},samples=4"
+    if name == "headskip":
+        criterion = draw(st.sampled_from(["ablation", "random"] if heavy else ["random"]))
+        return 100, f"headskip:budget={draw(_ratio(0.0, 0.7))},first_layer={draw(st.integers(0, layers - 1))}," \
+                    f"samples=4,criterion={criterion}"
+    skip = sorted(draw(st.sets(st.integers(0, layers - 1), min_size=1, max_size=max(1, layers // 2))))
+    return 100, f"attnskip:layers={'/'.join(map(str, skip))}"
+
+
+@st.composite
+def programs(draw, layers: int, heavy: bool = FULL) -> list[str]:
+    drawn = draw(st.lists(pass_specs(layers, heavy), min_size=1, max_size=3,
+                          unique_by=lambda p: p[1].split(":")[0]))
+    return [spec for _, spec in sorted(drawn, key=lambda p: p[0])]
+
+
+def compile_drawn(model, specs, target: str = "eager"):
+    calibrating = any(s.split(":")[0] in ("fitprune", "headskip", "dyvte") and "exit_layer" not in s for s in specs)
+    return compile_pruned(model, specs, target=target, calibration="synthetic" if calibrating else None,
+                          progress=False)
+
+
+# -- 1. no pass == transformers ------------------------------------------------------------------------------------
+@examples(default=2, full=30)
+@given(cfg=model_configs(), layout=layouts())
+def test_fuzz_no_pass_equals_transformers(cfg, layout):
+    model, per_image = build_model(cfg)
+    ids, pixels, mask = make_inputs(layout, per_image, cfg["vision"]["image_size"])
+    cm = compile_pruned(model, progress=False)
+    out = cm(ids, pixels, mask)
+    with torch.no_grad():
+        want = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=rope_positions(mask)).logits
+    assert out.logits.shape == want.shape  # no pass keeps every position
+    real = mask.bool()
+    assert (out.logits - want).abs().amax(-1)[real].max().item() <= TOL
+    tokens = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=NEW,
+                             min_new_tokens=NEW, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(tokens, ref)
+
+
+# -- 2 + 3. every program == the masked-key reference; scheduled counts; text never dropped -------------------------
+def _check_counts(cm, ids, pixels, mask, per_image: int, n_images: int, pre_llm: bool):
+    out = cm(ids, pixels, mask)
+    prep = cm.prepare(ids, pixels, mask)
+    exe = cm.executable(prep.n_visual)
+    visual, real = prep.visual_mask, mask.bool()
+    text = real & ~visual
+    exits = out.exit_layers or [-1] * ids.shape[0]
+    for layer in range(cm.frontend.geometry.num_layers):
+        pos = out.outputs.get(f"key_positions_{layer}")
+        if pos is None:  # attnskip removed this layer's attention: it sees nothing
+            continue
+        seen = torch.zeros_like(real).scatter_(1, pos.clamp(min=0), pos >= 0)
+        for row in range(ids.shape[0]):
+            assert bool(seen[row][text[row]].all()), (layer, row, "a text token was dropped")
+            n = int(seen[row][visual[row]].sum())
+            want = 0 if 0 <= exits[row] < layer else exe.schedule[layer]
+            assert n == want, (layer, row, n, want, exits)
+            if pre_llm and want:  # selectors before the LLM keep the same share of each image
+                cols = visual[row].nonzero().flatten().view(n_images, per_image)
+                assert seen[row][cols].sum(1).tolist() == [want // n_images] * n_images
+
+
+@examples(default=4, full=100)
+@given(cfg=model_configs(max_layers=5 if FULL else 4), layout=layouts(), data=st.data())
+def test_fuzz_program_equals_masked_key_reference_and_keeps_its_schedule(cfg, layout, data):
+    model, per_image = build_model(cfg)
+    specs = data.draw(programs(cfg["text"]["num_hidden_layers"]), label="passes")
+    ids, pixels, mask = make_inputs(layout, per_image, cfg["vision"]["image_size"])
+    try:
+        cm = compile_drawn(model, specs)
+    except (PassConfigError, UnsupportedModelError) as exc:
+        event(f"refused: {str(exc)[:90]}")  # --hypothesis-show-statistics lists them
+        reject()  # a refusal is property 6's business; too many here and hypothesis' filter health check fails
+    assert head_oracle_diff(cm, ids, pixels, mask) <= TOL  # the masked-key reference, removed heads zeroed
+    assert_matches_oracle(cm, ids, pixels, mask, n=NEW)
+    pre_llm = specs[0].split(":")[0] in ("divprune", "gprune") and not any(
+        s.startswith(("dyvte:exit_layer=0", "randomdrop:k=0")) for s in specs)
+    _check_counts(cm, ids, pixels, mask, per_image, layout["n_images"], pre_llm)
+
+
+# -- 4. inductor == eager (large profile) ------------------------------------------------------------------------
+@pytest.mark.skipif(not FULL, reason="each example is an AOTInductor compile: VTCOMPILE_FULL_MATRIX=1 runs it")
+@examples(default=1, full=8)  # skipped outside the large profile
+@given(cfg=model_configs(max_layers=3), layout=layouts(), data=st.data())
+def test_fuzz_inductor_equals_eager(cfg, layout, data):
+    model, per_image = build_model(cfg)
+    specs = data.draw(programs(cfg["text"]["num_hidden_layers"], heavy=False), label="passes")
+    ids, pixels, mask = make_inputs(layout, per_image, cfg["vision"]["image_size"])
+    try:
+        eager = compile_drawn(model, specs)
+    except (PassConfigError, UnsupportedModelError):
+        reject()
+    want = eager.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
+    inductor = compile_drawn(model, specs, target="inductor")  # calibration on synthetic prompts is deterministic
+    assert torch.equal(inductor.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[]), want)
+    assert (inductor(ids, pixels, mask).logits - eager(ids, pixels, mask).logits).abs().max().item() <= 1e-3
+
+
+# -- 5. eager artifact round trip --------------------------------------------------------------------------------
+@examples(default=1, full=15)
+@given(cfg=model_configs(max_layers=4), layout=layouts(), data=st.data())
+def test_fuzz_artifact_round_trip_generates_the_same_tokens(cfg, layout, data, tmp_path_factory):
+    model, per_image = build_model(cfg)
+    specs = data.draw(programs(cfg["text"]["num_hidden_layers"]), label="passes")
+    ids, pixels, mask = make_inputs(layout, per_image, cfg["vision"]["image_size"])
+    try:
+        cm = compile_drawn(model, specs)
+    except (PassConfigError, UnsupportedModelError):
+        reject()
+    want = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
+    path = cm.save(tmp_path_factory.mktemp("fuzz") / "art")
+    assert torch.equal(load_compiled(path).generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[]), want)
+
+
+# -- 6. refusals are the project's errors ------------------------------------------------------------------------
+_ANY_VALUE = st.one_of(st.integers(-3, 40), st.floats(-2.0, 3.0, allow_nan=False).map(lambda x: round(x, 3)),
+                       st.just(float("nan")), st.sampled_from(["", "x", "1/2", "0.5/2", "true", "-1/7"]))
+
+
+@st.composite
+def careless_specs(draw, layers: int) -> list[str]:
+    """Valid programs with one field of one pass set to anything (out of range, wrong type, NaN, junk lists)."""
+    from vtcompile.passes import REGISTRY
+
+    specs = draw(programs(layers, heavy=False))
+    i = draw(st.integers(0, len(specs) - 1))
+    name = specs[i].split(":")[0]
+    field = draw(st.sampled_from([f for f in REGISTRY[name].config.__dataclass_fields__
+                                  if f not in ("routers", "recipe")]))  # file paths: test_cli's missing files
+    value = draw(_ANY_VALUE)
+    value = "nan" if isinstance(value, float) and math.isnan(value) else value
+    fields = dict(item.split("=", 1) for item in specs[i].partition(":")[2].split(",") if item)
+    fields[field] = str(value)
+    specs[i] = name + ":" + ",".join(f"{k}={v}" for k, v in fields.items())
+    return specs
+
+
+@examples(default=4, full=150)
+@given(layers=st.integers(2, 5), data=st.data())
+def test_fuzz_refused_configs_raise_the_projects_error(layers, data):
+    cfg = dict(text=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                         pad_token_id=PAD),
+               vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=8, projection_dim=32),
+               llava=dict(image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu", vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", pad_token_id=PAD), seed=0)
+    model, per_image = build_model(cfg)
+    specs = data.draw(careless_specs(layers), label="passes")
+    try:
+        cm = compile_drawn(model, specs)
+    except VtcompileError as exc:
+        assert str(exc).strip(), "a refusal without a message"
+        return
+    ids, pixels, mask = make_inputs(dict(n_images=1, rows=[dict(before=2, between=0, after=3)], seed=0), per_image, 16)
+    assert cm(ids, pixels, mask).logits.isfinite().all()  # accepted: it runs
