@@ -6,7 +6,8 @@ Layout (format 5):
                               `manifest_sha256`: the sha256 of the manifest's own content (its canonical JSON without
                               that field), so an edited field (a pass config) is refused like an edited file
     config.json               the model's LlavaConfig (geometry, image token id, vision settings)
-    embeddings.safetensors    the token embedding table ("weight" [V, D])
+    embeddings.safetensors    the token embedding table ("weight" [V, D]; the manifest holds the factor the model
+                              multiplies its rows by: Gemma's sqrt(D), 1 elsewhere)
     vision.pt2                vision tower + projector, torch.export'ed with a dynamic image count
     <stage>.pt2 | .onnx       every stage of every program, in the target's format (runtime/executable.py; inductor:
                               an AOTInductor package, loaded without compiling; eager: the torch.export'ed graph): for
@@ -180,8 +181,8 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
         t0 = time.perf_counter()
         manifest = cm.manifest()
         adapter.model.config.to_json_file(str(tmp / "config.json"))
-        save_file({"weight": adapter.model.get_input_embeddings().weight.detach().contiguous()},
-                  str(tmp / "embeddings.safetensors"))
+        embed = adapter.model.get_input_embeddings()
+        save_file({"weight": embed.weight.detach().contiguous()}, str(tmp / "embeddings.safetensors"))
         torch.export.save(_export_vision(adapter), str(tmp / "vision.pt2"))
         if adapter.processor is not None:
             adapter.processor.save_pretrained(str(tmp / "processor"))
@@ -190,7 +191,7 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
             "format": ARTIFACT_FORMAT,
             "device": str(adapter.device),
             "config": "config.json",
-            "embeddings": {"file": "embeddings.safetensors", "key": "weight"},
+            "embeddings": {"file": "embeddings.safetensors", "key": "weight", "scale": embedding_scale(embed)},
             "vision": {"file": "vision.pt2", "inputs": ["pixel_values [n_images,3,H,W]"],
                        "outputs": ["image_features [n_images,N_visual,D]"], "dynamic": {"images": [1, MAX_IMAGES]}},
             "processor": "processor" if adapter.processor is not None else None,
@@ -329,13 +330,25 @@ def _load_program(path: Path, entry: dict, target, geometry) -> Executable:
     return Executable(entry["n_visual"], list(entry["schedule"]), plan, target, decode=decode, decode_info=decode_info)
 
 
+def embedding_scale(embed: nn.Module) -> float:
+    """The factor a model's token embedding multiplies its rows by (Gemma: sqrt(hidden size)); 1.0 for a plain
+    nn.Embedding."""
+    scale = getattr(embed, "embed_scale", None)
+    return 1.0 if scale is None else float(scale)
+
+
 class _Embedding(nn.Module):
-    def __init__(self, weight: torch.Tensor):
+    """The stored embedding table, times the model's scale in the table's dtype (as transformers' scaled embeddings
+    compute it)."""
+
+    def __init__(self, weight: torch.Tensor, scale: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = float(scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight)
+        rows = nn.functional.embedding(ids, self.weight)
+        return rows if self.scale == 1.0 else rows * torch.tensor(self.scale).to(self.weight.dtype)
 
 
 def read_artifact(path: str | os.PathLike) -> Contents:
@@ -381,7 +394,8 @@ def read_artifact(path: str | os.PathLike) -> Contents:
 
             processor = AutoProcessor.from_pretrained(str(path / manifest["processor"]), local_files_only=True)
         vision = torch.export.load(str(path / vision_file)).module()
-        frontend = family.frontend_from_parts(config, _Embedding(weight), vision, processor,
+        frontend = family.frontend_from_parts(config, _Embedding(weight, manifest["embeddings"].get("scale", 1.0)),
+                                              vision, processor,
                                               manifest.get("generation"))
         executables = {}
         for entry in manifest["programs"]:

@@ -190,6 +190,10 @@ def programs(draw, layers: int, heavy: bool = FULL) -> list[str]:
     return [spec for _, spec in sorted(drawn, key=lambda p: p[0])]
 
 
+def _no_example(**_):
+    return lambda test: test
+
+
 @st.composite
 def cases(draw, max_layers: int = 5, heavy: bool = FULL) -> tuple[dict, list[str]]:
     """(model config, program): one argument, so that a failure can be replayed as an explicit @example."""
@@ -271,6 +275,16 @@ def _tiny_llama(layers: int, seed: int = 0, image_size: int = 16) -> dict:
                                            "fastv:k=3,r=0.199"]),
          layout={"n_images": 2, "rows": [{"before": 4, "between": 0, "after": 6}, {"before": 4, "between": 2,
                                           "after": 4}, {"before": 4, "between": 0, "after": 4}], "seed": 135})
+# found by the large profile (2026-12-07): DyVTE routers then randomdrop at layer 4; the generation oracle's helper
+# assumed that with exits only an exit removes visual keys (the test's mistake: rows that stay keep the later cuts).
+# Replayed in the large profile only: training its routers and compiling its exit branches takes minutes.
+@(example if FULL else _no_example)(case=({**_tiny_llama(5, seed=377), "text": {**_tiny_llama(5)["text"], "model_type": "mistral",
+                                                      "hidden_size": 64, "intermediate_size": 128,
+                                                      "num_attention_heads": 4, "num_key_value_heads": 1,
+                                                      "head_dim": 8, "sliding_window": None},
+                "llava": {**_tiny_llama(5)["llava"], "vision_feature_layer": -1}},
+               ["dyvte:samples=8,epochs=20,threshold=0.622", "randomdrop:k=4,r=0.622"]),
+         layout={"n_images": 2, "rows": [{"before": 4, "between": 1, "after": 6}], "seed": 334})
 def test_fuzz_program_equals_masked_key_reference_and_keeps_its_schedule(case, layout):
     cfg, specs = case
     model, per_image = build_model(cfg)
@@ -308,6 +322,12 @@ def test_fuzz_inductor_equals_eager(case, layout):
 # -- 5. eager artifact round trip --------------------------------------------------------------------------------
 @examples(default=1, full=15)
 @given(case=cases(max_layers=4), layout=layouts())
+# found by the large profile (2026-12-07): a Gemma artifact lost the embedding scale (sqrt(hidden)) - a product bug,
+# fixed in artifacts.py (the manifest stores the scale)
+@example(case=({**_tiny_llama(2), "text": {**_tiny_llama(2)["text"], "model_type": "gemma", "num_key_value_heads": 1,
+                                           "head_dim": 8},
+                "llava": {**_tiny_llama(2)["llava"], "vision_feature_layer": -1}}, ["fastv:k=1,r=0.0"]),
+         layout={"n_images": 1, "rows": [{"before": 0, "between": 0, "after": 1}], "seed": 0})
 def test_fuzz_artifact_round_trip_generates_the_same_tokens(case, layout, tmp_path_factory):
     cfg, specs = case
     model, per_image = build_model(cfg)
