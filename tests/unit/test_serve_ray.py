@@ -84,7 +84,8 @@ def _child(out: Path, art: Path) -> int:
         deadline = time.time() + 300
         while "listening on" not in log.read_text():
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the server did not start")
+                why = f"exited with {proc.returncode}" if proc.returncode is not None else "no answer in 300 s"
+                raise RuntimeError(f"the server did not start ({why}); its log ends:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="none", max_retries=3, timeout=120)
         scenes = list(iter_samples("test", n=6))
