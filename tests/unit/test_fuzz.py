@@ -207,6 +207,20 @@ def compile_drawn(model, specs, target: str = "eager"):
                           progress=False)
 
 
+def compile_case(case, layout):
+    """(model, per_image, specs, (ids, pixels, mask), compiled eager program) of a drawn case; a config the passes
+    refuse is rejected here (property 6's business; too many and hypothesis' filter health check fails)."""
+    cfg, specs = case
+    model, per_image = build_model(cfg)
+    inputs = make_inputs(layout, per_image, cfg["vision"]["image_size"])
+    try:
+        cm = compile_drawn(model, specs)
+    except (PassConfigError, UnsupportedModelError) as exc:
+        event(f"refused: {str(exc)[:90]}")  # --hypothesis-show-statistics lists them
+        reject()
+    return model, per_image, specs, inputs, cm
+
+
 # -- 1. no pass == transformers ------------------------------------------------------------------------------------
 TOL_BF16 = 3e-2  # bfloat16: 8 bits of mantissa, logits of order 1
 
@@ -278,22 +292,15 @@ def _tiny_llama(layers: int, seed: int = 0, image_size: int = 16) -> dict:
 # found by the large profile (2026-12-07): DyVTE routers then randomdrop at layer 4; the generation oracle's helper
 # assumed that with exits only an exit removes visual keys (the test's mistake: rows that stay keep the later cuts).
 # Replayed in the large profile only: training its routers and compiling its exit branches takes minutes.
-@(example if FULL else _no_example)(case=({**_tiny_llama(5, seed=377), "text": {**_tiny_llama(5)["text"], "model_type": "mistral",
-                                                      "hidden_size": 64, "intermediate_size": 128,
-                                                      "num_attention_heads": 4, "num_key_value_heads": 1,
-                                                      "head_dim": 8, "sliding_window": None},
-                "llava": {**_tiny_llama(5)["llava"], "vision_feature_layer": -1}},
-               ["dyvte:samples=8,epochs=20,threshold=0.622", "randomdrop:k=4,r=0.622"]),
-         layout={"n_images": 2, "rows": [{"before": 4, "between": 1, "after": 6}], "seed": 334})
+@(example if FULL else _no_example)(
+    case=({**_tiny_llama(5, seed=377),
+           "text": {**_tiny_llama(5)["text"], "model_type": "mistral", "hidden_size": 64, "intermediate_size": 128,
+                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8, "sliding_window": None},
+           "llava": {**_tiny_llama(5)["llava"], "vision_feature_layer": -1}},
+          ["dyvte:samples=8,epochs=20,threshold=0.622", "randomdrop:k=4,r=0.622"]),
+    layout={"n_images": 2, "rows": [{"before": 4, "between": 1, "after": 6}], "seed": 334})
 def test_fuzz_program_equals_masked_key_reference_and_keeps_its_schedule(case, layout):
-    cfg, specs = case
-    model, per_image = build_model(cfg)
-    ids, pixels, mask = make_inputs(layout, per_image, cfg["vision"]["image_size"])
-    try:
-        cm = compile_drawn(model, specs)
-    except (PassConfigError, UnsupportedModelError) as exc:
-        event(f"refused: {str(exc)[:90]}")  # --hypothesis-show-statistics lists them
-        reject()  # a refusal is property 6's business; too many here and hypothesis' filter health check fails
+    _, per_image, specs, (ids, pixels, mask), cm = compile_case(case, layout)
     assert head_oracle_diff(cm, ids, pixels, mask) <= TOL  # the masked-key reference, removed heads zeroed
     assert_matches_oracle(cm, ids, pixels, mask, n=NEW)
     pre_llm = specs[0].split(":")[0] in ("divprune", "gprune") and not any(
@@ -306,13 +313,7 @@ def test_fuzz_program_equals_masked_key_reference_and_keeps_its_schedule(case, l
 @examples(default=1, full=8)  # skipped outside the large profile
 @given(case=cases(max_layers=3, heavy=False), layout=layouts())
 def test_fuzz_inductor_equals_eager(case, layout):
-    cfg, specs = case
-    model, per_image = build_model(cfg)
-    ids, pixels, mask = make_inputs(layout, per_image, cfg["vision"]["image_size"])
-    try:
-        eager = compile_drawn(model, specs)
-    except (PassConfigError, UnsupportedModelError):
-        reject()
+    model, _, specs, (ids, pixels, mask), eager = compile_case(case, layout)
     want = eager.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
     inductor = compile_drawn(model, specs, target="inductor")  # calibration on synthetic prompts is deterministic
     assert torch.equal(inductor.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[]), want)
@@ -329,13 +330,7 @@ def test_fuzz_inductor_equals_eager(case, layout):
                 "llava": {**_tiny_llama(2)["llava"], "vision_feature_layer": -1}}, ["fastv:k=1,r=0.0"]),
          layout={"n_images": 1, "rows": [{"before": 0, "between": 0, "after": 1}], "seed": 0})
 def test_fuzz_artifact_round_trip_generates_the_same_tokens(case, layout, tmp_path_factory):
-    cfg, specs = case
-    model, per_image = build_model(cfg)
-    ids, pixels, mask = make_inputs(layout, per_image, cfg["vision"]["image_size"])
-    try:
-        cm = compile_drawn(model, specs)
-    except (PassConfigError, UnsupportedModelError):
-        reject()
+    _, _, _, (ids, pixels, mask), cm = compile_case(case, layout)
     want = cm.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
     path = cm.save(tmp_path_factory.mktemp("fuzz") / "art")
     assert torch.equal(load_compiled(path).generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[]), want)
