@@ -234,6 +234,7 @@ class ThreadServer:
 
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(2048)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.start_seconds = start_seconds

@@ -5,7 +5,7 @@
 
 The model flags (--model, --pass, --target, ...) are the ones every vtcompile command takes (cli.py adds them and
 hands over its compile function); this module adds the server's own. The socket is bound before the server starts,
-so `--port 0` works: the chosen port is logged ("listening on http://HOST:PORT").
+so `--port 0` works: the chosen port is logged ("listening on http://HOST:PORT") once the socket listens.
 """
 from __future__ import annotations
 
@@ -111,6 +111,10 @@ def main(args, compile_model=None) -> int:
         sock.bind((args.host, args.port))
     except OSError as exc:
         raise InputError(f"cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
+    # listening before the line below is logged: a client that reads the port from the log and connects at once
+    # waits in the backlog until uvicorn accepts, instead of being refused while uvicorn still starts (a bound socket
+    # that does not listen yet refuses connections: the README's serve block failed so in CI)
+    sock.listen(2048)
     host, port = sock.getsockname()[:2]
     log.info("serving %s (%s, passes: %s) with max batch %d, KV budget %s", service.name, cm.target.name,
              ", ".join(service.info["passes"]) or "none", args.max_batch,
