@@ -4,8 +4,9 @@ Drawn models are tiny random LLaVAs of every backbone the family protocol accept
 windowed or not (windows shorter and longer than the prompt), MHA or GQA, 2-5 layers, head_dim 8/16, vision
 geometries of 4-17 visual tokens per image (feature layer -1/-2, CLS kept or not), tied embeddings or not; float32, and bfloat16 in the large profile's property 1.
 Drawn inputs: batch 1-4, rows of different lengths left-padded, 1-3 images per row at any position, text before,
-between and after. Drawn programs: 1-3 registered passes with fields inside their documented ranges, in the order
-the pipeline takes them (selectors before the LLM, cuts by layer, layer rewriters last).
+between and after. Drawn programs: 1-3 registered passes with every field inside its documented range (from the
+config's field metadata; fields that depend on the model or on each other drawn by hand), in the order the pipeline
+takes them (selectors before the LLM, cuts by layer, layer rewriters last).
 
 Properties (one test each; 2 and 3 share one drawn program):
   1. no pass == transformers (prefill logits within TOL, greedy tokens equal);
@@ -139,15 +140,65 @@ def make_inputs(layout: dict, per_image: int, image_size: int):
 
 
 # -- programs ----------------------------------------------------------------------------------------------------
+_CAP_INT = 8  # an int without a documented high (samples, epochs, trials, seeds, widths) is drawn in [low, low + 8]
+# Drawn by hand in pass_specs, not from metadata: they depend on the model (layers, heads) or on each other, or they
+# decide whether the pass calibrates (large profile only). A field in neither list is drawn from its metadata.
+_BY_HAND = {"fastv": {"k"}, "randomdrop": {"k"}, "pyramiddrop": {"layers", "ratios"},
+            "dyvte": {"exit_layer", "layers"}, "headskip": {"heads", "budget", "first_layer", "criterion"},
+            "attnskip": {"layers", "count", "first_layer", "adapter"}}
+_LEFT = {"routers", "recipe"}  # file paths: left at their default (test_cli covers missing and malformed files)
+
+
+def _field_values(cls, f):
+    """A field's values from its metadata: numbers in [low, high] (open ends excluded, an int without high in
+    [low, low + _CAP_INT], a float without high up to low + max(1, 4 x default)), a criterion from its pass module's
+    CRITERIA (the choices its help lists), booleans."""
+    import sys
+    import typing
+
+    kind, m = typing.get_type_hints(cls)[f.name], f.metadata
+    low, high = m.get("low"), m.get("high")
+    if kind is bool:
+        return st.booleans()
+    if kind is int:
+        low = (low or 0) + bool(m.get("low_open"))
+        return st.integers(low, high - bool(m.get("high_open")) if high is not None else low + _CAP_INT)
+    if kind is float:
+        high = high if high is not None else low + max(1.0, 4 * abs(f.default))
+
+        def inside(x):
+            return (x > low if m.get("low_open") else x >= low) and (x < high if m.get("high_open") else x <= high)
+
+        return st.floats(low, high, exclude_min=bool(m.get("low_open")), exclude_max=bool(m.get("high_open")),
+                         allow_subnormal=False).map(lambda x: float(f"{x:.3g}")).filter(inside)
+    if kind is str and f.name == "criterion":
+        return st.sampled_from(sys.modules[cls.__module__].CRITERIA)
+    raise AssertionError(f"{cls.name}.{f.name} ({kind}): add a way to draw it, or list it in _BY_HAND/_LEFT")
+
+
+def _spec(name: str, by_hand: dict, draw) -> str:
+    """name:field=value,... with the fields drawn by hand and every other field drawn from its metadata."""
+    from dataclasses import fields
+
+    from vtcompile.passes import REGISTRY
+
+    cls = REGISTRY[name].config
+    values = {**by_hand, **{f.name: draw(_field_values(cls, f)) for f in fields(cls)  # by hand first: pre_llm
+                            if f.name not in _BY_HAND.get(name, ()) and f.name not in _LEFT}}  # reads k=0
+    return f"{name}:" + ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                                 for k, v in values.items())
+
+
 def _ratio(lo=0.0, hi=0.9):
     return st.floats(lo, hi, allow_nan=False).map(lambda x: round(x, 3))
 
 
 @st.composite
-def pass_specs(draw, layers: int, heavy: bool) -> tuple[int, str]:
-    """(sort key, spec) of one pass with fields inside their documented ranges. Sort key: the pipeline's order
+def pass_specs(draw, layers: int, heads: int, heavy: bool) -> tuple[int, str]:
+    """(sort key, spec) of one pass with every field inside its documented range. Sort key: the pipeline's order
     (selectors before the LLM, then cuts by layer, then layer rewriters). heavy adds what calibrates on synthetic
-    prompts (FitPrune, DyVTE routers, head ablation): seconds per example, so the large profile only."""
+    prompts (FitPrune, DyVTE routers, head ablation and the other head scores, attnskip's count and adapters):
+    seconds per example, so the large profile only."""
     names = ["fastv", "randomdrop", "divprune", "gprune", "dyvte", "headskip", "attnskip"]
     if layers >= 4:
         names.append("pyramiddrop")
@@ -156,36 +207,45 @@ def pass_specs(draw, layers: int, heavy: bool) -> tuple[int, str]:
     name = draw(st.sampled_from(names))
     if name == "fastv":
         k = draw(st.integers(1, layers - 1))
-        return k, f"fastv:k={k},r={draw(_ratio())}"
+        return k, _spec(name, dict(k=k), draw)
     if name == "randomdrop":
         k = draw(st.integers(0, layers - 1))
-        return k, f"randomdrop:k={k},r={draw(_ratio())}"
+        return k, _spec(name, dict(k=k), draw)
     if name in ("divprune", "gprune"):
-        keep = draw(_ratio(0.05, 1.0).filter(lambda x: x > 0))
-        extra = f",steps={draw(st.integers(1, 5))}" if name == "gprune" else ""
-        return 0, f"{name}:keep={keep}{extra}"
+        return 0, _spec(name, {}, draw)
     if name == "pyramiddrop":
         cuts = sorted(draw(st.sets(st.integers(1, layers - 1), min_size=1, max_size=3)))
         ratios = sorted((draw(_ratio(0.05, 1.0)) for _ in cuts), reverse=True)
-        return cuts[0], f"pyramiddrop:layers={'/'.join(map(str, cuts))},ratios={'/'.join(map(str, ratios))}"
+        return cuts[0], _spec(name, dict(layers=cuts, ratios=ratios), draw)
     if name == "dyvte":
         if heavy and draw(st.booleans()):  # routers trained on synthetic prompts: exits decided per row at run time
-            return 1, f"dyvte:samples=8,epochs=20,threshold={draw(_ratio(0.05, 0.95))}"
+            candidates = sorted(draw(st.sets(st.integers(0, layers - 2), max_size=layers - 1)))  # empty: every one
+            return 1, _spec(name, dict(layers=candidates), draw)
         exit_layer = draw(st.integers(0, layers - 2))
-        return exit_layer + 1, f"dyvte:exit_layer={exit_layer}"
+        return exit_layer + 1, _spec(name, dict(exit_layer=exit_layer), draw)
     if name == "fitprune":
-        return 1, f"fitprune:budget={draw(_ratio(0.3, 1.0))},samples=4"
+        return 1, _spec(name, {}, draw)
     if name == "headskip":
-        criterion = draw(st.sampled_from(["ablation", "random"] if heavy else ["random"]))
-        return 100, f"headskip:budget={draw(_ratio(0.0, 0.7))},first_layer={draw(st.integers(0, layers - 1))}," \
-                    f"samples=4,criterion={criterion}"
+        if draw(st.booleans()):  # explicit heads: every layer keeps at least one (else the pass refuses)
+            per_layer = [draw(st.sets(st.integers(0, heads - 1), max_size=heads - 1)) for _ in range(layers)]
+            chosen = [f"{layer}.{h}" for layer, hs in enumerate(per_layer) for h in sorted(hs)]
+            if chosen:
+                return 100, _spec(name, dict(heads=chosen), draw)
+        # the budget form: at most heads - 1 of each layer's heads go (a larger budget is refused)
+        criterion = draw(st.sampled_from(["output", "visual", "ablation", "random"] if heavy else ["random"]))
+        return 100, _spec(name, dict(budget=draw(_ratio(0.0, (heads - 1) / heads)), criterion=criterion,
+                                     first_layer=draw(st.integers(0, layers - 1))), draw)
+    if heavy and draw(st.booleans()):  # attnskip chooses `count` layers >= first_layer on calibration prompts
+        first = draw(st.integers(0, layers - 1))
+        return 100, _spec(name, dict(count=draw(st.integers(0, layers - first)), first_layer=first,
+                                     adapter=draw(st.booleans())), draw)
     skip = sorted(draw(st.sets(st.integers(0, layers - 1), min_size=1, max_size=max(1, layers // 2))))
-    return 100, f"attnskip:layers={'/'.join(map(str, skip))}"
+    return 100, _spec(name, dict(layers=skip, adapter=heavy and draw(st.booleans())), draw)
 
 
 @st.composite
-def programs(draw, layers: int, heavy: bool = FULL) -> list[str]:
-    drawn = draw(st.lists(pass_specs(layers, heavy), min_size=1, max_size=3,
+def programs(draw, layers: int, heads: int = 2, heavy: bool = FULL) -> list[str]:
+    drawn = draw(st.lists(pass_specs(layers, heads, heavy), min_size=1, max_size=3,
                           unique_by=lambda p: p[1].split(":")[0]))
     return [spec for _, spec in sorted(drawn, key=lambda p: p[0])]
 
@@ -198,13 +258,22 @@ def _no_example(**_):
 def cases(draw, max_layers: int = 5, heavy: bool = FULL) -> tuple[dict, list[str]]:
     """(model config, program): one argument, so that a failure can be replayed as an explicit @example."""
     cfg = draw(model_configs(max_layers))
-    return cfg, draw(programs(cfg["text"]["num_hidden_layers"], heavy))
+    return cfg, draw(programs(cfg["text"]["num_hidden_layers"], cfg["text"]["num_attention_heads"], heavy))
+
+
+def _calibrates(spec: str) -> bool:
+    from vtcompile.passes import parse_pass_spec
+
+    try:
+        p, config = parse_pass_spec(spec)
+    except VtcompileError:  # property 6's careless configs: compile_pruned refuses them itself
+        return False
+    return p.calibrate is not None and config.needs_calibration()
 
 
 def compile_drawn(model, specs, target: str = "eager"):
-    calibrating = any(s.split(":")[0] in ("fitprune", "headskip", "dyvte") and "exit_layer" not in s for s in specs)
-    return compile_pruned(model, specs, target=target, calibration="synthetic" if calibrating else None,
-                          progress=False)
+    return compile_pruned(model, specs, target=target, progress=False,
+                          calibration="synthetic" if any(map(_calibrates, specs)) else None)
 
 
 def compile_case(case, layout):
@@ -346,7 +415,7 @@ def careless_specs(draw, layers: int) -> list[str]:
     """Valid programs with one field of one pass set to anything (out of range, wrong type, NaN, junk lists)."""
     from vtcompile.passes import REGISTRY
 
-    specs = draw(programs(layers, heavy=False))
+    specs = draw(programs(layers, heavy=False))  # _tiny_llama: 2 heads
     i = draw(st.integers(0, len(specs) - 1))
     name = specs[i].split(":")[0]
     field = draw(st.sampled_from([f for f in REGISTRY[name].config.__dataclass_fields__
