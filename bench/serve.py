@@ -179,6 +179,9 @@ def main(argv=None) -> int:
                    help="KV budget as this many unpruned requests of the longest prompt (default 16)")
     p.add_argument("--kv-budget-mb", type=float, help="KV budget in MB (overrides --budget-requests)")
     p.add_argument("--mode", choices=["auto", "http", "engine"], default="auto")
+    p.add_argument("--engine", choices=["process", "thread"], default="process",
+                   help="http mode: the engine in a process of its own (vtcompile serve's default) or in a thread of "
+                        "the server process")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads of the server (default 1: on a machine shared with other work, two "
                         "OpenMP threads wait on a descheduled one and a prefill took 0.9 s instead of 16 ms)")
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
             from vtcompile.serve.app import Service
 
             service = Service.build(cm, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=512,
-                                    max_tokens_limit=max(args.max_tokens, 1))
+                                    max_tokens_limit=max(args.max_tokens, 1), engine=args.engine)
             texts = [tok.decode(e, skip_special_tokens=True).lstrip() for e in expected]
             from vtcompile.serve.app import ThreadServer
 

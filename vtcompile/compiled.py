@@ -199,9 +199,11 @@ class CompiledModel:
         return self.executable(n_visual).program
 
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> PreparedInputs:
-        """Checked, merged decoder inputs of a prompt batch (what the programs take)."""
-        return prepare(self.frontend, input_ids, pixel_values, attention_mask)
+                attention_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+                ) -> PreparedInputs:
+        """Checked, merged decoder inputs of a prompt batch (what the programs take); image_features: the vision
+        stage's output (frontend.image_features) when it ran beforehand, instead of pixel_values."""
+        return prepare(self.frontend, input_ids, pixel_values, attention_mask, image_features)
 
     # -- running -----------------------------------------------------------------------------------
     @torch.no_grad()

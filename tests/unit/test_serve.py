@@ -178,6 +178,7 @@ def test_engine_concurrent_requests_equal_each_alone():
 
 # -- the HTTP server -------------------------------------------------------------------------------------------------
 def test_server_openai_client_concurrent_equals_alone_and_bad_requests():
+    """The engine in a process of its own (vtcompile serve's default): tokens, metrics and cancels cross its pipe."""
     import httpx
     import openai
     from PIL import Image
@@ -185,7 +186,7 @@ def test_server_openai_client_concurrent_equals_alone_and_bad_requests():
     from vtcompile.serve.app import Service
 
     cm = _cm()
-    service = Service.build(cm, max_batch=4, max_tokens_limit=64, max_image_bytes=64 * 1024)
+    service = Service.build(cm, max_batch=4, max_tokens_limit=64, max_image_bytes=64 * 1024, engine="process")
     tok = cm.frontend.tokenizer
     with ThreadServer(service) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
@@ -265,9 +266,49 @@ def test_server_openai_client_concurrent_equals_alone_and_bad_requests():
         assert _metric(metrics, "vtcompile_requests_total", status="404") == 2
         assert _metric(metrics, "vtcompile_time_to_first_token_seconds_count") == len(_samples()) + 1
         assert _metric(metrics, "vtcompile_running") == 0 and _metric(metrics, "vtcompile_kv_reserved_bytes") == 0
+        # the stop string's request was cancelled, or had reached eos in the engine before the cancel arrived
+        assert sum(_metric(metrics, "vtcompile_request_finish_total", reason=r) for r in ("stop", "cancelled")) == \
+            len(_samples()) + 1
+    assert service.engine.process.exitcode == 0  # the server's shutdown stopped the engine process
 
 
-def test_full_queue_gets_429_and_a_client_that_leaves_frees_its_place():
+def test_a_dead_engine_process_ends_its_requests_and_refuses_new_ones():
+    """The engine process killed while a request waits in it: the stream ends with an error instead of hanging, the
+    next request gets 503, and nothing is left running."""
+    import signal
+
+    import httpx
+
+    from vtcompile.serve.app import Service
+
+    q, im = _samples()[1]
+    body = {"model": "testbed", "messages": _messages(q, im), "max_tokens": 8, "stream": True}
+    service = Service.build(_cm(), max_batch=2, engine="process")
+    with ThreadServer(service, manage_engine=False) as srv:  # the engine loop is not started: the request waits
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", srv.url + "/v1/chat/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                assert json.loads(next(lines)[6:])["choices"][0]["delta"]["role"] == "assistant"
+                os.kill(service.engine.process.pid, signal.SIGKILL)
+                rest = [line for line in lines if line.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]" and "the request ended: error" in rest[-2], rest
+            r = client.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
+            assert r.status_code == 503 and "engine process exited" in r.json()["error"]["message"], r.text
+        service.engine.stop()
+    assert service.engine.process.exitcode == -signal.SIGKILL
+
+
+def _until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("engine", ["thread", "process"])
+def test_full_queue_gets_429_and_a_client_that_leaves_frees_its_place(engine):
     """The engine loop is held back, so requests stay queued: one waits (max_queue 1), the next gets 429; the waiting
     client disconnects mid-stream and its request is dropped (metrics: cancelled, nothing waiting or running)."""
     import httpx
@@ -276,13 +317,13 @@ def test_full_queue_gets_429_and_a_client_that_leaves_frees_its_place():
 
     q, im = _samples()[1]
     body = {"model": "testbed", "messages": _messages(q, im), "max_tokens": 8, "stream": True}
-    service = Service.build(_cm(), max_batch=1, max_queue=1)
+    service = Service.build(_cm(), max_batch=1, max_queue=1, engine=engine)
     with ThreadServer(service, manage_engine=False) as srv:
         with httpx.Client(timeout=30) as first:
             with first.stream("POST", srv.url + "/v1/chat/completions", json=body) as stream:
                 line = next(stream.iter_lines())
                 assert line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"]["role"] == "assistant"
-                assert service.engine.stats()["waiting"] == 1
+                assert _until(lambda: service.engine.stats()["waiting"] == 1)  # process: once its stats arrive
                 r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
                 assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         # the first client has gone; the loop starts and lets its request go without running it

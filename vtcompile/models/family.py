@@ -86,9 +86,12 @@ class Frontend(ABC):
         return self.vision(pixel_values.to(device=self.device, dtype=self.dtype))
 
     @abstractmethod
-    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs_embeds [B,S,D], visual_mask [B,S] bool): the prompt's token embeddings with the image features
-        written at the image-token positions; checks the image tokens against the images given."""
+        written at the image-token positions; checks the image tokens against the images given. image_features:
+        `self.image_features(pixel_values)` computed beforehand (a server does it where the request arrives), used
+        instead of pixel_values."""
 
     def positions(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids of the prompt, [B, 1] position of each row's first new token). 1-D RoPE here; a family
@@ -184,5 +187,5 @@ class Family(ABC):
                             generation: dict | None = None) -> Frontend:
         """The front end of an artifact: its stored config, embeddings and exported vision stage."""
 
-    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
-        return self.frontend.merge(input_ids, pixel_values)
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_features=None):
+        return self.frontend.merge(input_ids, pixel_values, image_features)

@@ -90,7 +90,8 @@ class LlavaFrontend(Frontend):
     def example_inputs(self, batch: int = 2, seed: int = 0):
         return example_inputs(self, batch=batch, seed=seed)
 
-    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_features: torch.Tensor | None = None):
         """Token embeddings with image features written at the image-token positions.
 
         Returns (inputs_embeds [B,S,D], visual_mask [B,S] bool). Checks, before any work, that the
@@ -101,7 +102,8 @@ class LlavaFrontend(Frontend):
         visual_mask = input_ids == self.image_token_id
         n_tokens = int(visual_mask.sum())
         per_image = self.geometry.visual_tokens_per_image
-        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        images = image_features if image_features is not None else pixel_values
+        n_images = 0 if images is None else int(images.shape[0])
         if n_tokens != n_images * per_image:
             raise InputError(
                 f"the prompt holds {n_tokens} image tokens (id {self.image_token_id}) but {n_images} image(s) "
@@ -117,7 +119,8 @@ class LlavaFrontend(Frontend):
             )
         embeds = self.embed_tokens(input_ids)
         if n_tokens:
-            feats = self.image_features(pixel_values).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+            feats = image_features if image_features is not None else self.image_features(pixel_values)
+            feats = feats.to(embeds.device).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
             embeds = embeds.masked_scatter(visual_mask.to(embeds.device).unsqueeze(-1), feats)
         return embeds, visual_mask.to(embeds.device)
 

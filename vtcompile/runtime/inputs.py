@@ -33,8 +33,9 @@ class PreparedInputs:
 
 
 def prepare(frontend, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-            attention_mask: torch.Tensor | None) -> PreparedInputs:
-    """Check a left-padded prompt batch and merge its images into the token embeddings."""
+            attention_mask: torch.Tensor | None, image_features: torch.Tensor | None = None) -> PreparedInputs:
+    """Check a left-padded prompt batch and merge its images into the token embeddings (or the images' features,
+    when the vision stage ran beforehand: frontend.image_features)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
         raise InputError(f"input_ids must be an integer tensor [batch, seq], found {type(input_ids).__name__}"
                          + (f" of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
@@ -62,7 +63,7 @@ def prepare(frontend, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
         raise InputError("prompts must be left-padded (the last position of every row is a real token); "
                          "set tokenizer.padding_side = 'left'")
     check_pixels(frontend, pixel_values)
-    embeds, visual = frontend.merge(input_ids, pixel_values)
+    embeds, visual = frontend.merge(input_ids, pixel_values, image_features)
     if bool((visual & (attention_mask == 0)).any()):
         raise InputError("image tokens fall on padding positions (attention_mask 0); fix the attention mask")
     position_ids, next_position = frontend.positions(attention_mask)

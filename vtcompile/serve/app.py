@@ -5,8 +5,10 @@ that went away, and because vLLM's OpenAI server uses the same stack (its client
 parse the raw body themselves (protocol.py), so error bodies are OpenAI's and never FastAPI's validation format.
 
 Routes: POST /v1/chat/completions (stream or not), GET /v1/models, GET /health, GET /metrics.
-Threads: the engine loop runs in a thread of its own; it hands tokens to the request's asyncio queue with
-call_soon_threadsafe, so no request holds a worker thread while it waits.
+Engine: in a process of its own (engine_process.py, `vtcompile serve`'s default; the images are encoded here, in a
+worker thread, and sent as features) or in a thread of this process (Engine; tests, Ray replicas). Either hands
+tokens to the request's asyncio queue with call_soon_threadsafe, so no request holds a worker thread while it
+waits.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import VtcompileError
-from .engine import Engine, SamplingParams
+from .engine import SamplingParams
 from .errors import EngineStoppedError, QueueFullError, ServeError
 from .metrics import ServeMetrics
 from .protocol import ChatProtocol, StopChecker
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 class Service:
     """One served model: the engine, its chat protocol, metrics and what /v1/models says about it."""
 
-    engine: Engine
+    engine: object  # Engine, or EngineProcess (the same interface)
     protocol: ChatProtocol
     metrics: ServeMetrics
     name: str
@@ -45,12 +47,24 @@ class Service:
     @classmethod
     def build(cls, cm, name: str | None = None, max_batch: int = 8, kv_budget_bytes: int | None = None,
               max_queue: int = 64, allow_local_files=None, max_tokens_limit: int = 256, replica: str = "0",
-              max_image_bytes: int | None = None) -> "Service":
+              max_image_bytes: int | None = None, engine: str = "thread") -> "Service":
+        """engine: "thread" (the loop in a thread of this process) or "process" (a forked engine process: call
+        this before starting any server thread)."""
         from .images import DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
 
         metrics = ServeMetrics(replica)
-        engine = Engine(cm, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, max_queue=max_queue,
-                        metrics=metrics)
+        if engine not in ("thread", "process"):
+            raise VtcompileError(f"engine must be 'thread' or 'process', found {engine!r}")
+        if engine == "process":
+            from .engine_process import EngineProcess
+
+            engine = EngineProcess(cm, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, max_queue=max_queue,
+                                   metrics=metrics)
+        else:
+            from .engine import Engine
+
+            engine = Engine(cm, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes, max_queue=max_queue,
+                            metrics=metrics)
         metrics.bind(engine)
         policy = ImagePolicy.make(allow_local_files, max_image_bytes or DEFAULT_MAX_IMAGE_BYTES)
         name = name or cm.spec.label
@@ -133,8 +147,14 @@ def create_app(service: Service, manage_engine: bool = True):
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         params = SamplingParams(creq.max_tokens, creq.temperature, creq.top_p, creq.seed)
+        features = None
+        if engine.encodes_images and creq.pixel_values is not None:  # the vision stage here, beside the engine
+            try:
+                features = await loop.run_in_executor(None, engine.encode_images, creq.pixel_values)
+            except VtcompileError as exc:
+                return _error(ServeError(str(exc)), metrics)
         try:
-            handle = engine.submit(creq.input_ids, creq.pixel_values, params, sink)
+            handle = engine.submit(creq.input_ids, creq.pixel_values, params, sink, image_features=features)
         except QueueFullError as exc:
             return _error(ServeError(str(exc), status=429, code="queue_full", type="rate_limit_error"), metrics)
         except EngineStoppedError as exc:

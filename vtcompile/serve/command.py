@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest max_tokens a request may ask for (default 256)")
     g.add_argument("--allow-local-files", type=Path, metavar="DIR",
                    help="let image_url name local files, only inside DIR (default: data: URLs only)")
+    g.add_argument("--engine", choices=["process", "thread"], default=None,
+                   help="where the engine loop runs: 'process' (default), a process of its own beside the HTTP "
+                        "server, which parses requests and encodes their images; 'thread', a thread of the server "
+                        "process (they then share one interpreter lock). Ray replicas run it in a thread")
     g.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment on a local Ray instance")
     g.add_argument("--replicas", type=int, default=None, help="with --ray: number of replicas (default 1)")
 
@@ -54,6 +58,9 @@ def check_arguments(args) -> None:
                          "and target it was compiled with")
     if args.replicas is not None and not args.ray:
         raise InputError("--replicas applies to --ray; add --ray or drop --replicas")
+    if args.ray and args.engine == "process":
+        raise InputError("--engine process does not apply to --ray: each Ray replica is a process of its own and "
+                         "runs its engine in a thread; drop --engine")
     for name in ("max_batch", "max_queue", "max_tokens_limit"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}")
@@ -103,7 +110,12 @@ def main(args, compile_model=None) -> int:
     from .app import Service, create_app
 
     cm = load_model(args, compile_model)
-    service = Service.build(cm, **service_options(args))
+    engine = args.engine or "process"
+    service = Service.build(cm, engine=engine, **service_options(args))  # forks the engine process, if any
+    if engine == "process":
+        import torch
+
+        torch.set_num_threads(1)  # this process's torch work (the vision stage) on one core, the engine's on another
     app = create_app(service)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,9 +128,9 @@ def main(args, compile_model=None) -> int:
     # that does not listen yet refuses connections: the README's serve block failed so in CI)
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
-    log.info("serving %s (%s, passes: %s) with max batch %d, KV budget %s", service.name, cm.target.name,
-             ", ".join(service.info["passes"]) or "none", args.max_batch,
-             f"{args.kv_budget_mb} MB" if args.kv_budget_mb else "none")
+    log.info("serving %s (%s, passes: %s) with max batch %d, KV budget %s, the engine in a %s", service.name,
+             cm.target.name, ", ".join(service.info["passes"]) or "none", args.max_batch,
+             f"{args.kv_budget_mb} MB" if args.kv_budget_mb else "none", engine)
     log.info("listening on http://%s:%d", host, port)
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -71,7 +71,7 @@ class Request:
 
     id: int
     input_ids: torch.Tensor  # [1, S]
-    pixel_values: torch.Tensor | None
+    pixel_values: torch.Tensor | None  # or, when the vision stage ran where the request arrived, image_features
     params: SamplingParams
     kv_bytes: int  # reserved from admission to the end
     sink: Callable[[str, object], None]  # sink("token", id) / sink("done", reason)
@@ -84,6 +84,7 @@ class Request:
     cancelled: bool = False
     visual_kept: list[int] = field(default_factory=list)  # per cache layer: visual tokens its cache holds
     generator: torch.Generator | None = None
+    image_features: torch.Tensor | None = None  # [n_images, N_visual, D]: frontend.image_features(pixel_values)
 
 
 class NullMetrics:
@@ -93,6 +94,35 @@ class NullMetrics:
     def tokens(self, prompt: int, generated: int) -> None: ...
     def ttft(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """What admission needs to know of a program (plain data: a process without the engine computes with it too):
+    its visual tokens per request, the layers with a cache, each one's slot size in bytes and the visual tokens its
+    attention keeps (the schedule, no exit taken)."""
+
+    n_visual: int
+    visual_tokens_per_image: int
+    layers: tuple[int, ...]
+    slot_bytes: tuple[int, ...]
+    kept: tuple[int, ...]
+
+    @property
+    def images_per_request(self) -> int:
+        return self.n_visual // self.visual_tokens_per_image if self.visual_tokens_per_image else 0
+
+    def request_kv_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
+        """KV bytes a request holds: per cache layer its text tokens, the visual tokens that layer keeps and
+        max_tokens new tokens, in that layer's slot size (heads x head dim x dtype)."""
+        text = prompt_tokens - self.n_visual
+        return sum((text + kept + max_tokens) * size for kept, size in zip(self.kept, self.slot_bytes))
+
+    def max_concurrent(self, prompt_tokens: int, max_tokens: int, budget: int | None, max_batch: int) -> int:
+        """How many such requests a budget (None: none) and max_batch rows admit at once."""
+        if budget is None:
+            return max_batch
+        return min(max_batch, budget // self.request_kv_bytes(prompt_tokens, max_tokens))
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -199,13 +229,28 @@ class SlotCache:
             self.index[i][:hi] = written[3 * i + 2]
 
 
+def check_request(plan: KVPlan, input_ids: torch.Tensor, params: SamplingParams, budget: int | None) -> int:
+    """A request's KV bytes; InputError when it is not one prompt row or would need more than the whole budget."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise InputError(f"a request is one prompt row [1, S], found shape {tuple(input_ids.shape)}")
+    kv = plan.request_kv_bytes(input_ids.shape[1], params.max_tokens)
+    if budget is not None and kv > budget:
+        raise InputError(f"this request needs {kv} bytes of KV cache (prompt of {input_ids.shape[1]} tokens and "
+                         f"max_tokens={params.max_tokens}), more than the whole budget of {budget} bytes; ask for "
+                         "fewer max_tokens or start the server with a larger --kv-budget-mb")
+    return kv
+
+
 class Engine:
     """Continuous batching over one CompiledModel (see the module docstring).
 
     `submit()` is thread-safe; `start()` runs the scheduler loop in a thread of its own (or call `step()`)."""
 
+    encodes_images = False  # requests bring pixel_values; the vision stage runs in the batched prefill
+
     def __init__(self, cm, max_batch: int = 8, kv_budget_bytes: int | None = None, max_queue: int = 64,
-                 max_prefill_batch: int = 8, metrics=None, capacity_step: int = 64):
+                 max_prefill_batch: int = 8, metrics=None, capacity_step: int = 64,
+                 after_step: Callable[[], None] | None = None):
         if max_batch < 1:
             raise InputError(f"max_batch must be >= 1, found {max_batch}")
         if max_queue < 1:
@@ -225,6 +270,10 @@ class Engine:
         dtype = getattr(torch, info["dtype"])
         self.slot_bytes = {layer: 2 * shapes[layer][0] * shapes[layer][1] * torch.finfo(dtype).bits // 8
                            for layer in self.layers}
+        self.plan = KVPlan(self.n_visual, self.frontend.geometry.visual_tokens_per_image, tuple(self.layers),
+                           tuple(self.slot_bytes[layer] for layer in self.layers),
+                           tuple(int(self.exe.schedule[layer]) for layer in self.layers))
+        self.after_step = after_step  # called by the loop after each step (engine_process.py ships its events)
         self.cache = SlotCache(self.layers, shapes, max_batch, dtype, self.frontend.device, capacity_step)
         self.generation = cm.generation_config(max_new_tokens=1)
         self.waiting: deque[Request] = deque()
@@ -252,44 +301,36 @@ class Engine:
 
     @property
     def images_per_request(self) -> int:
-        per_image = self.frontend.geometry.visual_tokens_per_image
-        return self.n_visual // per_image if per_image else 0
+        return self.plan.images_per_request
 
     # -- admission ---------------------------------------------------------------------------------
     def visual_kept(self) -> list[int]:
         """Per layer with a cache: visual tokens its attention keeps (the program's schedule, no exit taken)."""
-        return [int(self.exe.schedule[layer]) for layer in self.layers]
+        return list(self.plan.kept)
 
     def request_kv_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
-        """KV bytes a request holds: per cache layer its text tokens, the visual tokens that layer keeps and
-        max_tokens new tokens, in that layer's slot size (heads x head dim x dtype)."""
-        text = prompt_tokens - self.n_visual
-        return sum((text + kept + max_tokens) * self.slot_bytes[layer]
-                   for layer, kept in zip(self.layers, self.visual_kept()))
+        return self.plan.request_kv_bytes(prompt_tokens, max_tokens)
 
     def max_concurrent(self, prompt_tokens: int, max_tokens: int) -> int:
         """How many such requests the budget and the rows admit at once."""
-        if self.kv_budget_bytes is None:
-            return self.max_batch
-        return min(self.max_batch, self.kv_budget_bytes // self.request_kv_bytes(prompt_tokens, max_tokens))
+        return self.plan.max_concurrent(prompt_tokens, max_tokens, self.kv_budget_bytes, self.max_batch)
 
     def submit(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, params: SamplingParams,
-               sink: Callable[[str, object], None]) -> Request:
-        """Queue a request (one prompt row); raises QueueFullError when `max_queue` wait already."""
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise InputError(f"a request is one prompt row [1, S], found shape {tuple(input_ids.shape)}")
-        kv = self.request_kv_bytes(input_ids.shape[1], params.max_tokens)
-        if self.kv_budget_bytes is not None and kv > self.kv_budget_bytes:
-            raise InputError(f"this request needs {kv} bytes of KV cache (prompt of {input_ids.shape[1]} tokens and "
-                             f"max_tokens={params.max_tokens}), more than the whole budget of {self.kv_budget_bytes} "
-                             "bytes; ask for fewer max_tokens or start the server with a larger --kv-budget-mb")
+               sink: Callable[[str, object], None], image_features: torch.Tensor | None = None,
+               submitted: float | None = None) -> Request:
+        """Queue a request (one prompt row; its images as pixel_values, or as image_features computed beforehand);
+        raises QueueFullError when `max_queue` wait already. submitted: when it arrived (time.perf_counter(), the
+        clock every process of this machine shares), for its time to first token."""
+        kv = check_request(self.plan, input_ids, params, self.kv_budget_bytes)
         with self._lock:
             if self._stop:
                 raise EngineStoppedError("the engine is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue}); "
                                      "retry later")
-            req = Request(self._next_id, input_ids, pixel_values, params, kv, sink)
+            req = Request(self._next_id, input_ids, pixel_values, params, kv, sink, image_features=image_features)
+            if submitted is not None:
+                req.submitted = submitted
             self._next_id += 1
             if not params.greedy:
                 seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
@@ -335,6 +376,8 @@ class Engine:
                 for req in list(self.running.values()) + list(self.waiting):
                     self._finish(req, "error")
                 self.waiting.clear()
+            if self.after_step is not None:
+                self.after_step()
 
     @property
     def active(self) -> int:
@@ -421,10 +464,14 @@ class Engine:
         for i, r in enumerate(reqs):
             n = r.input_ids.shape[1]
             ids[i, length - n:], mask[i, length - n:] = r.input_ids[0], 1
-        pixels = [r.pixel_values for r in reqs if r.pixel_values is not None]
-        pixels = torch.cat(pixels) if pixels else None
+        pixels = features = None
+        if any(r.image_features is not None for r in reqs):  # the vision stage ran where they arrived
+            features = torch.cat([r.image_features if r.image_features is not None else
+                                  self.frontend.image_features(r.pixel_values) for r in reqs])
+        elif any(r.pixel_values is not None for r in reqs):
+            pixels = torch.cat([r.pixel_values for r in reqs if r.pixel_values is not None])
         try:
-            prepared = self.cm.prepare(ids, pixels, mask)
+            prepared = self.cm.prepare(ids, pixels, mask, image_features=features)
             if prepared.n_visual != self.n_visual:
                 raise InputError(f"the engine serves prompts with {self.n_visual} visual tokens; found "
                                  f"{prepared.n_visual}")
