@@ -8,9 +8,10 @@ p50/p99 inter-token latency, requests/s, generated tokens/s, and the most reques
 number of requests the budget admits at once (from the program's schedule, before any prefill).
 
 Two modes. http (models with a processor, the testbed): the server runs in this process (uvicorn on 127.0.0.1, a free
-port, the engine loop in its thread, as `vtcompile serve` runs it) and the clients in a child process (this file with
---client: asyncio + httpx, streaming chat completions with the scene as a data: URL); TTFT is measured at the client
-from sending the request to the first content chunk, inter-token latency between content chunks. engine (models
+port) with its engine in a forked process of its own, as `vtcompile serve` runs it (`--engine thread`: the engine loop
+in a thread of the server process), and the clients in a child process (this file with --client: asyncio + httpx,
+streaming chat completions with the scene as a data: URL); TTFT is measured at the client from sending the request
+to the first content chunk, inter-token latency between content chunks. engine (models
 without a processor: random-weight presets such as the 7B geometry): clients are threads submitting token ids to the
 engine; the same clocks at the engine's token callbacks. Traffic stays on 127.0.0.1; everything stops by itself.
 
@@ -236,6 +237,7 @@ def main(argv=None) -> int:
     prompt_len = max(int(ids.shape[1]) for ids, _ in prompts)
 
     rows, admits, failures = [], {}, []
+    service_threads = args.threads
     budget = None
     for variant in variants:
         spec = [] if variant == "unpruned" else variant.split("+")
@@ -271,6 +273,7 @@ def main(argv=None) -> int:
             texts = [tok.decode(e, skip_special_tokens=True).lstrip() for e in expected]
             from vtcompile.serve.app import ThreadServer
 
+            service_threads = getattr(service.engine, "threads", args.threads)
             with ThreadServer(service) as srv:
                 for c in clients:
                     per = args.requests or max(2, -(-64 // c))
@@ -326,8 +329,10 @@ def main(argv=None) -> int:
     md = [f"# Serving: {label}, {mode} mode", "", f"Command: `{command.strip()}`", "",
           f"- date: {time.strftime('%Y-%m-%d')}; machine: {machine()} (shared with other work; numbers move with its "
           "load); CPU only, eager target",
-          f"- server: torch.set_num_threads({args.threads}); " + ("the clients in a process of their own" if mode == "http"
-                                                                 else "the clients are threads of the same process"),
+          f"- server: torch.set_num_threads({args.threads}); " + (
+              (f"the engine in a process of its own ({service_threads} torch thread(s)); " if args.engine == "process"
+               else "the engine loop in a thread of the server; ") + "the clients in a process of their own"
+              if mode == "http" else "the clients are threads of the same process"),
           *([f"- questions: {'every scene asked ' + repr(LIST_QUESTION) if args.ask == 'list' else 'each scene its own test question'}"] if mode == "http" else []),
           f"- {len(prompts)} distinct prompts ({prompt_len} tokens at most), max_tokens {args.max_tokens}, greedy; "
           f"closed-loop clients, each sending its requests one after the other; --max-batch {args.max_batch}",

@@ -126,13 +126,24 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
             v_all = emit(write, v_cache, 2, slots, v_new)
             index_all = emit(write, key_index, 1, slots, query_index)  # [B, C]
             written[layer] = (k_all, v_all, index_all)
-            k_all, v_all = (_repeat_heads(emit, args[i], x, int(q_heads), int(kv_heads))
-                            for i, x in ((1, k_all), (2, v_all)))
             keys = emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, index_all, 1), 1)  # [B, 1, 1, C]
             queries = emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, query_index, 1), 3)  # [B, 1, T, 1]
             mask = emit_key_visible(emit, queries, keys, program.geometry.window(layer))  # [B, 1, T, C]
-            new = emit(aten.scaled_dot_product_attention.default, q, k_all, v_all, mask, 0.0, False, scale=scale)
-            new.meta["vt_role"] = "sdpa"
+            group = int(q_heads) // int(kv_heads)
+            if group > 1 and _plain_gqa(args[1]) and _plain_gqa(args[2]):
+                # GQA without copying the cache: query head h reads k/v head h // group (repeat_kv's order), so the
+                # group's queries become rows of one k/v head: [B, H, T, hd] -> [B, H_kv, group * T, hd]
+                rows = emit(aten.flatten.using_ints, emit(aten.unflatten.int, q, 1, [int(kv_heads), group]), 2, 3)
+                wide = emit(aten.expand.default, emit(aten.unsqueeze.default, mask, 2), [-1, -1, group, -1, -1])
+                out = emit(aten.scaled_dot_product_attention.default, rows, k_all, v_all,
+                           emit(aten.flatten.using_ints, wide, 2, 3), 0.0, False, scale=scale)
+                out.meta["vt_role"] = "sdpa"
+                new = emit(aten.flatten.using_ints, emit(aten.unflatten.int, out, 2, [group, -1]), 1, 2)
+            else:
+                k_all, v_all = (_repeat_heads(emit, args[i], x, int(q_heads), int(kv_heads))
+                                for i, x in ((1, k_all), (2, v_all)))
+                new = emit(aten.scaled_dot_product_attention.default, q, k_all, v_all, mask, 0.0, False, scale=scale)
+                new.meta["vt_role"] = "sdpa"
         sdpa.replace_all_uses_with(new)
         graph.erase_node(sdpa)
     logits = output_values(gm)[0]
@@ -162,6 +173,11 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
     stage = Stage(f"{stem(program)}-decode", gm, list(sig.inputs), sig.output_names, [True, True, True, False] +
                   [True] * (3 * len(layers)), dims, role="decode")
     return DecodeGraph(stage, sig, layers, shapes, dtype, hidden)
+
+
+def _plain_gqa(prefill_arg: fx.Node) -> bool:
+    """The prefill repeats k/v heads as transformers' repeat_kv does (not a head slicing's repeat or head map)."""
+    return prefill_arg.target not in (aten.index_select.default, aten.repeat_interleave.self_int)
 
 
 def _repeat_heads(emit, prefill_arg: fx.Node, cache: fx.Node, q_heads: int, kv_heads: int) -> fx.Node:

@@ -55,7 +55,8 @@ class EngineProcess:
     """Engine's interface (submit, cancel, start, stop, stats, admission) over an engine in a forked process."""
 
     def __init__(self, cm, max_batch: int = 8, kv_budget_bytes: int | None = None, max_queue: int = 64,
-                 metrics=None, threads: int = 1, start_seconds: float = 600.0):
+                 metrics=None, threads: int | None = None, start_seconds: float = 600.0):
+        """threads: the engine process's torch threads (default: this process's, less one left to the server)."""
         if max_queue < 1:
             raise VtcompileError(f"max_queue must be >= 1, found {max_queue}")
         self.frontend = cm.frontend
@@ -63,8 +64,9 @@ class EngineProcess:
         self.metrics = metrics or NullMetrics()
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
+        self.threads = threads or max(1, torch.get_num_threads() - 1)
         options = {"max_batch": max_batch, "kv_budget_bytes": kv_budget_bytes, "max_queue": 1 << 30}
-        self.process = ctx.Process(target=_engine_main, args=(child, self._conn, cm, options, threads),
+        self.process = ctx.Process(target=_engine_main, args=(child, self._conn, cm, options, self.threads),
                                    name="vtcompile-engine", daemon=False)
         self.process.start()
         child.close()
