@@ -146,16 +146,31 @@ def _engine_level(engine, prompts: list[tuple], clients: int, per_client: int, m
     return {"wall": time.perf_counter() - t0, "results": results}
 
 
-def _summary(level: dict, expected: list, key: str) -> dict:
-    res = level["results"]
+def _summary(levels: list[dict], expected: list, key: str) -> dict:
+    """One client count over its rounds: latencies pooled, throughput the median round's (and every round's)."""
+    res = [r for level in levels for r in level["results"]]
     ok = sum(r["status"] == 200 and r[key] == expected[r["index"]] for r in res)
     ttft = [r["ttft"] for r in res if r["ttft"] is not None]
     gaps = [g for r in res for g in r["gaps"]]
-    tokens = sum(r["tokens"] for r in res)
+    rates = [len(level["results"]) / level["wall"] for level in levels]
+    walls = sorted(levels, key=lambda level: len(level["results"]) / level["wall"])
+    median = walls[len(walls) // 2]
+    tokens = sum(r["tokens"] for r in median["results"])
     return {"requests": len(res), "correct": ok, "ttft_p50_ms": 1e3 * _pct(ttft, 0.5),
             "ttft_p99_ms": 1e3 * _pct(ttft, 0.99), "itl_p50_ms": 1e3 * _pct(gaps, 0.5),
-            "itl_p99_ms": 1e3 * _pct(gaps, 0.99), "req_per_s": len(res) / level["wall"],
-            "tok_per_s": tokens / level["wall"], "wall_s": level["wall"]}
+            "itl_p99_ms": 1e3 * _pct(gaps, 0.99), "req_per_s": len(median["results"]) / median["wall"],
+            "rounds_req_per_s": rates,
+            "tok_per_s": tokens / median["wall"], "wall_s": sum(level["wall"] for level in levels)}
+
+
+def _levels(run, clients: list[int], rounds: int, per_client) -> dict:
+    """run(c, per) for every client count, the counts interleaved round after round, so that a slow spell of the
+    machine touches every count alike (the ratios between counts are what --check reads)."""
+    out = {c: [] for c in clients}
+    for _ in range(rounds):
+        for c in clients:
+            out[c].append(run(c, per_client(c)))
+    return out
 
 
 def main(argv=None) -> int:
@@ -168,7 +183,10 @@ def main(argv=None) -> int:
                    help="samples for calibrating passes (default: the pass's own)")
     p.add_argument("--clients", default="1,4,16,64", help="comma list of concurrent clients (default 1,4,16,64)")
     p.add_argument("--requests", type=int, default=None,
-                   help="requests per client (default: 64 requests per level, at least 2 per client)")
+                   help="requests per client in each round (default: 64 requests per level, at least 2 per client)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over the client counts, interleaved (default 3); throughput is the median round's, "
+                        "latency percentiles pool every round")
     p.add_argument("--questions", type=int, default=16, help="distinct test scenes cycled (default 16)")
     p.add_argument("--ask", choices=["list", "own"], default="list",
                    help="http mode: ask every scene 'what objects are there from left to right?' (list: the testbed's "
@@ -237,6 +255,9 @@ def main(argv=None) -> int:
     prompt_len = max(int(ids.shape[1]) for ids, _ in prompts)
 
     rows, admits, failures = [], {}, []
+
+    def per_client(c: int) -> int:
+        return args.requests or max(2, -(-64 // c))
     service_threads = args.threads
     budget = None
     for variant in variants:
@@ -275,23 +296,26 @@ def main(argv=None) -> int:
 
             service_threads = getattr(service.engine, "threads", args.threads)
             with ThreadServer(service) as srv:
-                for c in clients:
-                    per = args.requests or max(2, -(-64 // c))
+                def run(c, per):
                     service.engine.peak_running = 0
                     level = _http_level(service, data, c, per, args.max_tokens, srv)
-                    row = _summary(level, texts, "text")
-                    rows.append({"program": variant, "clients": c, **row,
-                                 "peak_running": service.engine.peak_running})
+                    level["peak_running"] = service.engine.peak_running
+                    return level
+                for c, levels in _levels(run, clients, args.rounds, per_client).items():
+                    rows.append({"program": variant, "clients": c, **_summary(levels, texts, "text"),
+                                 "peak_running": max(level["peak_running"] for level in levels)})
                     print(json.dumps(rows[-1]), flush=True)
         else:
             engine = Engine(cm, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=512).start()
             try:
-                for c in clients:
-                    per = args.requests or max(2, -(-64 // c))
+                def run(c, per):
                     engine.peak_running = 0
                     level = _engine_level(engine, prompts, c, per, args.max_tokens)
-                    row = _summary(level, expected, "tokens_ids")
-                    rows.append({"program": variant, "clients": c, **row, "peak_running": engine.peak_running})
+                    level["peak_running"] = engine.peak_running
+                    return level
+                for c, levels in _levels(run, clients, args.rounds, per_client).items():
+                    rows.append({"program": variant, "clients": c, **_summary(levels, expected, "tokens_ids"),
+                                 "peak_running": max(level["peak_running"] for level in levels)})
                     print(json.dumps(rows[-1]), flush=True)
             finally:
                 engine.stop()
@@ -315,9 +339,11 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     table = [[r["program"], r["clients"], f"{r['ttft_p50_ms']:.1f}", f"{r['ttft_p99_ms']:.1f}", f"{r['itl_p50_ms']:.1f}",
-              f"{r['itl_p99_ms']:.1f}", f"{r['req_per_s']:.2f}", f"{r['tok_per_s']:.1f}", r["peak_running"],
+              f"{r['itl_p99_ms']:.1f}", f"{r['req_per_s']:.2f}",
+              "/".join(f"{x:.1f}" for x in r["rounds_req_per_s"]), f"{r['tok_per_s']:.1f}", r["peak_running"],
               f"{r['correct']}/{r['requests']}"] for r in rows]
-    headers = ["program", "clients", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "req/s", "tok/s",
+    headers = ["program", "clients", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "req/s",
+               "req/s by round", "tok/s",
                "most running", "answers = reference"]
     adm = [[v, admits[v]["request_kv_bytes"], admits[v]["admits"],
             f"{admits[v]['admits'] / max(1, admits['unpruned']['admits']):.2f}x", f"{admits[v]['compile_s']:.1f}"]
@@ -335,7 +361,9 @@ def main(argv=None) -> int:
               if mode == "http" else "the clients are threads of the same process"),
           *([f"- questions: {'every scene asked ' + repr(LIST_QUESTION) if args.ask == 'list' else 'each scene its own test question'}"] if mode == "http" else []),
           f"- {len(prompts)} distinct prompts ({prompt_len} tokens at most), max_tokens {args.max_tokens}, greedy; "
-          f"closed-loop clients, each sending its requests one after the other; --max-batch {args.max_batch}",
+          f"closed-loop clients, each sending its requests one after the other; --max-batch {args.max_batch}; "
+          f"{args.rounds} round(s) over the client counts, interleaved: req/s and tok/s are the median round's, the "
+          "latency percentiles pool every round",
           f"- one KV budget for every program: {budget / 1e6:.3f} MB (= {args.budget_requests:g} unpruned requests of "
           f"the longest prompt + max_tokens)" if not args.kv_budget_mb else
           f"- one KV budget for every program: {budget / 1e6:.3f} MB",
