@@ -44,9 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-local-files", type=Path, metavar="DIR",
                    help="let image_url name local files, only inside DIR (default: data: URLs only)")
     g.add_argument("--engine", choices=["process", "thread"], default=None,
-                   help="where the engine loop runs: 'process' (default), a process of its own beside the HTTP "
-                        "server, which parses requests and encodes their images; 'thread', a thread of the server "
-                        "process (they then share one interpreter lock). Ray replicas run it in a thread")
+                   help="where the engine loop runs: 'process' (default on the CPU), a process of its own beside the "
+                        "HTTP server, which parses requests and encodes their images; 'thread' (default on a GPU: "
+                        "CUDA cannot be used in a forked process), a thread of the server process (they then share "
+                        "one interpreter lock). Ray replicas run it in a thread")
     g.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment on a local Ray instance")
     g.add_argument("--replicas", type=int, default=None, help="with --ray: number of replicas (default 1)")
 
@@ -110,7 +111,7 @@ def main(args, compile_model=None) -> int:
     from .app import Service, create_app
 
     cm = load_model(args, compile_model)
-    engine = args.engine or "process"
+    engine = args.engine or ("process" if cm.frontend.device.type == "cpu" else "thread")  # CUDA does not fork
     service = Service.build(cm, engine=engine, **service_options(args))  # forks the engine process, if any
     if engine == "process":
         import torch

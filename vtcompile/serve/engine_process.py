@@ -59,6 +59,9 @@ class EngineProcess:
         """threads: the engine process's torch threads (default: this process's, less one left to the server)."""
         if max_queue < 1:
             raise VtcompileError(f"max_queue must be >= 1, found {max_queue}")
+        if cm.frontend.device.type != "cpu":
+            raise VtcompileError(f"the engine process is forked from the server, and a forked process cannot use "
+                                 f"{cm.frontend.device.type.upper()}; run the engine in a thread (--engine thread)")
         self.frontend = cm.frontend
         self.max_batch, self.max_queue, self.kv_budget_bytes = max_batch, max_queue, kv_budget_bytes
         self.metrics = metrics or NullMetrics()
