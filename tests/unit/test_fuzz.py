@@ -368,6 +368,11 @@ def _tiny_llama(layers: int, seed: int = 0, image_size: int = 16) -> dict:
            "llava": {**_tiny_llama(5)["llava"], "vision_feature_layer": -1}},
           ["dyvte:samples=8,epochs=20,threshold=0.622", "randomdrop:k=4,r=0.622"]),
     layout={"n_images": 2, "rows": [{"before": 4, "between": 1, "after": 6}], "seed": 334})
+# found by the large profile (2026-12-07): a selection before fitprune (divprune, randomdrop k=0; fastv and a DyVTE exit
+# too) crashed fitprune's calibration with an IndexError (full-prompt visual mask on the pruned token set) - a product
+# bug: fitprune now refuses to calibrate after a token-removing pass (a PassConfigError, rejected here)
+@example(case=(_tiny_llama(2), ["divprune:keep=0.5", "fitprune:budget=0.5,samples=2"]),
+         layout={"n_images": 1, "rows": [{"before": 1, "between": 0, "after": 2}], "seed": 0})
 def test_fuzz_program_equals_masked_key_reference_and_keeps_its_schedule(case, layout):
     _, per_image, specs, (ids, pixels, mask), cm = compile_case(case, layout)
     assert head_oracle_diff(cm, ids, pixels, mask) <= TOL  # the masked-key reference, removed heads zeroed

@@ -297,7 +297,12 @@ def search(stats, geometry: Geometry, n_visual: int, budget: float, tolerance: f
 
 
 def calibrate(program: Program, config: FitPruneConfig, batches, progress: bool = True) -> FitPruneRecipe:
-    """Fit a recipe for `program` (the unpruned or earlier-pass program) on calibration batches."""
+    """Fit a recipe for `program` (the program of the passes before it) on calibration batches."""
+    if program.rewrites:  # the statistics follow one visual token set through every layer, as the prompt holds it
+        earlier = program.rewrites[0]
+        raise PassConfigError(f"fitprune calibrates on every visual token of every layer, but pass {earlier.by!r} "
+                              f"already removed tokens {earlier.cut}; fitprune does not compose with an earlier "
+                              "token-removing pass: use one of them")
     t0 = time.perf_counter()
     stats = collect_stats(program, batches, progress)
     found = search(stats, program.geometry, program.n_visual, config.budget, config.tolerance)
