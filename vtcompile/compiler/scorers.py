@@ -12,8 +12,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..errors import PassConfigError
-from .graph import sdpa_node
+from ..errors import PassConfigError, UnsupportedModelError
+from .graph import layer_nodes, output_values, sdpa_node
 from .program import Program
 from .rewrite import Emitter, Scorer
 
@@ -28,9 +28,8 @@ def sdpa_arguments(node: fx.Node):
     return args[0], args[1], mask, node.kwargs.get("scale")
 
 
-def clone_cone(e: Emitter, gm: fx.GraphModule, targets: list[fx.Node], layer: int) -> list[fx.Node]:
-    """Copy the nodes of `layer` that compute `targets` to the insertion point, reading the layer's
-    inputs as they are there (before any gather). Lets a scorer use a later layer's projections."""
+def _cone(targets: list[fx.Node], layer: int) -> set[fx.Node]:
+    """The nodes of `layer` (vt_layer) that `targets` are computed from."""
     needed, stack = set(), list(targets)
     while stack:
         n = stack.pop()
@@ -38,7 +37,16 @@ def clone_cone(e: Emitter, gm: fx.GraphModule, targets: list[fx.Node], layer: in
             continue
         needed.add(n)
         stack.extend(n.all_input_nodes)
-    env: dict[fx.Node, fx.Node] = {}
+    return needed
+
+
+def clone_cone(e: Emitter, gm: fx.GraphModule, targets: list[fx.Node], layer: int,
+               inputs: dict[fx.Node, fx.Node] | None = None) -> list[fx.Node]:
+    """Copy the nodes of `layer` that compute `targets` to the insertion point, reading the layer's
+    inputs as they are there (before any gather), or the replacements `inputs` gives for some of them. Lets a
+    scorer use a later layer's projections (or the final norm on an earlier layer's states)."""
+    needed = _cone(targets, layer)
+    env: dict[fx.Node, fx.Node] = dict(inputs or {})
     for n in gm.graph.nodes:
         if n in needed:
             env[n] = e.tag(e.graph.node_copy(n, lambda x: env.get(x, x)))
@@ -79,6 +87,41 @@ def last_query_attention(program: Program, layer: int, clone: bool = False) -> S
         return mean
 
     return emit
+
+
+def final_norm(e: Emitter, program: Program, states: fx.Node) -> fx.Node:
+    """The decoder's final norm applied to `states`, a residual-stream value [B, S, D] of some layer: the ops the
+    graph runs between the last layer's output and the LM head's input, copied to the insertion point and fed
+    `states` (hidden states as the head would read them, for scorers that compare hidden states)."""
+    gm, last = program.gm, program.geometry.num_layers
+    node = output_values(gm)[0]  # logits
+    while not (node.op == "call_function" and node.target is aten.linear.default):
+        inner = [a for a in node.all_input_nodes if a.meta.get("vt_layer") == last]
+        if not inner:
+            raise UnsupportedModelError("found no LM-head linear (aten.linear) behind the logits output; cannot "
+                                        "read the decoder's final norm")
+        node = inner[0]
+    head_in = node.args[0]
+    cone = _cone([head_in], last)
+    outside = {a for n in cone for a in n.all_input_nodes
+               if a not in cone and 0 <= a.meta.get("vt_layer", -1) < last}
+    if not cone or len(outside) != 1:
+        names = sorted(a.name for a in outside)
+        raise UnsupportedModelError(f"the LM head's input should be the final norm of the last layer's output; it "
+                                    f"reads {len(outside)} values of the decoder layers ({names})")
+    return clone_cone(e, gm, [head_in], last, inputs={outside.pop(): states})[0]
+
+
+def attention_states(program: Program, layer: int) -> dict[str, fx.Node]:
+    """What `layer`'s attention works on: {"input": its normed input [B, S, D] (what q/k/v project), "query",
+    "key", "value": the [B, heads, S, head_dim] tensors its SDPA reads (q and k after RoPE)}."""
+    node = sdpa_node(program.gm, layer)
+    q_proj = [n for n in layer_nodes(program.gm, layer, "q_proj") if n.target is aten.linear.default]
+    if len(q_proj) != 1:
+        raise UnsupportedModelError(f"layer {layer} has {len(q_proj)} q_proj linear nodes, expected 1")
+    query, key, _, _ = sdpa_arguments(node)
+    value = node.kwargs.get("value", node.args[2] if len(node.args) > 2 else None)
+    return {"input": q_proj[0].args[0], "query": query, "key": key, "value": value}
 
 
 def inline(e: Emitter, fn, args: list, **constants) -> fx.Node:

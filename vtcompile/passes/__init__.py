@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..errors import PassConfigError
-from . import (attnskip, divprune, dyvte, fastv, fitprune, gprune, headskip, pyramiddrop,  # noqa: F401  (registers)
-               randomdrop)
+from . import (attnskip, dart, divprune, dyvte, fastv, fitprune, gprune, headskip,  # noqa: F401  (registers)
+               pyramiddrop, randomdrop)
 from .base import REGISTRY, PassConfig, PassDef, describe_fields
 
 __all__ = ["REGISTRY", "PassConfig", "PassDef", "get_pass", "parse_pass_spec", "resolve_passes"]
