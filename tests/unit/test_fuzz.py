@@ -143,7 +143,7 @@ def make_inputs(layout: dict, per_image: int, image_size: int):
 _CAP_INT = 8  # an int without a documented high (samples, epochs, trials, seeds, widths) is drawn in [low, low + 8]
 # Drawn by hand in pass_specs, not from metadata: they depend on the model (layers, heads) or on each other, or they
 # decide whether the pass calibrates (large profile only). A field in neither list is drawn from its metadata.
-_BY_HAND = {"fastv": {"k"}, "randomdrop": {"k"}, "pyramiddrop": {"layers", "ratios"},
+_BY_HAND = {"fastv": {"k"}, "dart": {"k"}, "randomdrop": {"k"}, "pyramiddrop": {"layers", "ratios"},
             "dyvte": {"exit_layer", "layers"}, "headskip": {"heads", "budget", "first_layer", "criterion"},
             "attnskip": {"layers", "count", "first_layer", "adapter"}}
 _LEFT = {"routers", "recipe"}  # file paths: left at their default (test_cli covers missing and malformed files)
@@ -199,13 +199,13 @@ def pass_specs(draw, layers: int, heads: int, heavy: bool) -> tuple[int, str]:
     (selectors before the LLM, then cuts by layer, then layer rewriters). heavy adds what calibrates on synthetic
     prompts (FitPrune, DyVTE routers, head ablation and the other head scores, attnskip's count and adapters):
     seconds per example, so the large profile only."""
-    names = ["fastv", "randomdrop", "divprune", "gprune", "dyvte", "headskip", "attnskip"]
+    names = ["fastv", "dart", "randomdrop", "divprune", "gprune", "dyvte", "headskip", "attnskip"]
     if layers >= 4:
         names.append("pyramiddrop")
     if heavy:  # passes that calibrate on synthetic prompts (seconds each): the large profile
         names.append("fitprune")
     name = draw(st.sampled_from(names))
-    if name == "fastv":
+    if name in ("fastv", "dart"):
         k = draw(st.integers(1, layers - 1))
         return k, _spec(name, dict(k=k), draw)
     if name == "randomdrop":
