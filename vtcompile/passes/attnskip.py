@@ -132,12 +132,12 @@ def skipped_layers(config: AttnSkipConfig, recipe: AttnSkipRecipe | None) -> lis
 
 
 def apply(program: Program, config: AttnSkipConfig, recipe: AttnSkipRecipe | None = None) -> Program:
+    chosen = skipped_layers(config, recipe)  # first: a config that names no layer says so (not "give calibration")
     if config.adapter and (recipe is None or not recipe.adapters):
         raise PassConfigError("attnskip:adapter=true fits its adapters on calibration data: give --calibration DATA "
                               "(calibration= in Python)")
     t = recipe.adapters if config.adapter else None
-    layers = {layer: (t[f"{layer}.weight"], t[f"{layer}.bias"]) if t else None
-              for layer in skipped_layers(config, recipe)}
+    layers = {layer: (t[f"{layer}.weight"], t[f"{layer}.bias"]) if t else None for layer in chosen}
     return remove_attention(program, layers, by="attnskip")
 
 
