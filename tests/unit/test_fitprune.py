@@ -100,6 +100,9 @@ def test_search_terminates_on_degenerate_statistics():
     assert found["iterations"] <= 7 and found["budget_met"]
     zero = [_SampleStats(cross=[torch.zeros(5, 16)] * 4, self_=[torch.zeros(16, 16)] * 4)]
     assert search(zero, geom, 16, budget=0.3, tolerance=0.01)["budget_met"]
+    # a tolerance below float resolution (the fuzzer drew 5e-324): the search still ends, after at most 64 halvings
+    tiny = search(flat, geom, 16, budget=0.5, tolerance=5e-324)
+    assert tiny["iterations"] <= 64 and tiny["removed"] == found["removed"]
 
 
 def test_llava_7b_budget_half_is_about_1_9_tflops():

@@ -42,7 +42,8 @@ class FitPruneConfig(PassConfig):
     budget: float = param(0.5, "target paper-convention FLOPs as a fraction of the unpruned model's",
                           low=0.0, high=1.0, low_open=True)
     samples: int = param(64, "calibration samples used to fit the recipe", low=1)
-    tolerance: float = param(0.01, "binary-search resolution on alpha (tolerated attention-mass loss)",
+    tolerance: float = param(0.01, "binary-search resolution on alpha (tolerated attention-mass loss; at most 64 "
+                                   "halvings)",
                              low=0.0, high=0.5, low_open=True)
     recipe: str = param("", "a recipe JSON file to use instead of calibrating ({layer: tokens removed})")
 
@@ -283,8 +284,10 @@ def search(stats, geometry: Geometry, n_visual: int, budget: float, tolerance: f
     lo, hi, iterations = 0.0, 1.0, 0
     best = fit(stats, hi, geometry.num_layers)
     if ratio(best) <= budget:
-        while hi - lo > tolerance:
+        while hi - lo > tolerance and iterations < 64:  # 64 halvings: alpha to 5e-20, past any useful tolerance
             mid = (lo + hi) / 2
+            if not lo < mid < hi:  # a tolerance below float resolution: the interval cannot shrink any more
+                break
             removed = fit(stats, mid, geometry.num_layers)
             if ratio(removed) <= budget:
                 hi, best = mid, removed
