@@ -386,10 +386,23 @@ def test_fuzz_program_equals_masked_key_reference_and_keeps_its_schedule(case, l
 @pytest.mark.skipif(not FULL, reason="each example is an AOTInductor compile: VTCOMPILE_FULL_MATRIX=1 runs it")
 @examples(default=1, full=8)  # skipped outside the large profile
 @given(case=cases(max_layers=3, heavy=False), layout=layouts())
+# found by the large profile (2026-12-07): randomdrop's kept tokens differ between Inductor and eager under one seed
+# (logits 0.537 apart): the test's mistake, not a product bug; random programs are held to their own oracle
+@example(case=({**_tiny_llama(2, seed=16775, image_size=32), "text": {**_tiny_llama(2)["text"], "model_type": "gemma"},
+                "llava": {**_tiny_llama(2)["llava"], "vision_feature_select_strategy": "full"}},
+               ["divprune:keep=0.315", "randomdrop:k=1,r=0.855"]),
+         layout={"n_images": 3, "rows": [{"before": 6, "between": 0, "after": 4}, {"before": 0, "between": 1,
+                                                                                      "after": 7}], "seed": 576})
 def test_fuzz_inductor_equals_eager(case, layout):
     model, _, specs, (ids, pixels, mask), eager = compile_case(case, layout)
-    want = eager.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
     inductor = compile_drawn(model, specs, target="inductor")  # calibration on synthetic prompts is deterministic
+    if any(s.startswith("randomdrop") for s in specs):
+        # random scores (rand_like in the graph) come from Inductor's own generator, not eager's: the kept tokens
+        # differ by design, so the compiled program is held to the masked-key reference of its own choice
+        assert head_oracle_diff(inductor, ids, pixels, mask) <= TOL
+        assert_matches_oracle(inductor, ids, pixels, mask, n=NEW)
+        return
+    want = eager.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[])
     assert torch.equal(inductor.generate(ids, pixels, mask, max_new_tokens=NEW, eos_token_id=[]), want)
     assert (inductor(ids, pixels, mask).logits - eager(ids, pixels, mask).logits).abs().max().item() <= 1e-3
 

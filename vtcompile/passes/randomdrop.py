@@ -2,7 +2,8 @@
 
 Keeps a uniformly random (1 - r) x N of the visual tokens from layer k on (k = 0: before the decoder, like
 pre-LLM selection), in original order with original position ids. Draws come from torch's global generator
-(seed it with torch.manual_seed for reproducible runs).
+(seed it with torch.manual_seed for reproducible runs). Each target draws in its own way (Inductor's generated
+kernels use their own random stream): one seed gives the same tokens on one target, other tokens on another.
 """
 from __future__ import annotations
 
