@@ -241,7 +241,31 @@ def check_request(plan: KVPlan, input_ids: torch.Tensor, params: SamplingParams,
     return kv
 
 
-class Engine:
+class Admission:
+    """What the HTTP layer asks an engine about admission, from its KVPlan (`plan`), `kv_budget_bytes` and
+    `max_batch` (Engine and engine_process.EngineProcess)."""
+
+    plan: KVPlan
+    kv_budget_bytes: int | None
+    max_batch: int
+
+    @property
+    def images_per_request(self) -> int:
+        return self.plan.images_per_request
+
+    def visual_kept(self) -> list[int]:
+        """Per layer with a cache: visual tokens its attention keeps (the program's schedule, no exit taken)."""
+        return list(self.plan.kept)
+
+    def request_kv_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
+        return self.plan.request_kv_bytes(prompt_tokens, max_tokens)
+
+    def max_concurrent(self, prompt_tokens: int, max_tokens: int) -> int:
+        """How many such requests the budget and the rows admit at once."""
+        return self.plan.max_concurrent(prompt_tokens, max_tokens, self.kv_budget_bytes, self.max_batch)
+
+
+class Engine(Admission):
     """Continuous batching over one CompiledModel (see the module docstring).
 
     `submit()` is thread-safe; `start()` runs the scheduler loop in a thread of its own (or call `step()`)."""
@@ -298,22 +322,6 @@ class Engine:
         if cm.captured is None and per_image not in cm.executables and cm.executables:
             return min(cm.executables)
         return per_image
-
-    @property
-    def images_per_request(self) -> int:
-        return self.plan.images_per_request
-
-    # -- admission ---------------------------------------------------------------------------------
-    def visual_kept(self) -> list[int]:
-        """Per layer with a cache: visual tokens its attention keeps (the program's schedule, no exit taken)."""
-        return list(self.plan.kept)
-
-    def request_kv_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
-        return self.plan.request_kv_bytes(prompt_tokens, max_tokens)
-
-    def max_concurrent(self, prompt_tokens: int, max_tokens: int) -> int:
-        """How many such requests the budget and the rows admit at once."""
-        return self.plan.max_concurrent(prompt_tokens, max_tokens, self.kv_budget_bytes, self.max_batch)
 
     def submit(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, params: SamplingParams,
                sink: Callable[[str, object], None], image_features: torch.Tensor | None = None,

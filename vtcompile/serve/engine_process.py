@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from ..errors import VtcompileError
-from .engine import Engine, KVPlan, NullMetrics, SamplingParams, check_request
+from .engine import Admission, Engine, KVPlan, NullMetrics, SamplingParams, check_request
 from .errors import EngineStoppedError, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class RemoteRequest:
     finish_reason: str | None = None
 
 
-class EngineProcess:
+class EngineProcess(Admission):
     """Engine's interface (submit, cancel, start, stop, stats, admission) over an engine in a forked process."""
 
     def __init__(self, cm, max_batch: int = 8, kv_budget_bytes: int | None = None, max_queue: int = 64,
@@ -101,20 +101,7 @@ class EngineProcess:
         self._receiver = threading.Thread(target=self._receive, name="vtcompile-engine-events", daemon=True)
         self._receiver.start()
 
-    # -- what the HTTP layer uses of Engine ----------------------------------------------------------------------
-    @property
-    def images_per_request(self) -> int:
-        return self.plan.images_per_request
-
-    def visual_kept(self) -> list[int]:
-        return list(self.plan.kept)
-
-    def request_kv_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
-        return self.plan.request_kv_bytes(prompt_tokens, max_tokens)
-
-    def max_concurrent(self, prompt_tokens: int, max_tokens: int) -> int:
-        return self.plan.max_concurrent(prompt_tokens, max_tokens, self.kv_budget_bytes, self.max_batch)
-
+    # -- what the HTTP layer uses of Engine besides Admission ---------------------------------------------------
     encodes_images = True  # the server runs the vision stage (encode_images) and submits image features
 
     @torch.no_grad()
