@@ -28,7 +28,7 @@ from common import RESULTS, machine, model_flags, sync  # noqa: E402
 
 def selector_flops(name: str, config, per_image: int, dim: int) -> float:
     """True FLOPs (2 x MACs) of one image's selection."""
-    from vtcompile.passes.gprune import kept_per_image
+    from vtcompile.compiler.scorers import kept_per_image
 
     sim = 2.0 * per_image * per_image * dim
     if name == "gprune":
@@ -38,7 +38,8 @@ def selector_flops(name: str, config, per_image: int, dim: int) -> float:
 
 def selection_fn(name: str, config, per_image: int):
     from vtcompile.passes.divprune import divprune_keep
-    from vtcompile.passes.gprune import gprune_keep, kept_per_image
+    from vtcompile.compiler.scorers import kept_per_image
+    from vtcompile.passes.gprune import gprune_keep
 
     k = kept_per_image(config.keep, per_image)
     if name == "gprune":

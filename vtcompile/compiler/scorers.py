@@ -15,7 +15,9 @@ import torch.fx as fx
 from ..errors import PassConfigError, UnsupportedModelError
 from .graph import layer_nodes, output_values, sdpa_node
 from .program import Program
-from .rewrite import Emitter, Scorer
+from .cut import Cut
+from .rewrite import Emitter, Scorer, select_tokens
+from .signature import PREFILL_INPUTS
 
 aten = torch.ops.aten
 _END = 2**62
@@ -171,19 +173,42 @@ def check_before_llm(program: Program, name: str) -> None:
                               "remove tokens inside the decoder")
 
 
-def visual_selection(program: Program, select, keep_per_image: int, **constants) -> Scorer:
+def before_llm_plan(keep: float, geometry, n_visual: int) -> list:
+    """The schedule of a per-image selection before the LLM: at the cut before layer 0 each image keeps
+    kept_per_image(keep, P) of its P tokens."""
+    per_image = geometry.visual_tokens_per_image
+    return [(Cut(0), (n_visual // per_image) * kept_per_image(keep, per_image))]
+
+
+def select_before_llm(program: Program, name: str, keep: float, select, text: bool = False, **constants) -> Program:
+    """The whole rewrite of a per-image selector pass: refused after an in-decoder cut, then each image keeps the
+    kept_per_image(keep, P) tokens `select` picks (visual_selection, with `text` and `constants`) from layer 0 on."""
+    check_before_llm(program, name)
+    k = kept_per_image(keep, program.geometry.visual_tokens_per_image)
+    for cut, kept in before_llm_plan(keep, program.geometry, program.visual_at(0)):
+        select_tokens(program, cut, visual_selection(program, select, k, text=text, **constants), kept, by=name)
+    return program
+
+
+def visual_selection(program: Program, select, keep_per_image: int, text: bool = False, **constants) -> Scorer:
     """Selector form beside scorers: `select(feats, keep, **constants)` - a plain torch function (inlined, as the
     scorers' statistics are) - picks `keep_per_image` tokens of one image from that image's projected visual tokens
     feats [rows, P, D] and returns their indices [rows, keep]; the scorer gives those tokens 1 and the image's
     other tokens 0, so select_tokens keeps exactly them (each image its own share, any image position, several
     images, batches). Reads the decoder's input embeddings: use it at the cut before layer 0.
 
+    text=True: a selector conditioned on the prompt's text, `select(feats, text, text_mask, keep, **constants)`,
+    also gets every row's input embeddings text [rows, S, D] (float32; at text positions: the LLM's token
+    embeddings) and text_mask [rows, S] bool, True at the row's text tokens (neither an image token nor left
+    padding, from the attention-mask input); every image of a row sees the same text.
+
     The selector is inlined once per image (the image count is static per executable): a reshape folding the
     images into the batch axis [rows x images, P, D] made Inductor guard the unbacked batch to the example's
     range (torch 2.13, `_dynamic_reshape_indexer`) and fail on other batch sizes with two images."""
 
     def emit(e: Emitter) -> fx.Node:
-        embeds = next(n for n in program.gm.graph.nodes if n.op == "placeholder")
+        placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+        embeds = placeholders[0]
         vis = program.visual_mask_node
         n_vis = program.visual_at(0)
         per_image = program.geometry.visual_tokens_per_image
@@ -198,10 +223,16 @@ def visual_selection(program: Program, select, keep_per_image: int, **constants)
         dim = embeds.meta["val"].shape[-1]
         idx = e(aten.expand.default, e(aten.unsqueeze.default, vis_idx, 2), [batch, n_vis, dim])
         feats = e(aten._to_copy.default, e(aten.gather.default, embeds, 1, idx), dtype=torch.float32)
+        context = []
+        if text:
+            padding = placeholders[PREFILL_INPUTS.index("attention_mask")]
+            real = e(aten.ne.Scalar, padding, 0)
+            context = [e(aten._to_copy.default, embeds, dtype=torch.float32),
+                       e(aten.logical_and.default, real, e(aten.logical_not.default, vis))]
         marks = []
         for start in range(0, n_vis, per_image):
             image = e(aten.slice.Tensor, feats, 1, start, start + per_image)  # [B, P, D]
-            chosen = inline(e, select, [image], keep=keep_per_image, **constants)  # [B, keep]
+            chosen = inline(e, select, [image, *context], keep=keep_per_image, **constants)  # [B, keep]
             none = e(aten.zeros_like.default, e(aten.select.int, image, 2, 0))  # [B, P]
             marks.append(e(aten.scatter.value, none, 1, chosen, 1.0))
         marks = marks[0] if len(marks) == 1 else e(aten.cat.default, marks, 1)  # [B, n_vis]

@@ -12,11 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.cut import Cut
 from ..compiler.geometry import Geometry
 from ..compiler.program import Program
-from ..compiler.rewrite import select_tokens
-from ..compiler.scorers import check_before_llm, kept_per_image, visual_selection
+from ..compiler.scorers import before_llm_plan, select_before_llm
 from .base import PassConfig, PassDef, param, register
 
 
@@ -47,18 +45,12 @@ def divprune_keep(feats: torch.Tensor, keep: int, tokens: int) -> torch.Tensor:
 
 
 def plan(config: DivPruneConfig, geometry: Geometry, n_visual: int, recipe=None):
-    per_image = geometry.visual_tokens_per_image
-    return [(Cut(0), (n_visual // per_image) * kept_per_image(config.keep, per_image))]
+    return before_llm_plan(config.keep, geometry, n_visual)
 
 
 def apply(program: Program, config: DivPruneConfig, recipe=None) -> Program:
-    check_before_llm(program, "divprune")
-    per_image = program.geometry.visual_tokens_per_image
-    k = kept_per_image(config.keep, per_image)
-    for cut, keep in plan(config, program.geometry, program.visual_at(0)):
-        select_tokens(program, cut, visual_selection(program, divprune_keep, k, tokens=per_image), keep,
-                      by="divprune")
-    return program
+    return select_before_llm(program, "divprune", config.keep, divprune_keep,
+                             tokens=program.geometry.visual_tokens_per_image)
 
 
 PASS = register(PassDef(

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.cut import Cut
 from ..compiler.geometry import Geometry
 from ..compiler.program import Program
-from ..compiler.rewrite import select_tokens
-from ..compiler.scorers import check_before_llm, kept_per_image, visual_selection
+from ..compiler.scorers import before_llm_plan, select_before_llm
 from .base import PassConfig, PassDef, param, register
 
 
@@ -55,18 +53,12 @@ def gprune_keep(feats: torch.Tensor, keep: int, threshold: float = 0.5, temperat
 
 
 def plan(config: GPruneConfig, geometry: Geometry, n_visual: int, recipe=None):
-    per_image = geometry.visual_tokens_per_image
-    return [(Cut(0), (n_visual // per_image) * kept_per_image(config.keep, per_image))]
+    return before_llm_plan(config.keep, geometry, n_visual)
 
 
 def apply(program: Program, config: GPruneConfig, recipe=None) -> Program:
-    check_before_llm(program, "gprune")
-    k = kept_per_image(config.keep, program.geometry.visual_tokens_per_image)
-    for cut, keep in plan(config, program.geometry, program.visual_at(0)):
-        scorer = visual_selection(program, gprune_keep, k, threshold=config.threshold,
-                                  temperature=config.temperature, steps=config.steps)
-        select_tokens(program, cut, scorer, keep, by="gprune")
-    return program
+    return select_before_llm(program, "gprune", config.keep, gprune_keep, threshold=config.threshold,
+                             temperature=config.temperature, steps=config.steps)
 
 
 PASS = register(PassDef(
