@@ -16,20 +16,22 @@ from vtcompile.errors import ArtifactError, InputError
 from vtcompile.models.llava import LlavaFamily
 
 from .common import adapter, compiled, prompt
-from .test_targets import assert_parity, lowered
+from .test_targets import PASSES, assert_parity, lowered
 
 
 @pytest.fixture(scope="module")
 def eager_art(tmp_path_factory):
-    # lowered() holds the one-image program only, whatever other tests ran on the shared compiled model
-    return lowered("eager", "tiny-gqa", "fastv").save(tmp_path_factory.mktemp("a") / "art")
+    # lowered() holds the one-image program only, whatever other tests ran on the shared compiled model. CDPruner: a
+    # selector conditioned on the prompt's text, so the round trip below carries the text path of a pre-LLM selection
+    # (fastv's graph goes through an artifact on inductor and onnx below).
+    return lowered("eager", "tiny-gqa", "cdpruner").save(tmp_path_factory.mktemp("a") / "art")
 
 
 def test_layout_and_manifest(eager_art):
     m = json.loads((eager_art / "manifest.json").read_text())
     assert m["format"] == ARTIFACT_FORMAT and m["target"] == "eager"
     assert {"vtcompile", "torch", "transformers"} <= set(m["versions"])
-    assert m["passes"] == [{"pass": "fastv", "config": {"k": 2, "r": 0.5}}]
+    assert m["passes"] == [{"pass": "cdpruner", "config": {"keep": 0.25, "theta": 1.0}}]
     (program,) = m["programs"]
     assert program["n_visual"] == 16 and program["base"]["stages"] == ["decoder-v16"]
     assert program["stages"]["decoder-v16"]["files"] == ["decoder-v16.pt2"]
@@ -45,12 +47,12 @@ def test_layout_and_manifest(eager_art):
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def assert_new_process_matches(path, geometry: str, family: str, kinds, tmp_path, exact: bool = False) -> None:
+def assert_new_process_matches(path, geometry: str, spec: str, kinds, tmp_path, exact: bool = False) -> None:
     """Load the artifact in a new process in which building the model and compiling anything raise, with an Inductor
     cache of its own that must stay empty, and check there: prefill parity with the eager program (kept positions
     exact, logits within 1e-4, or equal when `exact`), the same 8 greedy tokens from `generate`, and no compile or
     stage load in the generate calls' timings."""
-    ref = compiled(geometry, family)
+    ref = compiled(geometry, spec)
     cases = []
     for kind in kinds:
         ids, pixels, mask = prompt(geometry, kind)
@@ -91,7 +93,7 @@ with fast_inductor():
 
 
 def test_loads_in_a_new_process_without_the_model(eager_art, tmp_path):
-    assert_new_process_matches(eager_art, "tiny-gqa", "fastv", ["mid_pad_b2"], tmp_path, exact=True)
+    assert_new_process_matches(eager_art, "tiny-gqa", PASSES["cdpruner"], ["mid_pad_b2"], tmp_path, exact=True)
 
 
 def test_corrupt_stage_file_is_refused(eager_art, tmp_path):
@@ -165,7 +167,7 @@ def test_force_replaces_only_an_artifact_that_holds_nothing_else(eager_art, tmp_
     inside it (or one the manifest does not list) makes it refuse, and nothing is deleted."""
     import shutil
 
-    cm = compiled("tiny-gqa", "fastv")
+    cm = compiled("tiny-gqa", PASSES["cdpruner"])
     art = shutil.copytree(eager_art, tmp_path / "f")
     (art / "notes.txt").write_text("mine")
     (art / "processor").mkdir()
@@ -218,7 +220,7 @@ def test_stale_temporary_directories_are_removed_on_the_next_write(tmp_path, cap
 def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
     lm = load_compiled(eager_art)
     assert isinstance(lm, CompiledModel) and lm.target.name == "eager"  # the one compiled-model type
-    assert "fastv(k=2, r=0.5)" in lm.report.summary_table()
+    assert "cdpruner(keep=0.25, theta=1.0)" in lm.report.summary_table()
     ids, pixels, mask = prompt("tiny-gqa", "two_images")
     with pytest.raises(InputError, match="holds programs for 16 .* this prompt has 32"):
         lm(ids, pixels, mask)

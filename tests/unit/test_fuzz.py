@@ -199,7 +199,7 @@ def pass_specs(draw, layers: int, heads: int, heavy: bool) -> tuple[int, str]:
     (selectors before the LLM, then cuts by layer, then layer rewriters). heavy adds what calibrates on synthetic
     prompts (FitPrune, DyVTE routers, head ablation and the other head scores, attnskip's count and adapters):
     seconds per example, so the large profile only."""
-    names = ["fastv", "dart", "randomdrop", "divprune", "gprune", "dyvte", "headskip", "attnskip"]
+    names = ["fastv", "dart", "randomdrop", "divprune", "gprune", "cdpruner", "dyvte", "headskip", "attnskip"]
     if layers >= 4:
         names.append("pyramiddrop")
     if heavy:  # passes that calibrate on synthetic prompts (seconds each): the large profile
@@ -211,7 +211,7 @@ def pass_specs(draw, layers: int, heads: int, heavy: bool) -> tuple[int, str]:
     if name == "randomdrop":
         k = draw(st.integers(0, layers - 1))
         return k, _spec(name, dict(k=k), draw)
-    if name in ("divprune", "gprune"):
+    if name in ("divprune", "gprune", "cdpruner"):
         return 0, _spec(name, {}, draw)
     if name == "pyramiddrop":
         cuts = sorted(draw(st.sets(st.integers(1, layers - 1), min_size=1, max_size=3)))
@@ -377,7 +377,7 @@ def test_fuzz_program_equals_masked_key_reference_and_keeps_its_schedule(case, l
     _, per_image, specs, (ids, pixels, mask), cm = compile_case(case, layout)
     assert head_oracle_diff(cm, ids, pixels, mask) <= TOL  # the masked-key reference, removed heads zeroed
     assert_matches_oracle(cm, ids, pixels, mask, n=NEW)
-    pre_llm = specs[0].split(":")[0] in ("divprune", "gprune") and not any(
+    pre_llm = specs[0].split(":")[0] in ("divprune", "gprune", "cdpruner") and not any(
         s.startswith(("dyvte:exit_layer=0", "randomdrop:k=0")) for s in specs)
     _check_counts(cm, ids, pixels, mask, per_image, layout["n_images"], pre_llm)
 

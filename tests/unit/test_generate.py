@@ -103,14 +103,15 @@ def test_testbed_greedy_equals_transformers_generate():
 
 PASSES = {"fastv": "fastv", "pyramiddrop": "pyramiddrop", "randomdrop": "randomdrop:k=1,r=0.5",
           "dyvte static": "dyvte:exit_layer=1", "fastv+pyramiddrop": ["fastv:k=1", "pyramiddrop:layers=2/3,ratios=0.5/0.25"],
-          "gprune": "gprune", "divprune+fastv": ["divprune:keep=0.5", "fastv"], "dart": "dart:keep=0.5,pivots=1"}
+          "gprune": "gprune", "divprune+fastv": ["divprune:keep=0.5", "fastv"], "dart": "dart:keep=0.5,pivots=1",
+          "cdpruner": "cdpruner:keep=0.25"}
 
 
 # Each pass and composition generates on one geometry (MHA / GQA alternating); VTCOMPILE_FULL_MATRIX=1 runs
 # each on both.
 _GEOMETRY = {"fastv": ("tiny",), "pyramiddrop": ("tiny-gqa",), "randomdrop": ("tiny",),
              "dyvte static": ("tiny-gqa",), "fastv+pyramiddrop": ("tiny-gqa",), "gprune": ("tiny-gqa",),
-             "divprune+fastv": ("tiny",), "dart": ("tiny-gqa",)}
+             "divprune+fastv": ("tiny",), "dart": ("tiny-gqa",), "cdpruner": ("tiny-gqa",)}
 
 
 def _generation_matrix():

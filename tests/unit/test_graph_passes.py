@@ -101,6 +101,7 @@ def test_fastv_config_round_trip_and_ranges():
 DEFAULTS = {"fastv": ("fastv", None), "pyramiddrop": ("pyramiddrop", None), "randomdrop": ("randomdrop", None),
             "fitprune": ("fitprune:samples=8", "synthetic"), "dyvte": ("dyvte:samples=8,epochs=20", "synthetic"),
             "gprune": ("gprune", None), "divprune": ("divprune", None), "dart": ("dart", None),
+            "cdpruner": ("cdpruner", None),
             "headskip": ("headskip:samples=4", "synthetic"), "attnskip": ("attnskip:count=1,samples=4", "synthetic")}
 HEAD_PASSES = {"headskip", "attnskip"}  # their reference also zeroes the removed heads / attention (test_headskip)
 
@@ -132,7 +133,7 @@ def test_resolve_passes_forms():
     resolved = [resolve_passes(f)[0][1] for f in forms]
     assert all(r == FastVConfig() for r in resolved)
     assert len(resolve_passes(forms)) == 4
-    with pytest.raises(PassConfigError, match="unknown pass 'nope'; registered passes: attnskip, dart, divprune"):
+    with pytest.raises(PassConfigError, match="unknown pass 'nope'; registered passes: attnskip, cdpruner, dart, divprune"):
         resolve_passes("nope")
 
 

@@ -44,7 +44,7 @@ aten = torch.ops.aten
 # counts and the oracle are tested in test_rewrite_primitives.py.
 PASSES = {"none": None, "fastv": "fastv", "pyramiddrop": "pyramiddrop", "fitprune": "fitprune:recipe",
           "dyvte": "dyvte:exit_layer=1", "gprune": "gprune", "divprune": "divprune:keep=0.25",
-          "fitprune+heads": "fitprune:recipe"}
+          "fitprune+heads": "fitprune:recipe", "cdpruner": "cdpruner:keep=0.25"}
 # Head passes ride on fitprune's graph (a lowering of their own would cost the suite 20-45 s per target): query
 # heads sliced out of layers 1 and 2, layer 3's attention removed; plain fitprune is in the full matrix.
 HEAD_SPECS = ["headskip:heads=1.0/2.1/2.3", "attnskip:layers=3"]
@@ -53,18 +53,23 @@ _SPLIT = {("inductor", "none"): "tiny", ("inductor", "fastv"): "tiny-gqa", ("ind
           ("onnx", "none"): "tiny-gqa", ("onnx", "fastv"): "tiny", ("onnx", "pyramiddrop"): "tiny-gqa",
           ("onnx", "fitprune+heads"): "tiny", ("inductor", "fitprune+heads"): "tiny-gqa",
           ("onnx", "fitprune"): "tiny", ("onnx", "dyvte"): "tiny-gqa", ("inductor", "gprune"): "tiny-gqa",
-          ("inductor", "divprune"): "tiny", ("onnx", "gprune"): "tiny", ("onnx", "divprune"): "tiny-gqa"}
+          ("inductor", "divprune"): "tiny", ("onnx", "gprune"): "tiny", ("onnx", "divprune"): "tiny-gqa",
+          ("inductor", "cdpruner"): "tiny-gqa", ("onnx", "cdpruner"): "tiny"}
 
 
 # The default suite lowers each pass family on at least one compiled target and each graph construct on both
 # (the pass-free graph is part of every pass graph: fastv's on both targets, below):
-# pyramiddrop's cuts are fastv's primitive several times (on onnx here), gprune is divprune's selector form with
-# another function (on onnx), divprune's greedy loop runs on inductor. fastv's parity on both targets is asserted
+# pyramiddrop's cuts are fastv's primitive several times (on onnx here); the pre-LLM selectors run as cdpruner on
+# both targets: the selector form (visual_selection) with the prompt's text embeddings and mask as inputs and a
+# greedy loop with a static trip count (divprune's loop and gprune's function are the same constructs, in the full
+# matrix; on a loaded 2-core EPYC inductor-divprune took 96 s, onnx-gprune 20 s, cdpruner 115 s and 26 s).
+# fastv's parity on both targets is asserted
 # by test_target_artifact_round_trip (inductor: compiled once for every prompt shape, saved, loaded in a new
 # process) and test_cli_optimize_onnx_then_run_with_input_ids (onnx), the static exit's stages on both targets by
 # test_dynamic_exits_lower_stage_by_stage (every exit stage of the routers: all visual tokens dropped after a layer).
 # A cold Inductor compile costs 15-145 s of the suite's 12 minutes; VTCOMPILE_FULL_MATRIX=1 runs the rest too.
 _ONLY_FULL = {("inductor", "pyramiddrop"), ("inductor", "gprune"), ("onnx", "divprune"), ("onnx", "none"),
+              ("inductor", "divprune"), ("onnx", "gprune"),
               ("inductor", "none"),
               ("inductor", "fastv"), ("onnx", "fastv"), ("inductor", "dyvte"), ("onnx", "dyvte"),
               ("onnx", "fitprune"), ("inductor", "fitprune")}
@@ -226,7 +231,7 @@ def test_target_matches_eager(target, family, geometry):
     cm = lowered(target, geometry, family)
     ref = reference(geometry, family)
     kinds = ["mid_pad_b2", "image_first"]  # batch 2 with left padding, batch 1 with the image first
-    if family in ("gprune", "divprune") and target == "inductor":
+    if family in ("gprune", "divprune", "cdpruner") and target == "inductor":
         # a selector per image: Inductor once guarded the batch to the warm-up's range with two images
         kinds.append("two_images")
     for kind in kinds:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import PassConfigError
-from . import (attnskip, dart, divprune, dyvte, fastv, fitprune, gprune, headskip,  # noqa: F401  (registers)
+from . import (attnskip, cdpruner, dart, divprune, dyvte, fastv, fitprune, gprune, headskip,  # noqa: F401  (registers)
                pyramiddrop, randomdrop)
 from .base import REGISTRY, PassConfig, PassDef, describe_fields
 
