@@ -1,5 +1,5 @@
-"""Accuracy vs paper-convention FLOPs on the testbed: fastv, pyramiddrop, fitprune, the pre-LLM selectors gprune
-and divprune, and random selection at the decoder's entry (the baseline both selectors must beat).
+"""Accuracy vs paper-convention FLOPs on the testbed: fastv, pyramiddrop, fitprune, the pre-LLM selectors gprune,
+divprune and cdpruner, and random selection at the decoder's entry (the baseline the selectors must beat).
 
 For each budget (fraction of the unpruned model's paper-convention FLOPs) every method is configured to
 the largest kept-token count that meets it, evaluated on the same held-out questions, and reported as a
@@ -70,7 +70,7 @@ def configs(geom, n, budget):
     out["fitprune"] = f"fitprune:budget={budget}"
     keep = largest_meeting(geom, n, budget, lambda kv: [(0, kv)])
     # Selectors before layer 0 keep `keep` tokens of the image (kept_per_image rounds keep * n back to it).
-    for name in ("gprune", "divprune"):
+    for name in ("gprune", "divprune", "cdpruner"):
         out[name] = f"{name}:keep={keep / n:.6f}" if keep is not None else None
     out["random"] = f"randomdrop:k=0,r={(n - keep) / n:.6f}" if keep is not None else None
     return out
@@ -81,7 +81,7 @@ def configs(geom, n, budget):
 # chosen (it has no default count: EAS skips 12 of LLaVA's 32 layers, the testbed has 6) and DyVTE's chosen
 # setting (bench/README: routers on 2048 prompts, slack 0.1, threshold 0.95): the rows the per-pass accuracy
 # floors (tests/unit/accuracy_floors.py) are taken from.
-DEFAULT_ROWS = ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "randomdrop", "headskip",
+DEFAULT_ROWS = ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "cdpruner", "randomdrop", "headskip",
                 "attnskip:count=1", "dyvte:samples=2048,loss_slack=0.1,layers=1/2/3/4,threshold=0.99")
 
 
@@ -179,7 +179,7 @@ def _plot(rows, path: Path, label: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     base = next(r for r in rows if r["method"] == "unpruned")
     ax.axhline(100 * base["accuracy"], color="gray", linestyle="--", label="unpruned")
-    for method in ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "random"):
+    for method in ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "cdpruner", "random"):
         pts = sorted((r["paper_ratio"], 100 * r["accuracy"]) for r in rows
                      if r["method"] == method and r["budget"] != "default" and r["accuracy"] is not None)
         if pts:
