@@ -1,11 +1,14 @@
-"""The pre-LLM selectors' own cost next to what they save, in one run.
+"""The token selectors' own cost next to what they save, in one run.
 
-For each selector (gprune, divprune at their published defaults, or --variant), on one prompt of the model: the
-selection alone (the pass's own function on the image's projected visual tokens, as the graph runs it), and the
-whole prefill unpruned and pruned on the same target, interleaved; medians of --runs after --warmup. FLOPs: the
-selection's (analytic: similarity matrix 2P^2 D, plus G-Prune's propagation 2P^2 per step, DivPrune's k P
-distance updates) against the true FLOPs it saves (the report's). --check exits 1 when a selection costs more than
-10% of the prefill time it saves, or more than 1% of the FLOPs.
+For each selector (gprune, divprune, cdpruner before the LLM and dart at its cut inside it, at their published
+defaults, or --variant), on one prompt of the model: the selection alone (the pass's own function on the tensors the
+graph hands it: an image's projected visual tokens, and for cdpruner the prompt's input embeddings and text mask;
+for dart the prompt's states [1, S, D] and a per-token norm, its key norms and final norm left out), and the whole
+prefill unpruned and pruned on the same target, interleaved; medians of --runs after --warmup. FLOPs: the
+selection's (analytic: similarity matrix 2P^2 D, plus G-Prune's propagation 2P^2 per step, DivPrune's k P distance
+updates, CDPruner's relevance 2(S + P) D and greedy DPP k^2 P, DART's 2 x pivots cosine rows 2 S D) against the true
+FLOPs it saves (the report's). --check exits 1 when a selection costs more than 10% of the prefill time it saves, or
+more than 1% of the FLOPs.
 
     python bench/selector_cost.py --model llava-1.5-7b --random-weights --layers 4 --dtype bfloat16
     python bench/selector_cost.py --model tiny --runs 3 --check        # smoke test
@@ -26,25 +29,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, model_flags, sync  # noqa: E402
 
 
-def selector_flops(name: str, config, per_image: int, dim: int) -> float:
-    """True FLOPs (2 x MACs) of one image's selection."""
+def selector_flops(name: str, config, per_image: int, dim: int, seq: int) -> float:
+    """True FLOPs (2 x MACs) of one image's selection (DART: the prompt's, `seq` tokens)."""
     from vtcompile.compiler.scorers import kept_per_image
 
     sim = 2.0 * per_image * per_image * dim
     if name == "gprune":
         return sim + config.steps * 2.0 * per_image * per_image
-    return sim + kept_per_image(config.keep, per_image) * per_image
+    if name == "dart":
+        return 2.0 * 2 * config.pivots * seq * dim + 2.0 * seq * dim  # pivot rows of cosine similarity, unit vectors
+    k = kept_per_image(config.keep, per_image)
+    if name == "cdpruner":  # relevance (text mean, cosine), kernel, greedy MAP: step i updates i Cholesky rows of P
+        return sim + 2.0 * (seq + per_image) * dim + 2.0 * per_image * per_image + 2.0 * k * k * per_image
+    return sim + k * per_image
 
 
-def selection_fn(name: str, config, per_image: int):
-    from vtcompile.passes.divprune import divprune_keep
+def selection_fn(name: str, config, per_image: int, n_visual: int):
+    """The pass's own selection function as f(embeds [1, S, D], attention_mask [1, S], visual [1, S]) on one
+    image (DART: on the prompt)."""
     from vtcompile.compiler.scorers import kept_per_image
+    from vtcompile.passes.cdpruner import cdpruner_keep
+    from vtcompile.passes.dart import dart_select, kept_visual, quotas
+    from vtcompile.passes.divprune import divprune_keep
     from vtcompile.passes.gprune import gprune_keep
 
+    def image(embeds, visual):
+        return embeds[visual].reshape(-1, per_image, embeds.shape[-1])[:1].float()
+
+    if name == "dart":
+        pivots, takes = quotas(kept_visual(n_visual, config.keep), config.pivots)
+        return lambda e, m, v: dart_select(e, e.float().abs().sum(-1), v, pivots, config.pivots, takes, e.shape[-1])
     k = kept_per_image(config.keep, per_image)
+    if name == "cdpruner":
+        return lambda e, m, v: cdpruner_keep(image(e, v), e, (m != 0) & ~v, k, per_image, config.theta)
     if name == "gprune":
-        return lambda f: gprune_keep(f, k, config.threshold, config.temperature, config.steps)
-    return lambda f: divprune_keep(f, k, per_image)
+        return lambda e, m, v: gprune_keep(image(e, v), k, config.threshold, config.temperature, config.steps)
+    return lambda e, m, v: divprune_keep(image(e, v), k, per_image)
 
 
 def median_ms(fn, args, runs: int, warmup: int, device) -> float:
@@ -64,7 +84,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model_flags(p, "llava-1.5-7b")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--variant", action="append", default=[], help="selector pass specs (default gprune, divprune)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="selector pass specs (default gprune, divprune, cdpruner, dart)")
     p.add_argument("--target", default="eager")
     p.add_argument("--text-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=5)
@@ -94,11 +115,10 @@ def main(argv=None) -> int:
         exe = cm.executable(geom.visual_tokens_per_image)
         return lambda *a: exe.executor(*a)
 
-    embeds, visual = stage_args[0], stage_args[3]
-    feats = embeds[visual].reshape(-1, geom.visual_tokens_per_image, geom.hidden_size).float()
+    selection_args = (stage_args[0], stage_args[1], stage_args[3].bool())  # embeds, attention mask, visual mask
     rows, checks = [], []
     base_fn = prefill(base)
-    for spec in args.variant or ["gprune", "divprune"]:
+    for spec in args.variant or ["gprune", "divprune", "cdpruner", "dart"]:
         (pdef, config), = resolve_passes(spec)
         cm = compile_pruned(adapter, spec, target=args.target, text_tokens=n_text, progress=False)
         fn = prefill(cm)
@@ -107,11 +127,12 @@ def main(argv=None) -> int:
             for _ in range(args.warmup + args.runs):  # interleaved: background load hits both alike
                 t_base.append(median_ms(base_fn, stage_args, 1, 0, device))
                 t_pruned.append(median_ms(fn, stage_args, 1, 0, device))
-            select = selection_fn(pdef.name, config, geom.visual_tokens_per_image)
-            t_select = median_ms(select, (feats,), args.runs, args.warmup, device)
+            select = selection_fn(pdef.name, config, geom.visual_tokens_per_image, geom.visual_tokens_per_image)
+            t_select = median_ms(select, selection_args, args.runs, args.warmup, device)
         t_base, t_pruned = statistics.median(t_base[args.warmup:]), statistics.median(t_pruned[args.warmup:])
         f = cm.report.flops
-        sel_flops = selector_flops(pdef.name, config, geom.visual_tokens_per_image, geom.hidden_size)
+        sel_flops = selector_flops(pdef.name, config, geom.visual_tokens_per_image, geom.hidden_size,
+                                   int(selection_args[0].shape[1]))
         saved_ms, saved_flops = t_base - t_pruned, f.baseline_true - f.true
         rows.append([spec, f"{t_select:.2f}", f"{t_base:.1f}", f"{t_pruned:.1f}", f"{saved_ms:.1f}",
                      f"{t_select / saved_ms:.1%}" if saved_ms > 0 else "n/a", f"{sel_flops / 1e9:.3f}",
@@ -129,7 +150,7 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / f"selector-cost-{args.model}{f'-{args.layers}l' if args.layers else ''}-{dtype}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join([
-        f"# Pre-LLM selectors' own cost: {adapter.spec.label}, {dtype}", "", f"Command: `{command}`", "",
+        f"# Token selectors' own cost: {adapter.spec.label}, {dtype}", "", f"Command: `{command}`", "",
         f"- date: {datetime.date.today().isoformat()}; machine: {machine()}",
         f"- one prompt: {geom.visual_tokens_per_image} visual + {n_text} text tokens; target {args.target}; "
         f"medians of {args.runs} runs (prefills interleaved)", "",
