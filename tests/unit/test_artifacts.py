@@ -127,8 +127,8 @@ def test_version_mismatch_is_refused(eager_art, tmp_path, key, value, needle):
 
 
 def test_edited_manifest_is_refused_by_load_and_inspect(eager_art, tmp_path, capsys):
-    """The manifest's digest covers its own content: an edited pass config (r=0.5 -> 0.9) passed every file's sha256
-    before; now loading and `inspect` refuse it, and restoring the value makes it load again."""
+    """The manifest's digest covers its own content: an edited pass config (cdpruner keep=0.25 -> 0.9) passed every
+    file's sha256 before; now loading and `inspect` refuse it, and restoring the value makes it load again."""
     import shutil
 
     from vtcompile.cli import main
@@ -137,14 +137,16 @@ def test_edited_manifest_is_refused_by_load_and_inspect(eager_art, tmp_path, cap
     text = (art / "manifest.json").read_text()
     m = json.loads(text)
     assert m[DIGEST] == manifest_digest(m) and len(m[DIGEST]) == 64
-    m["passes"][0]["config"]["r"] = 0.9
+    config = m["passes"][0]["config"]
+    assert config["keep"] == 0.25  # the value restored below is the one the artifact was written with
+    config["keep"] = 0.9
     (art / "manifest.json").write_text(json.dumps(m, indent=2))
     with pytest.raises(ArtifactError, match="does not match its own digest .* edited or corrupted"):
         load_compiled(art)
     assert main(["inspect", str(art)]) == 2
     assert "does not match its own digest" in capsys.readouterr().err
     # formatting is not content: the same values re-indented still verify
-    m["passes"][0]["config"]["r"] = 0.5
+    config["keep"] = 0.25
     (art / "manifest.json").write_text(json.dumps(m, separators=(",", ":")))
     assert main(["inspect", str(art)]) == 0
     assert "sha256 verified" in capsys.readouterr().out
