@@ -3,6 +3,7 @@ routers file round trip, bad input."""
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -333,3 +334,106 @@ def test_bench_refuses_bad_arguments(argv, capsys):
         _bench().main(["--model", "testbed"] + argv)
     assert e.value.code == 2
     assert "--" + argv[0].strip("-") in capsys.readouterr().err
+
+
+# -- risk-controlled threshold (max_loss) -------------------------------------------------------------------------
+def test_binomial_tail_and_upper_bound():
+    from math import comb
+
+    from vtcompile.passes.dyvte import binomial_cdf, binomial_upper
+
+    for k, n, p in ((0, 10, 0.1), (3, 20, 0.25), (7, 50, 0.1), (49, 50, 0.9), (2, 460, 0.005)):
+        brute = sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+        assert binomial_cdf(k, n, p) == pytest.approx(brute, rel=1e-9)
+    assert binomial_upper(0, 100, 0.1) == pytest.approx(1 - 0.1 ** (1 / 100), rel=1e-6)  # (1 - p)^n = delta
+    assert binomial_cdf(4, 200, binomial_upper(4, 200, 0.05)) == pytest.approx(0.05, rel=1e-4)
+
+
+def _population(n: int, gen: torch.Generator):
+    """Synthetic calibration prompts over 3 candidate layers: a router margin per layer, and whether exiting there
+    keeps the answer - likelier the larger the margin and the later the layer (a router that knows something)."""
+    margins = torch.randn(3, n, generator=gen) * 3
+    p_keep = torch.sigmoid(margins + torch.tensor([[-1.0], [0.5], [2.0]]) + 3)
+    keeps = (torch.rand(3, n, generator=gen) < p_keep).long()
+    return margins, keeps
+
+
+def test_risk_control_bounds_the_share_of_changed_answers():
+    """Learn-then-Test's guarantee, checked by simulation: over 80 calibration sets of 500 prompts, the threshold
+    chosen for max_loss=0.05, delta=0.1 has a true share of changed answers (on 100k fresh prompts) above 0.05 in at
+    most delta of the sets (+ Monte-Carlo slack); choosing by the empirical share alone exceeds it about half the
+    time, so this can fail. The chosen thresholds do let prompts exit."""
+    from vtcompile.passes.dyvte import RISK_GRID, changed_answers, choose_cut, first_exits
+
+    gen = torch.Generator().manual_seed(0)
+    big_m, big_k = _population(100_000, gen)
+    true_risk = functools.lru_cache(None)(lambda cut: float(changed_answers(big_m, big_k, [cut])[0]) / 100_000)
+    max_loss, delta, reps = 0.05, 0.1, 80
+    over, exited, naive_over = 0, [], 0
+    for _ in range(reps):
+        m, k = _population(500, gen)
+        risk = choose_cut(m, k, max_loss, delta)
+        assert risk["prompts"] == 500 and risk["errors"] == int(changed_answers(m, k, [risk["cut"]])[0])
+        over += true_risk(risk["cut"]) > max_loss
+        exited.append(float((first_exits(big_m, risk["cut"]) < 3).float().mean()))
+        empirical = changed_answers(m, k, RISK_GRID) / 500
+        naive = max(i for i in range(len(RISK_GRID)) if empirical[i] <= max_loss)  # the most lenient such cut
+        naive_over += true_risk(RISK_GRID[naive]) > max_loss
+    print(f"LTT: true share > max_loss in {over}/{reps}; naive rule: {naive_over}/{reps}; exits {min(exited):.2f}-{max(exited):.2f}")
+    assert over / reps <= delta + 3 * (delta * (1 - delta) / reps) ** 0.5, over
+    assert naive_over / reps >= 0.25, naive_over  # the simulation can tell a valid rule from a naive one
+    assert min(exited) > 0.2, exited  # not a rule that never exits
+
+
+def test_risk_control_without_enough_prompts_never_exits():
+    from vtcompile.passes.dyvte import choose_cut
+
+    keeps = torch.ones(2, 400, dtype=torch.long)  # no exit ever changes an answer...
+    margins = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
+    assert choose_cut(margins, keeps, 0.005, 0.1)["cut"] == math.inf  # ...but 400 < log(0.1) / log(0.995) = 459.4
+    risk = choose_cut(torch.cat([margins] * 2, 1), torch.cat([keeps] * 2, 1), 0.005, 0.1)
+    assert risk["cut"] == -30.0 and risk["errors"] == 0  # 800 prompts: the most lenient cut of the grid
+
+
+def test_max_loss_calibration_chooses_the_cut_on_held_out_prompts(tmp_path):
+    """dyvte:max_loss=...: a share of the calibration prompts never trains the routers and chooses their cut; the
+    routers, the report, the recipe's round trip and an artifact carry it; mismatched settings are refused."""
+    from vtcompile import load_compiled
+    from vtcompile.passes.dyvte import DyVTERecipe
+
+    spec = "dyvte:samples=24,epochs=40,holdout=0,max_loss=0.4,delta=0.3"
+    cm = compile_pruned(adapter("tiny"), spec, calibration="synthetic", progress=False)
+    recipe = cm.recipes["dyvte"]
+    risk = recipe.risk
+    assert risk["prompts"] == 12 and recipe.samples == 12  # risk_prompts=0.5 of 24
+    assert sum(risk["prompts_by_exit"].values()) == 12
+    routers = cm.program.branches.decision
+    assert routers.cut == recipe.risk_cut() and routers.cut != math.inf, risk
+    assert cm.program.branches.calibration_prompts == {int(e): c for e, c in risk["prompts_by_exit"].items()}
+    assert "threshold for max_loss=0.4 (delta=0.3) on 12 held-out prompts" in cm.report.summary_table()
+    # the recipe's round trip keeps the cut; another max_loss with these routers is refused
+    recipe.save(tmp_path / "r.json")
+    again = DyVTERecipe.load(tmp_path / "r.json")
+    assert again.risk == risk
+    same = compile_pruned(adapter("tiny"), spec, recipes={"dyvte": again})
+    assert same.program.branches.decision.cut == routers.cut
+    with pytest.raises(PassConfigError, match="chosen for max_loss=0.4"):
+        compile_pruned(adapter("tiny"), spec.replace("max_loss=0.4", "max_loss=0.2"), recipes={"dyvte": again})
+    with pytest.raises(PassConfigError, match="holds no risk-controlled threshold"):
+        compile_pruned(adapter("tiny"), "dyvte:max_loss=0.1", recipes={"dyvte": trained("tiny").recipes["dyvte"]})
+    # an artifact keeps the chosen cut
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2")
+    art = cm.save(tmp_path / "art")
+    assert '"cut": %r' % routers.cut in (art / "manifest.json").read_text()
+    assert load_compiled(art)(ids, pixels, mask).exit_layers == cm(ids, pixels, mask).exit_layers
+
+
+def test_never_firing_cut_survives_the_decision_round_trip():
+    routers = Routers([0, 1], 4, 2, cut=math.inf)
+    meta = routers.meta()
+    assert meta["cut"] == "never"
+    import json
+
+    back = Routers.load(json.loads(json.dumps(meta)), routers.state(), type("G", (), {"hidden_size": 4})())
+    hidden, visual = torch.randn(2, 3, 4) * 1e3, torch.tensor([[True, False, False]] * 2)
+    assert back.cut == math.inf and not back.decide(0, hidden, visual).any()

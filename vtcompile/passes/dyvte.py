@@ -17,6 +17,17 @@ need no labels. Routers train with cross-entropy on detached hidden states (full
 samples one layer per step - equivalent in expectation on a fixed calibration set). With `holdout` > 0 (ours) a
 seeded part of the prompts only measures a held-out loss, and each router keeps its weights from the epoch where
 that loss was lowest.
+
+Risk-controlled threshold (ours; issue 39): with ``max_loss`` > 0 a seeded share of the calibration prompts
+(``risk_prompts``) never trains the routers; on it the exit threshold is chosen by Learn-then-Test (Angelopoulos et
+al., 2021) with fixed-sequence testing over a grid of thresholds fixed in advance (``RISK_GRID``: margins from
+strict to lenient): each threshold's null hypothesis "the share of prompts whose exit changes the answer exceeds
+max_loss" is rejected when the binomial tail P(Bin(n, max_loss) <= errors) is at most ``delta``, and the most
+lenient threshold reached before the first non-rejection is used. Then, over the draw of the held-out prompts,
+P(share of changed answers on new prompts from the same distribution > max_loss) <= delta. "Changed" is the
+label above (greedy next token differs, or the answer loss grows past the label's bound), at the answer's first
+token. When no threshold passes (too few held-out prompts: with no error at all, n must exceed
+log(delta) / log(1 - max_loss), 460 for 0.005 and 0.1), the routers never fire and the report says so.
 """
 from __future__ import annotations
 
@@ -60,6 +71,15 @@ class DyVTEConfig(PassConfig):
     threshold: float = param(0.5, "a router fires when its exit probability is above this (0.5: exit logit > keep "
                                   "logit, the published rule; higher: fewer, surer exits)",
                              low=0.0, high=1.0, low_open=True, high_open=True)
+    max_loss: float = param(0.0, "choose the threshold on held-out calibration prompts so that the share of prompts "
+                                 "whose answer an exit changes stays under this with probability 1 - delta "
+                                 "(Learn-then-Test, binomial bound; replaces `threshold`); 0: off",
+                            low=0.0, high=1.0, high_open=True)
+    delta: float = param(0.1, "with max_loss: allowed probability that the held-out prompts mislead the choice",
+                         low=0.0, high=1.0, low_open=True, high_open=True)
+    risk_prompts: float = param(0.5, "with max_loss: share of the calibration prompts kept apart to choose the "
+                                     "threshold (they never train the routers)",
+                                low=0.0, high=1.0, low_open=True, high_open=True)
     routers: str = param("", "a routers .safetensors file (from a saved artifact) to use instead of training")
     seed: int = param(0, "seed of the routers' initialisation (the same data and seed give the same routers)", low=0)
 
@@ -74,6 +94,11 @@ class DyVTEConfig(PassConfig):
 
     def needs_calibration(self) -> bool:
         return self.exit_layer < 0 and not self.routers
+
+    def check_risk(self) -> None:
+        if self.max_loss > 0 and self.routers:
+            raise PassConfigError("dyvte: max_loss chooses the threshold on held-out calibration prompts, and a "
+                                  "routers file carries none; calibrate (--calibration DATA) or give threshold=P")
 
     def width(self, geometry: Geometry) -> int:
         return self.hidden or min(2048, 2 * geometry.hidden_size)
@@ -97,16 +122,22 @@ class Routers(nn.Module, Decision):
 
     kind = "dyvte.routers"
 
-    def __init__(self, layers: list[int], dim: int, width: int, threshold: float = 0.5):
+    def __init__(self, layers: list[int], dim: int, width: int, threshold: float = 0.5, cut: float | None = None):
         super().__init__()
         self.layers = list(layers)
         self.threshold = threshold
+        self.chosen_cut = None if cut is None else float(cut)  # risk control's (math.inf: never fires)
         self.dim, self.width = dim, width
         self.mlps = nn.ModuleDict({
             str(e): nn.Sequential(nn.Linear(2 * dim, width, bias=False), nn.GELU(), nn.Linear(width, 2, bias=False))
             for e in layers})
         for p in self.parameters():
             nn.init.xavier_uniform_(p)
+
+    @property
+    def cut(self) -> float:
+        """The margin (exit logit - keep logit) a router must pass: risk control's, else the threshold's."""
+        return exit_cut(self.threshold) if self.chosen_cut is None else self.chosen_cut
 
     def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         return self.mlps[str(layer)](features)
@@ -115,26 +146,98 @@ class Routers(nn.Module, Decision):
         return dict(self.state_dict())
 
     def meta(self) -> dict:
-        return {"layers": list(self.layers), "width": self.width, "threshold": self.threshold}
+        cut = "never" if self.chosen_cut == math.inf else self.chosen_cut  # JSON has no infinity
+        return {"layers": list(self.layers), "width": self.width, "threshold": self.threshold, "cut": cut}
 
     @classmethod
     def load(cls, meta: dict, state: dict, geometry: Geometry) -> "Routers":
         _check_width(state, geometry)
-        routers = cls(meta["layers"], geometry.hidden_size, meta["width"], meta["threshold"])
+        cut = meta.get("cut")  # None (or absent, before risk control): the threshold's
+        routers = cls(meta["layers"], geometry.hidden_size, meta["width"], meta["threshold"],
+                      math.inf if cut == "never" else cut)
         routers.load_state_dict(state)
         return routers.eval()
 
     @torch.no_grad()
     def decide(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """True for rows whose router says exit: exit probability > threshold, i.e. exit logit - keep logit >
-        log(threshold / (1 - threshold)), which is 0 (exit logit > keep logit) at the default 0.5."""
+        """True for rows whose router says exit: exit logit - keep logit > cut, i.e. exit probability > threshold
+        (cut log(threshold / (1 - threshold)), 0 at the default 0.5: exit logit > keep logit), or the cut that
+        risk control chose."""
         logit = self.logits(layer, router_features(hidden, visual).to(self.mlps[str(layer)][0].weight.dtype))
-        return (logit[:, 1] - logit[:, 0] > exit_cut(self.threshold)).cpu()
+        return (logit[:, 1] - logit[:, 0] > self.cut).cpu()
 
 
 def exit_cut(threshold: float) -> float:
     """The margin (exit logit - keep logit) a router must pass to fire at exit probability ``threshold``."""
     return math.log(threshold / (1 - threshold))
+
+
+# Learn-then-Test's hypotheses, fixed before any data: exit-margin cuts from strict to lenient (exit probability
+# from 1 - 1e-13 down to 1e-13, steps of 0.05 in the logit)
+RISK_GRID = [30.0 - 0.05 * i for i in range(1201)]
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Bin(n, p) <= k), summed in log space."""
+    if k >= n or p <= 0.0:
+        return 1.0
+    if k < 0 or p >= 1.0:
+        return 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+             for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def binomial_upper(k: int, n: int, delta: float) -> float:
+    """Clopper-Pearson upper confidence bound at level 1 - delta on a rate with k events in n trials: the largest
+    p with P(Bin(n, p) <= k) >= delta."""
+    if k >= n:
+        return 1.0
+    lo, hi = k / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if binomial_cdf(k, n, mid) > delta else (lo, mid)
+    return hi
+
+
+def first_exits(margins: torch.Tensor, cut: float) -> torch.Tensor:
+    """[L, N] margins (candidate layers in order) -> [N] index of the first layer whose margin passes `cut`, or L
+    (no exit)."""
+    fires = margins > cut
+    return torch.where(fires.any(0), fires.int().argmax(0), torch.full_like(fires[0], margins.shape[0], dtype=torch.long))
+
+
+def changed_answers(margins: torch.Tensor, keeps: torch.Tensor, cuts) -> torch.Tensor:
+    """Per cut, how many prompts the routers send to an exit whose label says the answer changes: margins, keeps
+    [L, N] -> [len(cuts)] (a prompt exits at its first layer whose margin passes the cut)."""
+    cuts = torch.as_tensor(cuts, dtype=margins.dtype).reshape(-1, 1, 1)
+    changes = ~keeps.bool()
+    step = max(1, (1 << 23) // max(1, margins.numel()))  # cuts per chunk: at most ~8M booleans at once
+    out = []
+    for part in cuts.split(step):
+        fires = margins[None] > part  # [G, L, N]
+        first = fires.int().argmax(1, keepdim=True)  # [G, 1, N]: the first firing layer (0 where none fires)
+        changed = changes[None].expand_as(fires).gather(1, first)[:, 0]
+        out.append((fires.any(1) & changed).sum(-1))
+    return torch.cat(out)
+
+
+def choose_cut(margins: torch.Tensor, keeps: torch.Tensor, max_loss: float, delta: float) -> dict:
+    """Learn-then-Test with fixed-sequence testing over RISK_GRID (module docstring): the most lenient cut whose
+    null "risk > max_loss" is rejected at level delta, with every stricter cut rejected too. margins, keeps: [L, N]
+    (exit logit - keep logit; 1 where exiting after that layer keeps the answer) on prompts that did not train the
+    routers. Returns the cut (math.inf: none passed), its errors, n, the p-value and the Clopper-Pearson bound."""
+    n = margins.shape[1]
+    chosen, errors, p_value = math.inf, 0, None
+    for cut, k in zip(RISK_GRID, changed_answers(margins, keeps, RISK_GRID).tolist()):
+        p = binomial_cdf(k, n, max_loss)
+        if p > delta:
+            break
+        chosen, errors, p_value = cut, k, p
+    return {"cut": chosen, "errors": errors, "prompts": n, "p_value": p_value,
+            "bound": binomial_upper(errors, n, delta)}
 
 
 def _continuation(program: Program, exit_after: int) -> Program:
@@ -159,13 +262,31 @@ class DyVTERecipe(Recipe):
     holdout: dict | None = None
     calibration_seconds: float | None = None
     config_hash: str | None = None
+    # with max_loss: the threshold Learn-then-Test chose on the held-out prompts (choose_cut's fields, the cut as
+    # "never" when none passed; max_loss, delta; where the routers send those prompts at the cut)
+    risk: dict | None = None
 
     def __post_init__(self):
         self.layers = [int(x) for x in self.layers]
 
     def describe(self) -> str:
         rates = " ".join(f"L{k}:{v:.0%}" for k, v in (self.exit_label_rate or {}).items())
-        return f"routers at layers {self.layers}; exit-label rate {rates or '?'}; {self.samples} prompts"
+        line = f"routers at layers {self.layers}; exit-label rate {rates or '?'}; {self.samples} prompts"
+        r = self.risk
+        if r:
+            where = ("no threshold passed: the routers never fire (more held-out prompts needed)"
+                     if r["cut"] == "never" else
+                     f"exit probability > {1 / (1 + math.exp(-r['cut'])):.4g}, {r['errors']} changed answer(s), "
+                     f"share <= {r['bound']:.4f} at {1 - r['delta']:.0%} confidence")
+            line += (f"; threshold for max_loss={r['max_loss']:g} (delta={r['delta']:g}) on {r['prompts']} held-out "
+                     f"prompts: {where}")
+        return line
+
+    def risk_cut(self) -> float | None:
+        """The margin cut risk control chose (math.inf: never fire), or None without risk control."""
+        if not self.risk:
+            return None
+        return math.inf if self.risk["cut"] == "never" else float(self.risk["cut"])
 
     def reuse(self, files) -> str:
         return f"--pass dyvte:routers={files[-1]}" if len(files) > 1 else ""
@@ -209,13 +330,18 @@ def branch_plans(config: DyVTEConfig, geometry: Geometry, n_visual: int) -> tupl
 
 def apply(program: Program, config: DyVTEConfig, recipe: DyVTERecipe | None = None) -> Program:
     config.check_model(program.geometry)
+    config.check_risk()
     if config.exit_layer >= 0:
         return drop_visual(program, config.exit_layer + 1, by="dyvte")
     if recipe is None and config.routers:
         recipe = routers_recipe(config.routers)
     routers = load_routers(config, program.geometry, recipe)
+    if config.max_loss > 0 and recipe.risk:  # the held-out prompts, routed at the chosen cut
+        counts = {int(e): int(c) for e, c in recipe.risk["prompts_by_exit"].items()}
+    else:
+        counts = recipe.prompts_by_exit(config.threshold)
     program.branches = Branches(routers, {e: _continuation(program, e) for e in routers.layers}, by="dyvte",
-                                label=BRANCH_LABEL, calibration_prompts=recipe.prompts_by_exit(config.threshold))
+                                label=BRANCH_LABEL, calibration_prompts=counts)
     return program
 
 
@@ -247,8 +373,17 @@ def load_routers(config: DyVTEConfig, geometry: Geometry, recipe: DyVTERecipe | 
     if recipe is None:
         raise PassConfigError("dyvte with routers needs trained routers: calibrate them (--calibration DATA), give "
                               "dyvte:routers=FILE.safetensors, or use the static form dyvte:exit_layer=K")
-    return Routers.load({"layers": recipe.layers, "width": recipe.hidden, "threshold": config.threshold},
-                        recipe.routers, geometry)
+    cut = recipe.risk_cut() if config.max_loss > 0 else None
+    if config.max_loss > 0 and cut is None:
+        raise PassConfigError("dyvte: max_loss needs routers calibrated with it (their recipe holds no risk-"
+                              "controlled threshold); calibrate again with this max_loss")
+    if cut is not None and recipe.risk and (recipe.risk["max_loss"], recipe.risk["delta"]) != (config.max_loss,
+                                                                                             config.delta):
+        raise PassConfigError(f"dyvte: these routers' threshold was chosen for max_loss={recipe.risk['max_loss']}, "
+                              f"delta={recipe.risk['delta']}, not max_loss={config.max_loss}, delta={config.delta}; "
+                              "calibrate again")
+    return Routers.load({"layers": recipe.layers, "width": recipe.hidden, "threshold": config.threshold,
+                         "cut": "never" if cut == math.inf else cut}, recipe.routers, geometry)
 
 
 def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool = True):
@@ -330,16 +465,42 @@ def train_routers(x: dict, y: dict, dim: int, width: int, config: DyVTEConfig,
 def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = True) -> DyVTERecipe:
     """Train the routers on labels the frozen model gives itself (see the module docstring)."""
     t0 = time.perf_counter()
+    config.check_risk()
     x, y = router_labels(program, config, batches, progress)
     layers = sorted(x)
+    held = None
+    if config.max_loss > 0:  # a seeded share of the prompts chooses the threshold and never trains
+        n = len(y[layers[0]])
+        if n < 2:
+            raise PassConfigError("dyvte: max_loss needs at least 2 calibration prompts (some train the routers, "
+                                  "the others choose their threshold); raise samples")
+        n_risk = min(max(1, int(round(config.risk_prompts * n))), n - 1)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 1))
+        held, fit = order[:n_risk], order[n_risk:]
+        x_risk, y_risk = {e: x[e][held] for e in layers}, {e: y[e][held] for e in layers}
+        x, y = {e: x[e][fit] for e in layers}, {e: y[e][fit] for e in layers}
     width = config.width(program.geometry)
     routers, info = train_routers(x, y, program.geometry.hidden_size, width, config, progress)
     margins = info.pop("margins")
+    risk = None
+    if held is not None:
+        with torch.no_grad():
+            m = torch.stack([(lambda lg: lg[:, 1] - lg[:, 0])(routers.logits(e, x_risk[e])) for e in layers])
+        keeps = torch.stack([y_risk[e] for e in layers])
+        risk = choose_cut(m, keeps, config.max_loss, config.delta)
+        first = first_exits(m, risk["cut"]).tolist()
+        counts: dict[str, int] = {}
+        for i in first:
+            key = str(layers[i]) if i < len(layers) else "-1"
+            counts[key] = counts.get(key, 0) + 1
+        risk.update(cut="never" if math.isinf(risk["cut"]) else risk["cut"], max_loss=config.max_loss,
+                    delta=config.delta, prompts_by_exit=counts)
     return DyVTERecipe(layers=layers, hidden=width,
                        routers={k: v.detach().clone() for k, v in routers.state_dict().items()},
                        margins={str(e): torch.tensor(m) for e, m in margins.items()},
                        exit_label_rate={str(e): float(y[e].float().mean()) for e in layers}, **info,
-                       calibration_seconds=time.perf_counter() - t0, config_hash=program.geometry.config_hash())
+                       calibration_seconds=time.perf_counter() - t0, config_hash=program.geometry.config_hash(),
+                       risk=risk)
 
 
 PASS = register(PassDef(
