@@ -89,10 +89,11 @@ def check_calibration_flag(args, passes) -> None:
 
 def calibration_data(args, passes, spec) -> str | None:
     """--calibration, or on the shipped testbed its train split for passes that need data."""
-    needs = [p.name for p, c in passes if p.calibrate is not None and c.needs_calibration()]
+    needs = [(p.name, getattr(c, "samples", 64)) for p, c in passes if p.calibrate is not None
+             and c.needs_calibration()]  # each pass draws its own count (compiled._calibrate)
     if args.calibration is None and needs and spec.name == "testbed":
-        log.info(f"{', '.join(needs)}: calibrating on 64 prompts of the testbed's train split (--calibration to "
-                 "change)")
+        counts = ", ".join(f"{name}: {n}" for name, n in needs)
+        log.info(f"calibrating on prompts of the testbed's train split ({counts}; --calibration to change)")
         return "testbed"
     return args.calibration
 
