@@ -44,15 +44,21 @@ def _choose(val_rows, base):
 ORACLE = "exit oracle (answer key; a ceiling for routers)"
 
 
+def oracle_exits(correct, layers) -> list[int]:
+    """Per test question, the earliest layer whose static exit answers it at least as right as no exit (-1: none
+    does; a question the unpruned model gets wrong exits after layer 0)."""
+    static = [f"static exit after layer {e}" for e in range(layers - 1)]
+    return [0 if not right else next((e for e, name in enumerate(static) if correct[name][q]), -1)
+            for q, right in enumerate(correct["unpruned"])]
+
+
 def _oracle(rows, correct, layers):
     """Each test question exits after the earliest layer whose static exit answers it at least as right as no
     exit (a question the unpruned model gets wrong exits after layer 0): the most FLOPs any per-question exit
     choice saves without losing a question. It reads the answer key, so no router can beat it."""
     by_setup = {r["setup"]: r for r in rows}
     static = [f"static exit after layer {e}" for e in range(layers - 1)]
-    exits = []
-    for q, right in enumerate(correct["unpruned"]):
-        exits.append(0 if not right else next((e for e, name in enumerate(static) if correct[name][q]), -1))
+    exits = oracle_exits(correct, layers)
     n = len(exits)
     ratio = {-1: by_setup["unpruned"]} | {e: by_setup[name] for e, name in enumerate(static)}
     return {"setup": ORACLE,
@@ -61,6 +67,30 @@ def _oracle(rows, correct, layers):
             **{k: sum(ratio[e][k] for e in exits) / n for k in ("paper_flops_ratio", "true_flops_ratio")},
             "exit_layers": {str(e): exits.count(e) for e in sorted(set(exits))}, "top1_agreement": None,
             "router_training_s": None}
+
+
+def study(kinds, oracle, routed, right, base_right, layers):
+    """Where routers err against the exit oracle, per question kind: (kind rows, confusion rows). A question exits
+    too early when the routers' exit layer is before the oracle's (no exit counts as layer L-1), too late when
+    after; lost: the unpruned model answers it, the routers' program does not."""
+    pos = [(e if e >= 0 else layers - 1) for e in oracle], [(e if e >= 0 else layers - 1) for e in routed]
+    by_kind = {}
+    for q, kind in enumerate(kinds):
+        for k in (kind, "all"):
+            r = by_kind.setdefault(k, {"kind": k, "questions": 0, "lost": 0, "too early": 0, "too late": 0,
+                                       "as the oracle": 0, "oracle mean exit": 0.0, "router mean exit": 0.0})
+            r["questions"] += 1
+            r["lost"] += int(base_right[q] and not right[q])
+            r["too early" if pos[1][q] < pos[0][q] else "too late" if pos[1][q] > pos[0][q] else "as the oracle"] += 1
+            r["oracle mean exit"] += pos[0][q]
+            r["router mean exit"] += pos[1][q]
+    for r in by_kind.values():
+        r["oracle mean exit"] /= r["questions"]
+        r["router mean exit"] /= r["questions"]
+    ways = list(range(layers - 1)) + [-1]
+    confusion = [{"oracle exit": e, **{f"router {f}": sum(1 for o, g in zip(oracle, routed) if o == e and g == f)
+                                       for f in ways}} for e in ways]
+    return [by_kind[k] for k in sorted(by_kind, key=lambda k: (k == "all", k))], confusion
 
 
 def main(argv=None) -> int:
@@ -126,6 +156,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     correct = {}  # setup -> 1/0 per test question (unpruned and static exits, for the oracle row)
+    exits, kinds = {}, []  # setup -> exit layer per test question (routed programs); each question's kind
 
     def run(label, spec, on_val=False, recipes=None):
         """One test row (and a val row): routers are trained unless ``recipes`` holds them already."""
@@ -134,6 +165,8 @@ def main(argv=None) -> int:
         res = evaluate(cm, "testbed", limit=args.limit, progress=False, per_sample=True,
                        max_new_tokens=args.max_new_tokens)
         correct[label] = res.pop("correct")
+        kinds[:] = res.pop("kinds")
+        exits[label] = res.pop("exits", None)
         row = _row(label, res, cm.recipes.get("dyvte") if needs else None)
         print(f"{label}: {100 * row['accuracy']:.1f}% paper {row['paper_flops_ratio']:.3f}", file=sys.stderr)
         return row, (_row(label, evaluate(cm, val, progress=False, max_new_tokens=args.max_new_tokens))
@@ -183,13 +216,26 @@ def main(argv=None) -> int:
         choice = (f"\n\nThe router setting marked * was chosen on {len(val)} val questions (unpruned: "
                   f"{100 * val_base:.1f}%), from the val numbers alone: the most paper FLOPs saved within "
                   f"{100 * TARGET_LOSS:g} point of the unpruned val accuracy; fastv + dyvte uses it.\n\n{val_table}")
+    studies = []
+    oracle = oracle_exits(correct, layers)
+    for r in rows:
+        if exits.get(r["setup"]) is not None and r["setup"].startswith("dyvte (routers"):
+            per_kind, confusion = study(kinds, oracle, exits[r["setup"]], correct[r["setup"]], correct["unpruned"],
+                                        layers)
+            studies.append(f"### {r['setup']}\n\n" + tabulate(
+                [[(f"{v:.2f}" if isinstance(v, float) else v) for v in row.values()] for row in per_kind],
+                headers=list(per_kind[0]), tablefmt="github") + "\n\nExit layer per question (-1: none), oracle x routers:"
+                "\n\n" + tabulate([list(row.values()) for row in confusion], headers=list(confusion[0]),
+                                  tablefmt="github"))
+    study_text = ("\n\n## Where the routers err (vs the exit oracle)\n\n" + "\n\n".join(studies)) if studies else ""
+    print(study_text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python bench/dyvte.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.with_suffix(".md").write_text(
         f"# DyVTE on {adapter.spec.label}\n\nCommand: `{cmd}`\n\n{args.limit} held-out test questions per row; "
         f"routers trained on {args.samples} train-split prompts (held out to pick each router's epoch: "
         f"{DyVTEConfig().holdout if args.holdout is None else args.holdout:g}); {seconds:.0f} s in all on "
-        f"{torch.get_num_threads()} CPU threads.\n\n{table}{choice}\n")
+        f"{torch.get_num_threads()} CPU threads.\n\n{table}{choice}{study_text}\n")
     args.out.with_suffix(".json").write_text(json.dumps({"test": rows, "val": val_rows}, indent=2))
     return 0
 

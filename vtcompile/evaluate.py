@@ -99,7 +99,8 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     model: a CompiledModel (from compile_pruned / load_compiled), or anything compile_pruned accepts (then no
     passes). data: 'testbed', a JSONL path, or a list of Sample. max_new_tokens: answers are generated up to this
     many tokens and compared whole; 1 scores the next token. per_sample: also return "correct", 1/0 for each
-    evaluated sample in data order (bad samples skipped). reference: the unpruned CompiledModel to measure fidelity
+    evaluated sample in data order (bad samples skipped), "kinds", each one's question kind, and for a program with
+    branches "exits", each one's exit layer (-1: none). reference: the unpruned CompiledModel to measure fidelity
     against (default: built from the same model), or a Reference holding it (its answers are reused across calls)."""
     from tqdm import tqdm
 
@@ -124,7 +125,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     t0 = time.perf_counter()
     per_kind: dict[str, list[int]] = {}
     ref_first, new_first = [], []
-    kept_visual, exits, correct, ended, same, agree = [], [], [], [], [], []
+    kept_visual, exits, correct, ended, same, agree, kinds = [], [], [], [], [], [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress):
         chunk, images, answers = [], [], []
         for s in samples[start:start + batch_size]:
@@ -159,6 +160,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         for s, h in zip(chunk, hits):
             per_kind.setdefault(s.kind, []).append(h)
         correct += hits
+        kinds += [s.kind for s in chunk]
     if not per_kind:
         raise InputError("no sample could be evaluated" + (f" ({bad} bad skipped)" if bad else ""))
     setup = sum(sum(m.setup_seconds()) for m in models) - setup0  # stages compiled or loaded at their first use
@@ -195,7 +197,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         "visual_tokens_kept_mean": sum(kept_visual) / max(1, len(kept_visual)),
         "wall_seconds": seconds,
         "compile_seconds": setup,
-        **({"correct": correct} if per_sample else {}),
+        **({"correct": correct, "kinds": kinds, **({"exits": exits} if exits else {})} if per_sample else {}),
     }
 
 

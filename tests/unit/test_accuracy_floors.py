@@ -62,7 +62,11 @@ def test_pass_keeps_its_accuracy(spec, slice_and_reference):
     cm = compile_pruned("testbed", spec, calibration="testbed" if calibrates else None, recipes=stored,
                         progress=False)
     torch.manual_seed(0)
-    res = evaluate(cm, samples, progress=False, max_new_tokens=F.MAX_NEW_TOKENS, reference=reference)
+    res = evaluate(cm, samples, progress=False, max_new_tokens=F.MAX_NEW_TOKENS, reference=reference, per_sample=True)
+    assert len(res["correct"]) == len(res["kinds"]) == len(samples)
+    assert sum(res["correct"]) / len(samples) == pytest.approx(res["accuracy"])
+    if res["exit_layers"]:  # routed: each question's exit, the histogram's source
+        assert {str(e): res["exits"].count(e) for e in set(res["exits"])} == res["exit_layers"]
     acc_floor, top1_floor = F.floors(spec)
     acc, top1 = res["accuracy"], res["fidelity"]["top1_agreement"]
     print(f"{spec}: accuracy {acc:.3f} (floor {acc_floor:.3f}), top-1 agreement {top1:.3f} (floor {top1_floor:.3f}) "

@@ -328,6 +328,23 @@ def test_bench_oracle_row():
     assert row["true_flops_ratio"] == pytest.approx((0.6 + 0.9 + 0.3 + 0.3 + 1.0) / 5)
 
 
+def test_bench_study_counts_early_late_and_lost_answers_per_kind():
+    """bench/dyvte.py's study: per kind, questions the routers send before / after / to the oracle's exit (no exit
+    = layer L-1), answers lost against unpruned, and the oracle x routers exit table."""
+    bench = _bench()
+    kinds = ["count", "color", "count", "color"]
+    oracle, routed = [-1, 0, 1, 2], [0, 0, -1, 2]  # q0 early (0 < none), q1 same, q2 late (none > 1), q3 same
+    rows, confusion = bench.study(kinds, oracle, routed, right=[0, 1, 1, 1], base_right=[1, 1, 1, 0], layers=4)
+    by = {r["kind"]: r for r in rows}
+    assert [r["kind"] for r in rows] == ["color", "count", "all"]
+    assert (by["count"]["too early"], by["count"]["too late"], by["count"]["as the oracle"]) == (1, 1, 0)
+    assert (by["color"]["as the oracle"], by["count"]["lost"], by["color"]["lost"], by["all"]["lost"]) == (2, 1, 0, 1)
+    assert by["count"]["oracle mean exit"] == (3 + 1) / 2 and by["count"]["router mean exit"] == (0 + 3) / 2
+    table = {r["oracle exit"]: r for r in confusion}
+    assert table[-1]["router 0"] == 1 and table[1]["router -1"] == 1 and table[2]["router 2"] == 1
+    assert sum(v for r in confusion for k, v in r.items() if k != "oracle exit") == 4
+
+
 @pytest.mark.parametrize("argv", [["--loss-ratios", "x"], ["--layers", "1/two"], ["--layers", "1/2/9"],
                                   ["--thresholds", "0.5,1"], ["--thresholds", "high"]])
 def test_bench_refuses_bad_arguments(argv, capsys):

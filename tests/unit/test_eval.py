@@ -147,6 +147,7 @@ def test_per_sample_correctness_is_in_data_order():
     alone = [evaluate(cm, [s], progress=False, max_new_tokens=1)["accuracy"] for s in samples]
     assert res["correct"] == alone and res["correct"][i] == res["correct"][j] == 0
     assert sum(res["correct"]) / 8 == res["accuracy"] and sum(res["correct"]) >= 5
+    assert res["kinds"] == [s.kind for s in samples] and "exits" not in res  # no branches: no exit per sample
     assert "correct" not in evaluate(cm, samples[:2], progress=False, max_new_tokens=1)
 
 
