@@ -29,7 +29,7 @@ def _row(label, res, recipe=None):
     return {"setup": label, "accuracy": res["accuracy"], "paper_flops_ratio": res["paper_flops_ratio"],
             "true_flops_ratio": res["true_flops_ratio"], "exit_layers": res["exit_layers"],
             "top1_agreement": res["fidelity"]["top1_agreement"],
-            "router_training_s": (recipe or {}).get("calibration_seconds")}
+            "router_training_s": getattr(recipe, "calibration_seconds", None)}
 
 
 def _choose(val_rows, base):
