@@ -142,19 +142,23 @@ class Routers(nn.Module, Decision):
     def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         return self.mlps[str(layer)](features)
 
+    def margin(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """Exit logit - keep logit per row: the router fires where it passes ``cut``."""
+        logit = self.logits(layer, features)
+        return logit[:, 1] - logit[:, 0]
+
     def state(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict())
 
     def meta(self) -> dict:
-        cut = "never" if self.chosen_cut == math.inf else self.chosen_cut  # JSON has no infinity
-        return {"layers": list(self.layers), "width": self.width, "threshold": self.threshold, "cut": cut}
+        return {"layers": list(self.layers), "width": self.width, "threshold": self.threshold,
+                "cut": cut_to_json(self.chosen_cut)}
 
     @classmethod
     def load(cls, meta: dict, state: dict, geometry: Geometry) -> "Routers":
         _check_width(state, geometry)
-        cut = meta.get("cut")  # None (or absent, before risk control): the threshold's
         routers = cls(meta["layers"], geometry.hidden_size, meta["width"], meta["threshold"],
-                      math.inf if cut == "never" else cut)
+                      cut_from_json(meta.get("cut")))  # None (or absent, before risk control): the threshold's
         routers.load_state_dict(state)
         return routers.eval()
 
@@ -163,8 +167,17 @@ class Routers(nn.Module, Decision):
         """True for rows whose router says exit: exit logit - keep logit > cut, i.e. exit probability > threshold
         (cut log(threshold / (1 - threshold)), 0 at the default 0.5: exit logit > keep logit), or the cut that
         risk control chose."""
-        logit = self.logits(layer, router_features(hidden, visual).to(self.mlps[str(layer)][0].weight.dtype))
-        return (logit[:, 1] - logit[:, 0] > self.cut).cpu()
+        features = router_features(hidden, visual).to(self.mlps[str(layer)][0].weight.dtype)
+        return (self.margin(layer, features) > self.cut).cpu()
+
+
+def cut_to_json(cut: float | None):
+    """A chosen cut as JSON holds it: infinity (never fire) as "never"; None stays None."""
+    return "never" if cut == math.inf else cut
+
+
+def cut_from_json(value) -> float | None:
+    return math.inf if value == "never" else (None if value is None else float(value))
 
 
 def exit_cut(threshold: float) -> float:
@@ -207,6 +220,15 @@ def first_exits(margins: torch.Tensor, cut: float) -> torch.Tensor:
     (no exit)."""
     fires = margins > cut
     return torch.where(fires.any(0), fires.int().argmax(0), torch.full_like(fires[0], margins.shape[0], dtype=torch.long))
+
+
+def exit_counts(margins: torch.Tensor, layers: list[int], cut: float) -> dict[int, int]:
+    """Where routers at `cut` send prompts: [L, N] margins at `layers` -> {exit layer (-1: none): prompts}."""
+    counts: dict[int, int] = {}
+    for i in first_exits(margins, cut).tolist():
+        e = layers[i] if i < len(layers) else -1
+        counts[e] = counts.get(e, 0) + 1
+    return counts
 
 
 def changed_answers(margins: torch.Tensor, keeps: torch.Tensor, cuts) -> torch.Tensor:
@@ -284,9 +306,7 @@ class DyVTERecipe(Recipe):
 
     def risk_cut(self) -> float | None:
         """The margin cut risk control chose (math.inf: never fire), or None without risk control."""
-        if not self.risk:
-            return None
-        return math.inf if self.risk["cut"] == "never" else float(self.risk["cut"])
+        return cut_from_json(self.risk["cut"]) if self.risk else None
 
     def reuse(self, files) -> str:
         return f"--pass dyvte:routers={files[-1]}" if len(files) > 1 else ""
@@ -299,13 +319,9 @@ class DyVTERecipe(Recipe):
         that prompt. None when the routers did not come from calibration (a routers file)."""
         if not self.margins:
             return None
-        cut = exit_cut(threshold)
         layers = sorted(self.margins, key=int)
-        counts: dict[int, int] = {}
-        for i in range(len(self.margins[layers[0]])):
-            exit_at = next((int(e) for e in layers if float(self.margins[e][i]) > cut), -1)
-            counts[exit_at] = counts.get(exit_at, 0) + 1
-        return counts
+        margins = torch.stack([torch.as_tensor(self.margins[e], dtype=torch.float64) for e in layers])
+        return exit_counts(margins, [int(e) for e in layers], exit_cut(threshold))
 
 
 def plan(config: DyVTEConfig, geometry: Geometry, n_visual: int, recipe=None):
@@ -336,7 +352,7 @@ def apply(program: Program, config: DyVTEConfig, recipe: DyVTERecipe | None = No
     if recipe is None and config.routers:
         recipe = routers_recipe(config.routers)
     routers = load_routers(config, program.geometry, recipe)
-    if config.max_loss > 0 and recipe.risk:  # the held-out prompts, routed at the chosen cut
+    if config.max_loss > 0:  # the held-out prompts, routed at the chosen cut (load_routers checked there is one)
         counts = {int(e): int(c) for e, c in recipe.risk["prompts_by_exit"].items()}
     else:
         counts = recipe.prompts_by_exit(config.threshold)
@@ -377,13 +393,12 @@ def load_routers(config: DyVTEConfig, geometry: Geometry, recipe: DyVTERecipe | 
     if config.max_loss > 0 and cut is None:
         raise PassConfigError("dyvte: max_loss needs routers calibrated with it (their recipe holds no risk-"
                               "controlled threshold); calibrate again with this max_loss")
-    if cut is not None and recipe.risk and (recipe.risk["max_loss"], recipe.risk["delta"]) != (config.max_loss,
-                                                                                             config.delta):
+    if cut is not None and (recipe.risk["max_loss"], recipe.risk["delta"]) != (config.max_loss, config.delta):
         raise PassConfigError(f"dyvte: these routers' threshold was chosen for max_loss={recipe.risk['max_loss']}, "
                               f"delta={recipe.risk['delta']}, not max_loss={config.max_loss}, delta={config.delta}; "
                               "calibrate again")
     return Routers.load({"layers": recipe.layers, "width": recipe.hidden, "threshold": config.threshold,
-                         "cut": "never" if cut == math.inf else cut}, recipe.routers, geometry)
+                         "cut": cut_to_json(cut)}, recipe.routers, geometry)
 
 
 def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool = True):
@@ -453,8 +468,7 @@ def train_routers(x: dict, y: dict, dim: int, width: int, config: DyVTEConfig,
         acc = {str(e): float((routers.logits(e, x[e]).argmax(-1) == y[e]).float().mean()) for e in layers}
         margins = {}  # per layer and prompt: exit logit - keep logit (DyVTERecipe.prompts_by_exit)
         for e in layers:
-            logits = routers.logits(e, x[e])
-            margins[str(e)] = (logits[:, 1] - logits[:, 0]).tolist()
+            margins[str(e)] = routers.margin(e, x[e]).tolist()
     return routers, {
         "router_train_accuracy": acc, "samples": n, "final_loss": loss.item(),
         "holdout": None if not n_hold else {"prompts": n_hold, "epochs": {str(e): best[e][1] for e in layers},
@@ -485,15 +499,11 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
     risk = None
     if held is not None:
         with torch.no_grad():
-            m = torch.stack([(lambda lg: lg[:, 1] - lg[:, 0])(routers.logits(e, x_risk[e])) for e in layers])
+            m = torch.stack([routers.margin(e, x_risk[e]) for e in layers])
         keeps = torch.stack([y_risk[e] for e in layers])
         risk = choose_cut(m, keeps, config.max_loss, config.delta)
-        first = first_exits(m, risk["cut"]).tolist()
-        counts: dict[str, int] = {}
-        for i in first:
-            key = str(layers[i]) if i < len(layers) else "-1"
-            counts[key] = counts.get(key, 0) + 1
-        risk.update(cut="never" if math.isinf(risk["cut"]) else risk["cut"], max_loss=config.max_loss,
+        counts = {str(e): c for e, c in exit_counts(m, layers, risk["cut"]).items()}  # JSON keys
+        risk.update(cut=cut_to_json(risk["cut"]), max_loss=config.max_loss,
                     delta=config.delta, prompts_by_exit=counts)
     return DyVTERecipe(layers=layers, hidden=width,
                        routers={k: v.detach().clone() for k, v in routers.state_dict().items()},
