@@ -32,7 +32,8 @@ def compile_pruned(model=DEFAULT_MODEL, passes=None, target: str = "eager", cali
     """Capture `model`, apply `passes` in order and lower to `target`.
 
     model: a preset name / checkpoint directory, a transformers model of a supported family
-    (LlavaForConditionalGeneration with a Llama, Mistral, Qwen2 or Gemma backbone), or an adapter from
+    (LlavaForConditionalGeneration with a Llama, Mistral, Qwen2 or Gemma backbone; Qwen2VLForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration), or an adapter from
     vtcompile.models.load_model. passes: a name ('NAME'), a spec ('NAME:field=value,...'; `vtcompile passes`), a config
     object, a (name, {field: value}) tuple, or a list of those. calibration: data for passes that calibrate
     (PassDef.calibrate): 'testbed', a JSONL file, a list of (input_ids, pixel_values, attention_mask), or

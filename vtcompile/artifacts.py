@@ -174,8 +174,10 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    check_destination(out, force)
     adapter = cm.adapter
+    if adapter.no_artifacts:
+        raise ArtifactError(f"models of family {adapter.name!r} cannot be saved as artifacts yet: {adapter.no_artifacts}")
+    check_destination(out, force)
     tmp = temp_dir(out)
     try:
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from .models import Family, ModelSpec
 from .report import Report, exit_rows
 from .runtime.executable import Executable, lower_program
 from .runtime.cache import CachePool
+from .runtime.executor import PrefillResult, merge_rows
 from .runtime.generate import GenerationConfig, GenerationStats, generate
 from .runtime.inputs import PreparedInputs, prepare
 
@@ -163,7 +164,7 @@ class CompiledModel:
             program = build_program(self.captured, n_visual, self.passes[:i], self.recipes)
             batches = []
             for item in calibration_prompts(self.frontend, calibration, getattr(config, "samples", 64)):
-                prepared = self.prepare(*item)
+                prepared = self.prepare(**item)
                 if prepared.n_visual != n_visual:
                     raise InputError(f"calibration prompts must hold one image ({n_visual} image tokens per row); "
                                      f"found {prepared.n_visual}")
@@ -199,18 +200,47 @@ class CompiledModel:
         return self.executable(n_visual).program
 
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None
-                ) -> PreparedInputs:
+                attention_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                **images) -> PreparedInputs:
         """Checked, merged decoder inputs of a prompt batch (what the programs take); image_features: the vision
-        stage's output (frontend.image_features) when it ran beforehand, instead of pixel_values."""
-        return prepare(self.frontend, input_ids, pixel_values, attention_mask, image_features)
+        stage's output (frontend.image_features) when it ran beforehand, instead of pixel_values; images: the
+        family's other processor outputs (frontend.image_inputs, e.g. Qwen2-VL's image_grid_thw)."""
+        return prepare(self.frontend, input_ids, pixel_values, attention_mask, image_features, **images)
+
+    def row_groups(self, prepared: PreparedInputs) -> list[tuple[torch.Tensor | None, Executable]]:
+        """(rows, the program for their visual-token count) per count in the batch; rows None: the whole batch.
+        Rows whose images differ in size (dynamic resolution) hold different counts: each group runs the program of
+        its count, so every row keeps its own share of its own visual tokens."""
+        counts = prepared.visual_mask.sum(1)
+        values = sorted(set(counts.tolist()))
+        if len(values) == 1:
+            return [(None, self.executable(values[0]))]
+        return [((counts == n).nonzero().flatten(), self.executable(n)) for n in values]
+
+    def prefill(self, prepared: PreparedInputs) -> PrefillResult:
+        """The pruned prefill of a prepared batch: one program, or one per visual-token count (row_groups), their
+        outputs merged into one batch like rows that branch (runtime.executor.merge_rows: left-padded per output)."""
+        groups = self.row_groups(prepared)
+        if groups[0][0] is None:
+            return groups[0][1].prefill(prepared)
+        batch = prepared.input_ids.shape[0]
+        parts, exits, branched = [], [-1] * batch, False
+        for rows, exe in groups:
+            result = exe.prefill(prepared.select(rows))
+            parts.append((rows.to(prepared.input_ids.device), result.values))
+            if result.exit_layers is not None:
+                branched = True
+                for row, layer in zip(rows.tolist(), result.exit_layers):
+                    exits[row] = layer
+        return PrefillResult(merge_rows(parts, batch, groups[0][1].signature), exits if branched else None)
 
     # -- running -----------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None) -> PrunedOutput:
-        prepared = self.prepare(input_ids, pixel_values, attention_mask)
-        result = self.executable(prepared.n_visual).prefill(prepared)
+                 attention_mask: torch.Tensor | None = None, **images) -> PrunedOutput:
+        """The pruned prefill; images: the family's other processor outputs (e.g. image_grid_thw)."""
+        prepared = self.prepare(input_ids, pixel_values, attention_mask, **images)
+        result = self.prefill(prepared)
         v = result.values
         return PrunedOutput(v["logits"], v["positions"], v["visual"], result.exit_layers, v)
 
@@ -230,27 +260,29 @@ class CompiledModel:
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
                  pad_token_id: int | None = None, streamer=None, generator: torch.Generator | None = None,
-                 ) -> torch.Tensor:
+                 **images) -> torch.Tensor:
         """Tokens [B, S + n] like transformers' generate: the prompt, then up to max_new_tokens new tokens per row
         (rows that ended are padded with pad_token_id). Prefill is the pruned program; each new token runs the
         compiled decode step over the per-layer caches (runtime/generate.py). `cm.last_generation` holds the
         timings and cache sizes of the call; compiling or loading stages (a first call) is kept out of the timings and
-        given apart (compile_seconds, load_seconds)."""
+        given apart (compile_seconds, load_seconds). images: the family's other processor outputs (e.g. Qwen2-VL's
+        image_grid_thw), so `cm.generate(**processor(images=..., text=..., return_tensors="pt"))` works."""
         config = self.generation_config(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                                         pad_token_id=pad_token_id)
         self._check_context(input_ids, max_new_tokens)
         setup0 = self.setup_seconds()
         t0 = time.perf_counter()
-        prepared = self.prepare(input_ids, pixel_values, attention_mask)  # vision + merge: part of TTFT
+        prepared = self.prepare(input_ids, pixel_values, attention_mask, **images)  # vision + merge: part of TTFT
         t_prepare = time.perf_counter() - t0
-        exe = self.executable(prepared.n_visual)  # a program for a new image count is built and lowered here
-        step = exe.step_stage()
+        groups = self.row_groups(prepared)  # a program for a new visual-token count is built and lowered here
+        exe = groups[0][1]
+        step = exe.step_stage()  # token selection is undone in the step: one step serves every count's caches
         step.lower()  # the decode step compiled (or loaded from the artifact) before the clock starts
-        prefill_stages = exe.prefill_stages()
+        prefill_stages = [s for _, e in groups for s in e.prefill_stages()]
         prefill0, step0 = _setup(prefill_stages), _setup([step])
         stats = GenerationStats()
-        out = generate(exe.prefill, step, self.frontend.embed_tokens, prepared, config, streamer=streamer,
+        out = generate(self.prefill, step, self.frontend.embed_tokens, prepared, config, streamer=streamer,
                        generator=generator, stats=stats, signature=exe.signature, pool=self.cache_pool)
         # Stages of a program with branches are lowered at their first call, inside prefill; a JIT decode step
         # compiles inside its first call: neither is run time.

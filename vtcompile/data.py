@@ -277,21 +277,24 @@ def sample_image(sample: Sample):
 
 
 # -- calibration ----------------------------------------------------------------------------------------
-def calibration_prompts(frontend, calibration, samples: int) -> list[tuple]:
-    """Calibration prompts, one per batch, as (input_ids, pixel_values, attention_mask).
+_PROMPT = ("input_ids", "pixel_values", "attention_mask")
+
+
+def calibration_prompts(frontend, calibration, samples: int) -> list[dict]:
+    """Calibration prompts, one per batch, as {input name: tensor} (what CompiledModel.prepare takes).
 
     calibration: 'testbed' (its train split) or a JSONL file, through the model's processor; 'synthetic' (random
-    prompts, for random-weight smoke tests); or a list of (input_ids, pixel_values, attention_mask) tuples."""
+    prompts, for random-weight smoke tests); or a list of (input_ids, pixel_values, attention_mask) tuples or of
+    dicts as the processor returns them."""
     if isinstance(calibration, str) and calibration == "synthetic":
         return [frontend.example_inputs(batch=1, seed=1000 + i) for i in range(samples)]
     if isinstance(calibration, (str, Path)):
         data, _ = load_data(str(calibration), limit=samples, split="train")
         enc = PromptEncoder(frontend.processor)
-        return [enc.batch([s.question], [sample_image(s)]) for s in data]
+        return [dict(zip(_PROMPT, enc.batch([s.question], [sample_image(s)]))) for s in data]
     if isinstance(calibration, (list, tuple)):
         items = list(calibration)[:samples]
-        return [(i["input_ids"], i.get("pixel_values"), i.get("attention_mask")) if isinstance(i, dict) else tuple(i)
-                for i in items]
+        return [dict(i) if isinstance(i, dict) else dict(zip(_PROMPT, i)) for i in items]
     raise InputError(f"calibration data {calibration!r} is not understood; give 'testbed', a JSONL file, a list "
                      "of (input_ids, pixel_values, attention_mask) tuples, or 'synthetic'")
 

@@ -243,16 +243,16 @@ def self_check(cm, agreement_floor: float = 0.9) -> dict:
 
     if cm.spec.name == "testbed":
         data, _ = load_data("testbed", limit=16, split="val")
-        ids, pixels, mask = PromptEncoder(cm.frontend.processor).batch([s.question for s in data],
-                                                                      [sample_image(s) for s in data])
+        batch = dict(zip(("input_ids", "pixel_values", "attention_mask"), PromptEncoder(cm.frontend.processor).batch(
+            [s.question for s in data], [sample_image(s) for s in data])))
         what = "16 testbed val questions"
     else:
-        ids, pixels, mask = cm.frontend.example_inputs(batch=2)
+        batch = cm.frontend.example_inputs(batch=2)
         what = "synthetic, 2 rows, left padding"
-    out = cm(ids, pixels, mask)
+    out = cm(**batch)
     with torch.no_grad():
-        ref = cm.adapter.model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
-                               position_ids=prepare(cm.frontend, ids, pixels, mask).position_ids).logits
+        positions = prepare(cm.frontend, **batch).position_ids
+        ref = cm.adapter.model(**batch, position_ids=cm.adapter.lm_position_ids(positions)).logits
     fid = next_token_fidelity(ref[:, -1], out.logits[:, -1])
     ok = fid["top1_agreement"] >= agreement_floor
     verdict = "ok" if ok else (f"WARNING: the pruned model's next token differs from the unpruned one on "

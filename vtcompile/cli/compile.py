@@ -80,8 +80,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'HxW' in pixels -> (H, W)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise InputError(f"--image-size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 448x448")
+    return int(parts[0]), int(parts[1])
+
+
 def cmd_flops(args) -> int:
-    from ..models import geometry_of
+    from ..models import family_of_config, geometry_of, model_config
     from ..models.presets import PRESETS
     from ..report import flops_tables, static_report
 
@@ -93,7 +101,11 @@ def cmd_flops(args) -> int:
         args.random_weights = not PRESETS[name].shipped  # FLOPs need only the geometry, never weights
     spec = spec_of(args)
     geom = geometry_of(spec)
-    n_visual = geom.visual_tokens_per_image * args.images
+    per_image = geom.visual_tokens_per_image
+    if args.image_size is not None:
+        config = model_config(spec)
+        per_image = family_of_config(config).visual_tokens_for_size(config, *parse_image_size(args.image_size))
+    n_visual = per_image * args.images
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[spec.dtype]
     report, branches, label = static_report(geom, passes, n_visual, args.text_tokens, dtype_bytes)
     if args.json:
@@ -167,6 +179,10 @@ def register(sub) -> None:
     model_args(p)
     pass_args(p)
     p.add_argument("--images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--image-size", metavar="HxW", default=None,
+                   help="each image's size in pixels, for dynamic-resolution families (Qwen2-VL: (H/14)(W/14)/4 "
+                        "visual tokens); default: the family's reference image (Qwen2-VL 448x448; LLaVA's count is "
+                        "fixed)")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt text length (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_flops)

@@ -40,6 +40,7 @@ class DecodeGraph:
     cache_shapes: dict[int, tuple[int, int]]  # layer -> (kv heads, head dim), read from the graph
     dtype: torch.dtype
     hidden_size: int
+    position_axes: int = 1  # RoPE position axes per token (3: M-RoPE, position_ids [B, T, 3])
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -48,16 +49,21 @@ class DecodeGraph:
     def example_inputs(self, batch: int = 3, prompt: int = 7, new: int = 5) -> tuple[torch.Tensor, ...]:
         """Real inputs for tracing/exporting the step: every layer's cache has a length of its own (so that no
         two lengths are unified into one symbol when a later prompt gives them other lengths)."""
-        return example_decode_inputs(self.layers, self.cache_shapes, self.dtype, self.hidden_size, batch, prompt, new)
+        return example_decode_inputs(self.layers, self.cache_shapes, self.dtype, self.hidden_size, batch, prompt, new,
+                                     self.position_axes)
 
     def info(self) -> dict:
-        return {"layers": list(self.layers), "cache_shapes": {str(k): list(v) for k, v in self.cache_shapes.items()},
+        info = {"layers": list(self.layers), "cache_shapes": {str(k): list(v) for k, v in self.cache_shapes.items()},
                 "dtype": str(self.dtype).replace("torch.", ""), "hidden_size": self.hidden_size}
+        if self.position_axes != 1:
+            info["position_axes"] = self.position_axes
+        return info
 
 
 def example_decode_inputs(layers, cache_shapes, dtype, hidden_size: int, batch: int = 3, prompt: int = 7,
-                          new: int = 5) -> tuple[torch.Tensor, ...]:
-    out = [torch.zeros(batch, 1, hidden_size, dtype=dtype), torch.full((batch, 1), prompt, dtype=torch.long),
+                          new: int = 5, position_axes: int = 1) -> tuple[torch.Tensor, ...]:
+    position = torch.full((batch, 1) if position_axes == 1 else (batch, 1, position_axes), prompt, dtype=torch.long)
+    out = [torch.zeros(batch, 1, hidden_size, dtype=dtype), position,
            torch.full((batch, 1), prompt + 1, dtype=torch.long), torch.zeros(len(layers), dtype=torch.long)]
     for i, layer in enumerate(layers):
         heads, dim = cache_shapes[layer]
@@ -168,11 +174,12 @@ def decode_graph(program: Program, in_place: bool = True) -> DecodeGraph:
     tidy(gm)
     sig = decode_signature(layers, in_place)
     dtype, hidden = embeds.meta["val"].dtype, int(embeds.meta["val"].shape[-1])
+    axes = program.geometry.position_axes
     dims = decode_dynamic_dims(layers)
-    refresh_meta(gm, FakeInputs(list(example_decode_inputs(layers, shapes, dtype, hidden)), dims))
+    refresh_meta(gm, FakeInputs(list(example_decode_inputs(layers, shapes, dtype, hidden, position_axes=axes)), dims))
     stage = Stage(f"{stem(program)}-decode", gm, list(sig.inputs), sig.output_names, [True, True, True, False] +
                   [True] * (3 * len(layers)), dims, role="decode")
-    return DecodeGraph(stage, sig, layers, shapes, dtype, hidden)
+    return DecodeGraph(stage, sig, layers, shapes, dtype, hidden, axes)
 
 
 def _plain_gqa(prefill_arg: fx.Node) -> bool:

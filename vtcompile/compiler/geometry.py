@@ -25,6 +25,9 @@ class Geometry:
     windows: tuple = ()
     # What the family provides that passes may need (PassDef.needs), e.g. "attention_taps", "fixed_image_tokens".
     features: tuple = ()
+    # RoPE position axes per token: 1 (position_ids [B, S]) or 3 for M-RoPE (temporal, height, width: position_ids
+    # [B, S, 3], token axis 1 like every other input; the family's decoder seam turns them into what its LM takes).
+    position_axes: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "windows", tuple(self.windows))
@@ -43,6 +46,8 @@ class Geometry:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["windows"], d["features"] = list(self.windows), list(self.features)
+        if self.position_axes == 1:  # 1-D RoPE: left out, so geometries (and config hashes) from before it match
+            del d["position_axes"]
         return d
 
     def config_hash(self) -> str:

@@ -187,7 +187,10 @@ def capture_decoder(stage: nn.Module, geometry: Geometry, device, dtype,
         seq += 1
     emb = torch.zeros(batch, seq, geometry.hidden_size, device=device, dtype=dtype)
     mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-    pos = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq).contiguous()
+    pos = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    if geometry.position_axes > 1:  # M-RoPE: [B, S, axes], token axis 1 as in every other input
+        pos = pos.unsqueeze(-1).expand(batch, seq, geometry.position_axes)
+    pos = pos.contiguous()
     vis = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     examples = [emb, mask, pos, vis]
     dyn = dynamic_batch_and_seq(len(examples), min_seq=2, max_seq=max_seq)

@@ -115,8 +115,8 @@ def _masked_key_logits(adapter, inputs_embeds, attention_mask, position_ids, key
         for layer, block in enumerate(lm.layers):
             handles.append(block.register_forward_pre_hook(own_mask(layer), with_kwargs=True))
         # A 4-D mask is taken as prepared by transformers' mask functions; every layer's hook replaces it anyway.
-        hidden = lm(inputs_embeds=inputs_embeds, attention_mask=masks[0], position_ids=position_ids,
-                    use_cache=False).last_hidden_state
+        hidden = lm(inputs_embeds=inputs_embeds, attention_mask=masks[0],
+                    position_ids=adapter.lm_position_ids(position_ids), use_cache=False).last_hidden_state
     finally:
         for h in handles:
             h.remove()
@@ -155,20 +155,28 @@ def kept_at_boundaries(program, *args) -> dict[float, torch.Tensor]:
 @torch.no_grad()
 def masked_key_generate(adapter, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                         key_keep: list[torch.Tensor | None], tokens: torch.Tensor, head_keep: dict | None = None,
-                        attention_removed: dict | None = None) -> torch.Tensor:
+                        attention_removed: dict | None = None, position_ids: torch.Tensor | None = None,
+                        next_position: torch.Tensor | None = None) -> torch.Tensor:
     """The generation oracle: logits [B, n, V] of the unmodified model that decodes the given new `tokens` [B, n]
     (teacher-forced) with per-layer key masks over the PROMPT and every new token unmasked, at the original
     positions. Step i's row is the distribution of new token i (step 0: after the prompt). Recomputes the whole
-    sequence at every step: slow, independent of any cache. head_keep / attention_removed: as masked_key_logits."""
+    sequence at every step: slow, independent of any cache. head_keep / attention_removed: as masked_key_logits.
+    position_ids / next_position: the prompt's positions and each row's first new position as the frontend made
+    them (PreparedInputs; needed for M-RoPE, whose numbering the attention mask alone does not give); new token
+    i sits at next_position + i."""
     batch, seq = attention_mask.shape
+    frontend = adapter.frontend
+    if position_ids is None:
+        position_ids, next_position = frontend.positions(attention_mask)
     steps = tokens.shape[1]
     out = []
     for i in range(steps):
-        new = adapter.frontend.embed_tokens(tokens[:, :i]).to(inputs_embeds.dtype)
+        new = frontend.embed_tokens(tokens[:, :i]).to(inputs_embeds.dtype)
         embeds = torch.cat([inputs_embeds, new], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, i)], dim=1)
         keys = [None if k is None else torch.cat([k, k.new_ones(batch, i)], dim=1) for k in key_keep]
-        logits = masked_key_logits(adapter, embeds, mask, adapter.frontend.positions(mask)[0], keys,
+        later = frontend.step_positions(next_position + torch.arange(i, device=next_position.device))
+        logits = masked_key_logits(adapter, embeds, mask, torch.cat([position_ids, later], dim=1), keys,
                                    head_keep=head_keep, attention_removed=attention_removed)
         out.append(logits[:, -1])
     return torch.stack(out, dim=1)

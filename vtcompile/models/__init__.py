@@ -14,9 +14,10 @@ from ..errors import ModelNotFoundError, UnsupportedModelError, VtcompileError
 from .family import Family, Frontend
 from .llava import LlavaFamily, ModelSpec
 from .presets import PRESETS, Preset
+from .qwen2_vl import Qwen2VLFamily
 
 DEFAULT_MODEL = "testbed"
-FAMILIES: tuple[type[Family], ...] = (LlavaFamily,)
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Qwen2VLFamily)
 
 __all__ = ["DEFAULT_MODEL", "FAMILIES", "Family", "Frontend", "ModelSpec", "adapt", "family_of_config",
            "known_models", "load_model", "model_config", "resolve_spec", "build_from_spec"]
@@ -78,8 +79,8 @@ def _checkpoint_dir(path: Path) -> Path:
     """A checkpoint directory that holds a config.json (checked before anything is loaded)."""
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
-            f"checkpoint directory {path} has no config.json; expected a transformers LLaVA checkpoint "
-            "directory (config.json + *.safetensors)"
+            f"checkpoint directory {path} has no config.json; expected a transformers checkpoint directory "
+            f"(config.json + *.safetensors) of a supported family: {_supported()}"
         )
     return path
 
@@ -139,15 +140,21 @@ def resolve_spec(name: str = DEFAULT_MODEL, weights: str | None = None, random_w
 
 
 def _preset_config(preset: Preset):
-    from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig
+    import transformers
 
+    if preset.family in ("qwen2-vl", "qwen2.5-vl"):
+        config_class = transformers.Qwen2VLConfig if preset.family == "qwen2-vl" else transformers.Qwen2_5_VLConfig
+        text = dict(preset.text, **{k: v for k, v in preset.llava.items() if k != "tie_word_embeddings"})
+        return config_class(vision_config=dict(preset.vision), text_config=text, **preset.llava)
     text = dict(preset.text)
-    text_config = CONFIG_MAPPING[text.pop("model_type", "llama")](**text)
-    return LlavaConfig(vision_config=CLIPVisionConfig(**preset.vision), text_config=text_config, **preset.llava)
+    text_config = transformers.CONFIG_MAPPING[text.pop("model_type", "llama")](**text)
+    return transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**preset.vision),
+                                    text_config=text_config, **preset.llava)
 
 
 def model_config(spec: ModelSpec):
-    """The LlavaConfig of a spec, with the --layers override applied (no weights loaded)."""
+    """The model's config (LlavaConfig, Qwen2VLConfig, ...) of a spec, with the --layers override applied (no weights
+    loaded)."""
     if spec.source == "random":
         config = _preset_config(PRESETS[spec.name])
     else:
@@ -176,7 +183,7 @@ def build_from_spec(spec: ModelSpec, device: str | torch.device | None = None) -
     import transformers
 
     config = model_config(spec)
-    model_class = getattr(transformers, family_of_config(config).model_classes[0])
+    model_class = getattr(transformers, family_of_config(config).model_class_name(config))
     dtype = _DTYPES[spec.dtype]
     device = torch.device(device or "cpu")
     if spec.source == "random":

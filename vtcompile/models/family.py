@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..compiler.geometry import Geometry
-from ..errors import UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 
 # What a family may provide to passes (Geometry.features, PassDef.needs).
 FEATURES = {
@@ -42,7 +42,13 @@ def rope_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class Frontend(ABC):
     """Everything of an MLLM but its decoder (see the module docstring). Built from a live model by its Family,
-    or from an artifact's stored parts by ``Family.frontend_from_parts``; the runtime uses both the same way."""
+    or from an artifact's stored parts by ``Family.frontend_from_parts``; the runtime uses both the same way.
+
+    ``image_inputs``: the processor outputs besides input_ids, pixel_values and attention_mask that this family's
+    prompts carry (Qwen2-VL: image_grid_thw, mm_token_type_ids); cm(...) and cm.generate(...) take them as keyword
+    arguments, exactly as the processor returns them, and hand them to merge, positions and image_features."""
+
+    image_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, embed: nn.Module, vision, processor=None, generation: dict | None = None):
         self.config = config
@@ -82,18 +88,24 @@ class Frontend(ABC):
         return self.embed(input_ids.to(self.device))
 
     @torch.no_grad()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, **images) -> torch.Tensor:
+        """The vision stage on a prompt batch's images (``images``: the family's image_inputs)."""
         return self.vision(pixel_values.to(device=self.device, dtype=self.dtype))
 
     @abstractmethod
+    def check_pixels(self, pixel_values, **images) -> None:
+        """Refuse (InputError, saying what is expected) pixel_values the vision stage cannot take."""
+
+    @abstractmethod
     def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              image_features: torch.Tensor | None = None, **images) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs_embeds [B,S,D], visual_mask [B,S] bool): the prompt's token embeddings with the image features
         written at the image-token positions; checks the image tokens against the images given. image_features:
         `self.image_features(pixel_values)` computed beforehand (a server does it where the request arrives), used
         instead of pixel_values."""
 
-    def positions(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def positions(self, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
+                  **images) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids of the prompt, [B, 1] position of each row's first new token). 1-D RoPE here; a family
         with another numbering (M-RoPE) overrides this and ``step_positions``."""
         return rope_positions(attention_mask), attention_mask.long().sum(1, keepdim=True)
@@ -103,10 +115,10 @@ class Frontend(ABC):
         return position
 
     @abstractmethod
-    def example_inputs(self, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def example_inputs(self, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         """A synthetic prompt batch in this family's layout (random text around each image's tokens, odd rows
-        left-padded): (input_ids, pixel_values, attention_mask), for self-checks and smoke calibration where no
-        processor or data set is at hand."""
+        left-padded), named as the processor names them (input_ids, pixel_values, attention_mask and the family's
+        image_inputs), for self-checks and smoke calibration where no processor or data set is at hand."""
 
 
 class Family(ABC):
@@ -115,6 +127,7 @@ class Family(ABC):
     name: ClassVar[str] = "?"
     model_classes: ClassVar[tuple[str, ...]] = ()  # the transformers classes this family wraps
     config_classes: ClassVar[tuple[str, ...]] = ()  # their config classes (artifacts are matched by config)
+    no_artifacts: ClassVar[str | None] = None  # why this family's models cannot be saved as artifacts yet (None: they can)
 
     def __init__(self, model: nn.Module, spec, processor=None):
         cls = type(model).__name__
@@ -128,6 +141,11 @@ class Family(ABC):
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         return type(model).__name__ in cls.model_classes
+
+    @classmethod
+    def model_class_name(cls, config) -> str:
+        """The transformers class that builds a model of this config (model_classes pairs with config_classes)."""
+        return cls.model_classes[cls.config_classes.index(type(config).__name__)]
 
     def check(self) -> None:
         """Refuse, naming the config field, what this family cannot compile (raises UnsupportedModelError)."""
@@ -167,6 +185,11 @@ class Family(ABC):
     def lm_head(self) -> nn.Module:
         """hidden states -> logits."""
 
+    def lm_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The frontend's position_ids ([B, S], or [B, S, 3] for M-RoPE) as ``language_model`` takes them (what the
+        decoder seam does inside the captured graph; the masked-key reference calls the LM directly)."""
+        return position_ids
+
     @abstractmethod
     def decoder_stage(self) -> nn.Module:
         """The seam the compiler captures: forward(inputs_embeds, attention_mask, position_ids, visual_mask) ->
@@ -182,10 +205,18 @@ class Family(ABC):
         """The Geometry of a config of this family, without weights (FLOPs of published geometries)."""
 
     @classmethod
+    def visual_tokens_for_size(cls, config, height: int, width: int) -> int:
+        """Visual tokens of one image of height x width pixels (dynamic-resolution families); a family whose
+        processor resizes every image to one size refuses (its count is fixed: Geometry.visual_tokens_per_image)."""
+        raise InputError(f"model family {cls.name!r} resizes every image to one size, so the image size does not "
+                         "change its visual-token count; leave out the image size (the count is "
+                         f"{cls.geometry_of(config).visual_tokens_per_image} per image)")
+
+    @classmethod
     @abstractmethod
     def frontend_from_parts(cls, config, embed: nn.Module, vision, processor=None,
                             generation: dict | None = None) -> Frontend:
         """The front end of an artifact: its stored config, embeddings and exported vision stage."""
 
-    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_features=None):
-        return self.frontend.merge(input_ids, pixel_values, image_features)
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_features=None, **images):
+        return self.frontend.merge(input_ids, pixel_values, image_features, **images)

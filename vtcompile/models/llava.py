@@ -87,11 +87,28 @@ class LlavaFrontend(Frontend):
         return geometry_from_config(self.config)
 
     @torch.no_grad()
-    def example_inputs(self, batch: int = 2, seed: int = 0):
-        return example_inputs(self, batch=batch, seed=seed)
+    def example_inputs(self, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+        return dict(zip(("input_ids", "pixel_values", "attention_mask"), example_inputs(self, batch=batch, seed=seed)))
+
+    def check_pixels(self, pixel_values, **images) -> None:
+        """pixel_values is [n_images, 3, H, W] at the vision tower's resolution (a raw conv error otherwise)."""
+        if pixel_values is None:
+            return
+        vc = self.config.vision_config
+        channels, size = getattr(vc, "num_channels", 3), vc.image_size
+        want = f"[n_images, {channels}, {size}, {size}]"
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            found = type(pixel_values).__name__ + (f" of {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor)
+                                                   else "")
+            raise InputError(f"pixel_values must be a floating-point tensor {want}, found {found}; the model's "
+                             "processor makes them from images")
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
+            raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}, the vision tower takes {want} "
+                             f"({channels} channels at {size}x{size}); make them with the model's processor, which "
+                             "converts (RGB) and resizes images")
 
     def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_features: torch.Tensor | None = None):
+              image_features: torch.Tensor | None = None, **images):
         """Token embeddings with image features written at the image-token positions.
 
         Returns (inputs_embeds [B,S,D], visual_mask [B,S] bool). Checks, before any work, that the

@@ -27,15 +27,25 @@ class PreparedInputs:
     def n_visual(self) -> int:
         return int(self.visual_mask[0].sum()) if self.visual_mask.numel() else 0
 
+    def select(self, rows: torch.Tensor) -> "PreparedInputs":
+        """The prompts of some batch rows (rows: indices)."""
+        rows = rows.to(self.input_ids.device)
+        return PreparedInputs(self.input_ids[rows], self.inputs_embeds[rows], self.attention_mask[rows],
+                              self.position_ids[rows], self.visual_mask[rows],
+                              None if self.next_position is None else self.next_position[rows], self.step_positions)
+
     def as_args(self) -> tuple[torch.Tensor, ...]:
         """The prefill signature's inputs, in order."""
         return (self.inputs_embeds, self.attention_mask, self.position_ids, self.visual_mask)
 
 
 def prepare(frontend, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-            attention_mask: torch.Tensor | None, image_features: torch.Tensor | None = None) -> PreparedInputs:
+            attention_mask: torch.Tensor | None, image_features: torch.Tensor | None = None,
+            **images) -> PreparedInputs:
     """Check a left-padded prompt batch and merge its images into the token embeddings (or the images' features,
-    when the vision stage ran beforehand: frontend.image_features)."""
+    when the vision stage ran beforehand: frontend.image_features). ``images``: the processor outputs of the
+    family's image_inputs (Qwen2-VL: image_grid_thw, mm_token_type_ids), as the processor returns them."""
+    check_image_inputs(frontend, images)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
         raise InputError(f"input_ids must be an integer tensor [batch, seq], found {type(input_ids).__name__}"
                          + (f" of {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
@@ -62,13 +72,21 @@ def prepare(frontend, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
     if not bool((attention_mask[:, -1] == 1).all()):
         raise InputError("prompts must be left-padded (the last position of every row is a real token); "
                          "set tokenizer.padding_side = 'left'")
-    check_pixels(frontend, pixel_values)
-    embeds, visual = frontend.merge(input_ids, pixel_values, image_features)
+    frontend.check_pixels(pixel_values, **images)
+    embeds, visual = frontend.merge(input_ids, pixel_values, image_features, **images)
     if bool((visual & (attention_mask == 0)).any()):
         raise InputError("image tokens fall on padding positions (attention_mask 0); fix the attention mask")
-    position_ids, next_position = frontend.positions(attention_mask)
+    position_ids, next_position = frontend.positions(attention_mask, input_ids, **images)
     return PreparedInputs(input_ids, embeds, attention_mask, position_ids, visual, next_position,
                           frontend.step_positions)
+
+
+def check_image_inputs(frontend, images: dict) -> None:
+    """Only the processor outputs this family takes (a misspelt or foreign keyword is not silently dropped)."""
+    unknown = sorted(set(images) - set(frontend.image_inputs))
+    if unknown:
+        takes = ", ".join(frontend.image_inputs) or "none besides input_ids, pixel_values and attention_mask"
+        raise InputError(f"unexpected input(s) {', '.join(unknown)} for this model family; it takes: {takes}")
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab: int) -> None:
@@ -79,21 +97,3 @@ def check_token_ids(input_ids: torch.Tensor, vocab: int) -> None:
         shown = ", ".join(map(str, found[:8])) + (" ..." if len(found) > 8 else "")
         raise InputError(f"token id(s) {shown} are outside the model's vocabulary of {vocab} ids (0..{vocab - 1}); "
                          "encode prompts with the model's own tokenizer")
-
-
-def check_pixels(frontend, pixel_values) -> None:
-    """pixel_values is [n_images, 3, H, W] at the vision tower's resolution (a raw conv error otherwise)."""
-    if pixel_values is None:
-        return
-    vc = frontend.config.vision_config
-    channels, size = getattr(vc, "num_channels", 3), vc.image_size
-    want = f"[n_images, {channels}, {size}, {size}]"
-    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-        found = type(pixel_values).__name__ + (f" of {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor)
-                                               else "")
-        raise InputError(f"pixel_values must be a floating-point tensor {want}, found {found}; the model's "
-                         "processor makes them from images")
-    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
-        raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}, the vision tower takes {want} "
-                         f"({channels} channels at {size}x{size}); make them with the model's processor, which "
-                         "converts (RGB) and resizes images")

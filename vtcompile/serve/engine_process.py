@@ -107,9 +107,7 @@ class EngineProcess(Admission):
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision stage on a request's images, here in the server process (check_pixels first, as prepare)."""
-        from ..runtime.inputs import check_pixels
-
-        check_pixels(self.frontend, pixel_values)
+        self.frontend.check_pixels(pixel_values)
         return self.frontend.image_features(pixel_values)
 
     def submit(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, params: SamplingParams,

@@ -1,0 +1,207 @@
+"""The Qwen2-VL family (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration) on tiny random configs
+with GQA: batch 2, left padding, two DIFFERENT image sizes in the batch (so the rows hold different visual counts).
+
+No pass == transformers' generate (tokens, and every step's logits within 1e-4); every token pass the family takes
+== the masked-key reference at the SAME M-RoPE positions, in prefill and at every decode step; each row keeps its own
+ratio of its own visual tokens and never loses a text token; M-RoPE positions == transformers' get_rope_index.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from vtcompile import compile_pruned
+from vtcompile.compiler.reference import head_plan, masked_key_generate, masked_key_logits
+from vtcompile.errors import InputError, PassConfigError, UnsupportedModelError
+from vtcompile.models import load_model
+from vtcompile.models.qwen2_vl import example_inputs
+from vtcompile.runtime.generate import generate
+
+from .test_generate import oracle_keys
+
+TOL = 1e-4
+NEW = 8
+MODELS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+SIZES = [(56, 84), (56, 56)]  # 6 and 4 visual tokens: the rows differ
+
+
+@functools.lru_cache(maxsize=None)
+def family(name: str):
+    return load_model(name)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name: str, passes: str | tuple | None):
+    passes = list(passes) if isinstance(passes, tuple) else passes
+    calibrating = any("attnskip" in p for p in ([passes] if isinstance(passes, str) else passes or []))
+    return compile_pruned(family(name), passes, calibration="synthetic" if calibrating else None, progress=False)
+
+
+def inputs(name: str, sizes=SIZES, seed: int = 0) -> dict:
+    """Prompt tensors as the processor returns them (mm_token_type_ids included)."""
+    a = family(name)
+    ids, pixels, mask, grid = example_inputs(a.frontend, batch=len(sizes), sizes=sizes, seed=seed)
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, image_grid_thw=grid,
+                mm_token_type_ids=(ids == a.config.image_token_id).int())
+
+
+def generate_with_logits(cm, batch: dict, n: int = NEW):
+    """Greedy tokens [B, n] and the logits that chose each [B, n, V], from the runtime itself."""
+    prepared = cm.prepare(**batch)
+    step, logits, seen = cm.row_groups(prepared)[0][1].step_stage(), [], {}
+
+    def prefill(p):
+        seen["result"] = cm.prefill(p)
+        logits.append(seen["result"].values["logits"][:, -1])
+        return seen["result"]
+
+    def recording_step(*args):
+        out = step(*args)
+        logits.append((out[0] if isinstance(out, (tuple, list)) else out)[:, -1])
+        return out
+
+    tokens = generate(prefill, recording_step, cm.frontend.embed_tokens, prepared,
+                      cm.generation_config(max_new_tokens=n, eos_token_id=[]),
+                      signature=cm.row_groups(prepared)[0][1].signature)
+    return tokens[:, batch["input_ids"].shape[1]:], torch.stack(logits, 1), seen["result"], prepared
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_mrope_positions_equal_transformers_get_rope_index(name):
+    a = family(name)
+    batch = inputs(name, sizes=[(56, 84), (84, 56), (56, 56)], seed=1)
+    want, delta = a.model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                               image_grid_thw=batch["image_grid_thw"],
+                                               attention_mask=batch["attention_mask"])
+    got, nxt = a.frontend.positions(batch["attention_mask"], batch["input_ids"], image_grid_thw=batch["image_grid_thw"])
+    real = batch["attention_mask"].bool()
+    assert torch.equal(got[real], want.permute(1, 2, 0)[real])
+    assert torch.equal(nxt.flatten(), delta.flatten() + batch["attention_mask"].sum(1))  # each row's rope delta
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_pass_equals_transformers_generate(name):
+    batch = inputs(name, seed=2)
+    cm = compiled(name, None)
+    out = cm.generate(**batch, max_new_tokens=NEW, eos_token_id=[])
+    tokens, logits, _, _ = generate_with_logits(cm, batch)
+    with torch.no_grad():
+        ref = cm.adapter.model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out, ref.sequences)
+    assert torch.equal(tokens, ref.sequences[:, batch["input_ids"].shape[1]:])
+    assert (torch.stack(ref.logits, 1) - logits).abs().max().item() <= TOL
+
+
+PASSES = {"fastv": "fastv:k=1,r=0.5", "pyramiddrop": "pyramiddrop:layers=1/2/3,ratios=0.5/0.25/0.125",
+          "randomdrop": "randomdrop:k=0,r=0.5", "dyvte static": "dyvte:exit_layer=2", "dart": "dart:keep=0.5,pivots=1",
+          "fastv+attnskip": ["fastv:k=1,r=0.5", "attnskip:count=1"]}
+
+
+# each pass on one of the two classes, alternating (both classes share the decoder; their vision towers differ)
+@pytest.mark.parametrize("name,passes", [(MODELS[i % 2], p) for i, p in enumerate(PASSES)])
+def test_pass_equals_masked_key_reference_in_prefill_and_generation(name, passes):
+    spec = PASSES[passes]
+    cm = compiled(name, spec if isinstance(spec, str) else tuple(spec))
+    batch = inputs(name, seed=3)
+    tokens, logits, result, prepared = generate_with_logits(cm, batch)
+    keys = oracle_keys(cm, prepared, result)
+    plan = head_plan(cm.program_for(int(prepared.visual_mask[0].sum())))
+    # prefill: every kept position's logits
+    ref = masked_key_logits(cm.adapter, prepared.inputs_embeds, prepared.attention_mask, prepared.position_ids, keys,
+                            **plan)
+    positions = result.values["positions"]
+    ref = torch.gather(ref, 1, positions.clamp(min=0)[..., None].expand(-1, -1, ref.shape[-1]))
+    real = (positions >= 0) & torch.gather(prepared.attention_mask, 1, positions.clamp(min=0)).bool()
+    assert (ref - result.values["logits"]).abs().amax(-1)[real].max().item() <= TOL
+    # generation: every step
+    gen = masked_key_generate(cm.adapter, prepared.inputs_embeds, prepared.attention_mask, keys, tokens,
+                              position_ids=prepared.position_ids, next_position=prepared.next_position, **plan)
+    assert (gen - logits).abs().max().item() <= TOL
+    assert torch.equal(gen.argmax(-1), tokens)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_row_keeps_its_own_ratio_of_its_own_visual_tokens(name):
+    cm = compiled(name, "fastv:k=1,r=0.5")
+    batch = inputs(name, sizes=[(56, 84), (56, 56), (112, 56)], seed=5)
+    prepared = cm.prepare(**batch)
+    out = cm(**batch)
+    counts = prepared.visual_mask.sum(1).tolist()
+    assert counts == [6, 4, 8]
+    kept = out.kept_visual.sum(1).tolist()
+    assert kept == [n - round(0.5 * n) for n in counts] == [3, 2, 4]
+    for row in range(3):  # every text token of every row is kept
+        pos = out.kept_positions[row]
+        pos = pos[pos >= 0]
+        text = (prepared.attention_mask[row].bool() & ~prepared.visual_mask[row]).nonzero().flatten()
+        assert set(text.tolist()) <= set(pos.tolist())
+    # and each row is answered as if alone
+    together = cm.generate(**batch, max_new_tokens=4, eos_token_id=[])[:, -4:]
+    patches = batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
+    for row in range(3):
+        real = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][real][None]
+        alone = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=batch["image_grid_thw"][row:row + 1],
+                     pixel_values=batch["pixel_values"][([0] + patches)[row]:patches[row]])
+        assert torch.equal(together[row], cm.generate(**alone, max_new_tokens=4, eos_token_id=[])[0, -4:]), row
+
+
+def test_programs_are_built_per_visual_count_and_the_decode_step_is_shared():
+    cm = compile_pruned(family("tiny-qwen2-vl"), "fastv:k=1,r=0.5", progress=False)
+    assert set(cm.executables) == {4}  # the reference image's count (the tiny preset's 56x56), built at compile time
+    cm.generate(**inputs("tiny-qwen2-vl", sizes=[(56, 84), (56, 56), (84, 84)]), max_new_tokens=2)
+    assert set(cm.executables) == {4, 6, 9}  # one program per visual count in the batch
+    assert [c for c, e in sorted(cm.executables.items()) if e.decode is not None] == [4]  # one decode step for all
+
+
+def test_bad_inputs_are_clear_errors():
+    name = "tiny-qwen2-vl"
+    cm = compiled(name, None)
+    batch = inputs(name)
+    with pytest.raises(InputError, match="image_grid_thw"):
+        cm(**{k: v for k, v in batch.items() if k != "image_grid_thw"})
+    with pytest.raises(InputError, match="unexpected input"):
+        cm(**batch, image_sizes=torch.tensor([[56, 56]]))
+    wrong = dict(batch, image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]))
+    with pytest.raises(InputError, match="patches"):
+        cm(**wrong)
+    with pytest.raises(InputError, match=r"\[n_patches, 1176\]"):
+        cm(**dict(batch, pixel_values=torch.zeros(2, 3, 56, 56)))
+    video = batch["input_ids"].clone()
+    video[0, -1] = cm.frontend.config.video_token_id
+    with pytest.raises(InputError, match="video"):
+        cm(**dict(batch, input_ids=video))
+
+
+def test_per_image_selectors_are_refused_with_the_reason():
+    with pytest.raises((UnsupportedModelError, PassConfigError), match="fixed_image_tokens"):
+        compile_pruned(family("tiny-qwen2-vl"), "divprune:keep=0.5")
+
+
+def test_flops_count_visual_tokens_from_the_image_size(capsys):
+    import json
+
+    from vtcompile.cli import main
+
+    assert main(["flops", "--model", "qwen2.5-vl-7b", "--pass", "fastv", "--image-size", "448x672", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["visual_tokens_per_layer"][:3] == [384, 384, 192]  # (448/28)(672/28); fastv K=2, R=0.5 (published)
+    # KV cache of the prompt after prefill, bf16: per token and layer K and V of 4 kv heads x 128 dims x 2 bytes
+    per_token = 2 * 4 * 128 * 2
+    assert d["baseline_kv_cache_bytes"] == 28 * per_token * (384 + 64)
+    assert d["kv_cache_bytes"] == per_token * (2 * (384 + 64) + 26 * (192 + 64))
+    assert main(["flops", "--model", "qwen2.5-vl-7b", "--image-size", "440x448"]) != 0
+    assert "multiples of 28" in capsys.readouterr().err
+    assert main(["flops", "--model", "llava-1.5-7b", "--image-size", "448x448"]) != 0
+    assert "resizes every image to one size" in capsys.readouterr().err
+
+
+def test_saving_an_artifact_is_refused_with_the_reason(tmp_path):
+    from vtcompile.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="image_grid_thw"):
+        compiled("tiny-qwen2-vl", None).save(tmp_path / "art")
+    assert not (tmp_path / "art").exists()
