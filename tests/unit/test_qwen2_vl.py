@@ -205,3 +205,13 @@ def test_saving_an_artifact_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ArtifactError, match="image_grid_thw"):
         compiled("tiny-qwen2-vl", None).save(tmp_path / "art")
     assert not (tmp_path / "art").exists()
+
+
+def test_inductor_generates_the_eager_tokens_on_rows_of_different_sizes():
+    """Inductor compiles one program per visual count (here 4 and 6) and one decode step; the tokens are eager's."""
+    batch = inputs("tiny-qwen2-vl", seed=3)
+    eager = compile_pruned(family("tiny-qwen2-vl"), "fastv:k=1,r=0.5", progress=False)
+    want = eager.generate(**batch, max_new_tokens=6, eos_token_id=[])
+    inductor = eager.with_target("inductor")
+    assert torch.equal(inductor.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
+    assert sorted(inductor.executables) == [4, 6]

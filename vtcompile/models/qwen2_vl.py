@@ -218,7 +218,7 @@ class Qwen2VLFrontend(Frontend):
 
     def step_positions(self, position: torch.Tensor) -> torch.Tensor:
         """A new token's position is the same on all three axes."""
-        return position.unsqueeze(-1).expand(*position.shape, 3)
+        return position.unsqueeze(-1).expand(*position.shape, 3).contiguous()  # compiled steps take dense inputs
 
     @torch.no_grad()
     def example_inputs(self, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
