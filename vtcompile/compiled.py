@@ -211,11 +211,28 @@ class CompiledModel:
         """(rows, the program for their visual-token count) per count in the batch; rows None: the whole batch.
         Rows whose images differ in size (dynamic resolution) hold different counts: each group runs the program of
         its count, so every row keeps its own share of its own visual tokens."""
+        self._check_image_groups(prepared)
         counts = prepared.visual_mask.sum(1)
         values = sorted(set(counts.tolist()))
         if len(values) == 1:
             return [(None, self.executable(values[0]))]
         return [((counts == n).nonzero().flatten(), self.executable(n)) for n in values]
+
+    def _check_image_groups(self, prepared: PreparedInputs) -> None:
+        """A family without a fixed count per image tells each image's tokens apart only in rows of one image (its
+        programs take a row's visual tokens as one image: models.family.FEATURES 'image_groups')."""
+        geometry = self.frontend.geometry
+        wanting = [p.name for p, _ in self.passes if "image_groups" in p.needs]
+        if not wanting or "fixed_image_tokens" in geometry.features:
+            return
+        vis = prepared.visual_mask
+        runs = (vis[:, 1:] & ~vis[:, :-1]).sum(1) + vis[:, 0].long()  # image runs per row
+        several = (runs > 1).nonzero().flatten().tolist()
+        if several:
+            raise InputError(f"row(s) {several} hold several images; {', '.join(wanting)} keep(s) a share of each image "
+                             f"and, for model family {geometry.family!r} (images of different sizes), tells images "
+                             "apart in rows of one image only. Give one image per prompt, or use a pass that prunes "
+                             "inside the decoder (fastv, pyramiddrop, dart, ...)")
 
     def prefill(self, prepared: PreparedInputs) -> PrefillResult:
         """The pruned prefill of a prepared batch: one program, or one per visual-token count (row_groups), their

@@ -14,7 +14,7 @@ import torch
 
 from vtcompile import compile_pruned
 from vtcompile.compiler.reference import head_plan, masked_key_generate, masked_key_logits
-from vtcompile.errors import InputError, PassConfigError, UnsupportedModelError
+from vtcompile.errors import InputError
 from vtcompile.models import load_model
 from vtcompile.models.qwen2_vl import example_inputs
 from vtcompile.runtime.generate import generate
@@ -35,7 +35,8 @@ def family(name: str):
 @functools.lru_cache(maxsize=None)
 def compiled(name: str, passes: str | tuple | None):
     passes = list(passes) if isinstance(passes, tuple) else passes
-    calibrating = any("attnskip" in p for p in ([passes] if isinstance(passes, str) else passes or []))
+    calibrating = any(p.split(":")[0] in ("attnskip", "fitprune", "headskip") or p.startswith("dyvte:samples")
+                      for p in ([passes] if isinstance(passes, str) else passes or []))
     return compile_pruned(family(name), passes, calibration="synthetic" if calibrating else None, progress=False)
 
 
@@ -97,7 +98,9 @@ def test_no_pass_equals_transformers_generate(name):
 
 PASSES = {"fastv": "fastv:k=1,r=0.5", "pyramiddrop": "pyramiddrop:layers=1/2/3,ratios=0.5/0.25/0.125",
           "randomdrop": "randomdrop:k=0,r=0.5", "dyvte static": "dyvte:exit_layer=2", "dart": "dart:keep=0.5,pivots=1",
-          "fastv+attnskip": ["fastv:k=1,r=0.5", "attnskip:count=1"]}
+          "fastv+attnskip": ["fastv:k=1,r=0.5", "attnskip:count=1"], "gprune": "gprune:keep=0.5",
+          "divprune+fastv": ["divprune:keep=0.5", "fastv:k=1,r=0.5"], "cdpruner": "cdpruner:keep=0.5",
+          "fitprune": "fitprune:budget=0.5", "headskip": "headskip", "dyvte routers": "dyvte:samples=16,layers=1/2"}
 
 
 # each pass on one of the two classes, alternating (both classes share the decoder; their vision towers differ)
@@ -123,9 +126,9 @@ def test_pass_equals_masked_key_reference_in_prefill_and_generation(name, passes
     assert torch.equal(gen.argmax(-1), tokens)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_each_row_keeps_its_own_ratio_of_its_own_visual_tokens(name):
-    cm = compiled(name, "fastv:k=1,r=0.5")
+@pytest.mark.parametrize("name,passes", [(MODELS[0], "fastv:k=1,r=0.5"), (MODELS[1], "divprune:keep=0.5")])
+def test_each_row_keeps_its_own_ratio_of_its_own_visual_tokens(name, passes):
+    cm = compiled(name, passes)  # in the decoder, and before it (per image)
     batch = inputs(name, sizes=[(56, 84), (56, 56), (112, 56)], seed=5)
     prepared = cm.prepare(**batch)
     out = cm(**batch)
@@ -176,9 +179,16 @@ def test_bad_inputs_are_clear_errors():
         cm(**dict(batch, input_ids=video))
 
 
-def test_per_image_selectors_are_refused_with_the_reason():
-    with pytest.raises((UnsupportedModelError, PassConfigError), match="fixed_image_tokens"):
-        compile_pruned(family("tiny-qwen2-vl"), "divprune:keep=0.5")
+def test_per_image_selectors_refuse_rows_of_several_images():
+    name = "tiny-qwen2-vl"
+    cm = compiled(name, "divprune:keep=0.5")
+    img = family(name).config.image_token_id
+    ids = torch.tensor([[5, 6, 7] + [img] * 4 + [8] + [img] * 4 + [9, 10, 11]])  # two 56x56 images in one row
+    two = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]),
+               pixel_values=torch.randn(32, 1176))
+    with pytest.raises(InputError, match="several images"):
+        cm(**two)
+    assert compiled(name, "fastv:k=1,r=0.5")(**two).kept_visual.sum().item() == 4  # in-decoder passes take them
 
 
 def test_flops_count_visual_tokens_from_the_image_size(capsys):

@@ -173,29 +173,40 @@ def check_before_llm(program: Program, name: str) -> None:
                               "remove tokens inside the decoder")
 
 
+def image_sizes(geometry, n_visual: int) -> tuple[int, ...]:
+    """The visual tokens of each image of a prompt row holding n_visual: whole images of the family's fixed count
+    (fixed_image_tokens), or - dynamic resolution, where counts differ per image - one image of n_visual (a family
+    without fixed counts provides image_groups only for rows of one image: models.family.FEATURES)."""
+    if "fixed_image_tokens" not in geometry.features:
+        return (n_visual,) if n_visual else ()
+    per_image = geometry.visual_tokens_per_image
+    if n_visual % per_image:
+        raise ValueError(f"{n_visual} visual tokens are not whole images of {per_image}")
+    return (per_image,) * (n_visual // per_image)
+
+
 def before_llm_plan(keep: float, geometry, n_visual: int) -> list:
     """The schedule of a per-image selection before the LLM: at the cut before layer 0 each image keeps
-    kept_per_image(keep, P) of its P tokens."""
-    per_image = geometry.visual_tokens_per_image
-    return [(Cut(0), (n_visual // per_image) * kept_per_image(keep, per_image))]
+    kept_per_image(keep, P) of its own P tokens."""
+    return [(Cut(0), sum(kept_per_image(keep, p) for p in image_sizes(geometry, n_visual)))]
 
 
 def select_before_llm(program: Program, name: str, keep: float, select, text: bool = False, **constants) -> Program:
     """The whole rewrite of a per-image selector pass: refused after an in-decoder cut, then each image keeps the
     kept_per_image(keep, P) tokens `select` picks (visual_selection, with `text` and `constants`) from layer 0 on."""
     check_before_llm(program, name)
-    k = kept_per_image(keep, program.geometry.visual_tokens_per_image)
     for cut, kept in before_llm_plan(keep, program.geometry, program.visual_at(0)):
-        select_tokens(program, cut, visual_selection(program, select, k, text=text, **constants), kept, by=name)
+        select_tokens(program, cut, visual_selection(program, select, keep, text=text, **constants), kept, by=name)
     return program
 
 
-def visual_selection(program: Program, select, keep_per_image: int, text: bool = False, **constants) -> Scorer:
+def visual_selection(program: Program, select, keep: float, text: bool = False, **constants) -> Scorer:
     """Selector form beside scorers: `select(feats, keep, **constants)` - a plain torch function (inlined, as the
-    scorers' statistics are) - picks `keep_per_image` tokens of one image from that image's projected visual tokens
-    feats [rows, P, D] and returns their indices [rows, keep]; the scorer gives those tokens 1 and the image's
-    other tokens 0, so select_tokens keeps exactly them (each image its own share, any image position, several
-    images, batches). Reads the decoder's input embeddings: use it at the cut before layer 0.
+    scorers' statistics are) - picks kept_per_image(keep, P) tokens of one image from that image's P projected
+    visual tokens feats [rows, P, D] and returns their indices [rows, keep]; the scorer gives those tokens 1 and the
+    image's other tokens 0, so select_tokens keeps exactly them (each image its own share, any image position,
+    several images, batches). A selector with a `tokens` parameter gets P in it (a static size for its shapes).
+    Reads the decoder's input embeddings: use it at the cut before layer 0.
 
     text=True: a selector conditioned on the prompt's text, `select(feats, text, text_mask, keep, **constants)`,
     also gets every row's input embeddings text [rows, S, D] (float32; at text positions: the LLM's token
@@ -211,9 +222,7 @@ def visual_selection(program: Program, select, keep_per_image: int, text: bool =
         embeds = placeholders[0]
         vis = program.visual_mask_node
         n_vis = program.visual_at(0)
-        per_image = program.geometry.visual_tokens_per_image
-        if n_vis % per_image:
-            raise ValueError(f"{n_vis} visual tokens are not whole images of {per_image}")
+        sizes = image_sizes(program.geometry, n_vis)
         seq = e.size(vis, 1)
         position = e(aten._to_copy.default, e(aten.arange.default, seq, device=_device(vis)), dtype=torch.float32)
         # visual positions, ascending: the largest of -position over the visual tokens
@@ -229,10 +238,13 @@ def visual_selection(program: Program, select, keep_per_image: int, text: bool =
             real = e(aten.ne.Scalar, padding, 0)
             context = [e(aten._to_copy.default, embeds, dtype=torch.float32),
                        e(aten.logical_and.default, real, e(aten.logical_not.default, vis))]
-        marks = []
-        for start in range(0, n_vis, per_image):
-            image = e(aten.slice.Tensor, feats, 1, start, start + per_image)  # [B, P, D]
-            chosen = inline(e, select, [image, *context], keep=keep_per_image, **constants)  # [B, keep]
+        marks, start = [], 0
+        takes_tokens = "tokens" in inspect.signature(select).parameters
+        for size in sizes:
+            image = e(aten.slice.Tensor, feats, 1, start, start + size)  # [B, P, D]
+            start += size
+            sized = dict(constants, tokens=size) if takes_tokens else constants
+            chosen = inline(e, select, [image, *context], keep=kept_per_image(keep, size), **sized)  # [B, keep]
             none = e(aten.zeros_like.default, e(aten.select.int, image, 2, 0))  # [B, P]
             marks.append(e(aten.scatter.value, none, 1, chosen, 1.0))
         marks = marks[0] if len(marks) == 1 else e(aten.cat.default, marks, 1)  # [B, n_vis]

@@ -31,6 +31,9 @@ from ..errors import InputError, UnsupportedModelError
 FEATURES = {
     "attention_taps": "every decoder layer's attention is one SDPA call whose post-RoPE q/k a scorer can read",
     "fixed_image_tokens": "every image yields the same number of visual tokens, in one contiguous run",
+    "image_groups": "the program knows each image's visual tokens in a row: equal counts per image "
+                    "(fixed_image_tokens), or - dynamic resolution - rows of one image (a row with several images is "
+                    "refused by the passes that need this)",
 }
 
 

@@ -309,7 +309,7 @@ def geometry_from_config(config, image_size: tuple[int, int] | None = None) -> G
         visual_tokens_per_image=tokens_for_size(config, *(image_size or reference_image(config))),
         image_token_id=int(config.image_token_id),
         windows=attention_windows(tc),
-        features=("attention_taps",),
+        features=("attention_taps", "image_groups"),
         position_axes=3,
     )
 

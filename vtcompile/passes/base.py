@@ -130,7 +130,7 @@ class PassDef:
     config: type[PassConfig]
     plan: Callable
     apply: Callable
-    # What the pass needs from the model family (models.family.FEATURES: "attention_taps", "fixed_image_tokens");
+    # What the pass needs from the model family (models.family.FEATURES: "attention_taps", "image_groups");
     # compile_pruned refuses a model whose family does not provide it. Passes never name a family.
     needs: tuple[str, ...] = ()
     min_layers: int = 1
@@ -157,7 +157,10 @@ class PassDef:
                               f"{type(value).__name__}")
 
     def check_supports(self, geometry: Geometry) -> None:
-        missing = [n for n in self.needs if n not in geometry.features]
+        provided = set(geometry.features)
+        if "fixed_image_tokens" in provided:  # equal counts per image: each image's tokens are known in any row
+            provided.add("image_groups")
+        missing = [n for n in self.needs if n not in provided]
         if missing:
             raise UnsupportedModelError(
                 f"pass {self.name!r} needs {', '.join(missing)}, which model family {geometry.family!r} does not "

@@ -122,12 +122,11 @@ def plan(config: CDPrunerConfig, geometry: Geometry, n_visual: int, recipe=None)
 
 
 def apply(program: Program, config: CDPrunerConfig, recipe=None) -> Program:
-    return select_before_llm(program, "cdpruner", config.keep, cdpruner_keep, text=True,
-                             tokens=program.geometry.visual_tokens_per_image, theta=config.theta)
+    return select_before_llm(program, "cdpruner", config.keep, cdpruner_keep, text=True, theta=config.theta)
 
 
 PASS = register(PassDef(
     name="cdpruner",
     summary="before the LLM, keep each image's tokens of maximal conditional diversity: a DPP over their cosine "
             "similarity weighted by relevance to the prompt's text, greedy MAP (CDPruner)",
-    needs=("fixed_image_tokens",), config=CDPrunerConfig, plan=plan, apply=apply))
+    needs=("image_groups",), config=CDPrunerConfig, plan=plan, apply=apply))

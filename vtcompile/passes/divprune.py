@@ -49,12 +49,11 @@ def plan(config: DivPruneConfig, geometry: Geometry, n_visual: int, recipe=None)
 
 
 def apply(program: Program, config: DivPruneConfig, recipe=None) -> Program:
-    return select_before_llm(program, "divprune", config.keep, divprune_keep,
-                             tokens=program.geometry.visual_tokens_per_image)
+    return select_before_llm(program, "divprune", config.keep, divprune_keep)
 
 
 PASS = register(PassDef(
     name="divprune",
     summary="before the LLM, keep a maximally diverse subset of each image's tokens (greedy max-min cosine "
             "distance; DivPrune)",
-    needs=("fixed_image_tokens",), config=DivPruneConfig, plan=plan, apply=apply))
+    needs=("image_groups",), config=DivPruneConfig, plan=plan, apply=apply))

@@ -65,4 +65,4 @@ PASS = register(PassDef(
     name="gprune",
     summary="before the LLM, keep each image's tokens that score highest by information propagation on their "
             "similarity graph (G-Prune)",
-    needs=("fixed_image_tokens",), config=GPruneConfig, plan=plan, apply=apply))
+    needs=("image_groups",), config=GPruneConfig, plan=plan, apply=apply))
