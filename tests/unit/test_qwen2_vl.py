@@ -225,3 +225,50 @@ def test_inductor_generates_the_eager_tokens_on_rows_of_different_sizes():
     inductor = eager.with_target("inductor")
     assert torch.equal(inductor.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
     assert sorted(inductor.executables) == [4, 6]
+
+
+def tiny_processor():
+    """A Qwen2VLProcessor over the tiny presets' ids: a WordLevel tokenizer (w0..w149 and Qwen's special tokens at
+    150..) and Qwen2-VL's image processor (14-pixel patches, 2x2 merge, sides resized to multiples of 28)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    special = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>",
+               "[UNK]"]
+    vocab = {f"w{i}": i for i in range(150)} | {t: 150 + i for i, t in enumerate(special)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", padding_side="left")
+    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                      temporal_patch_size=2)
+    # Qwen2VLProcessor's constructor type-checks a video processor, whose classes need torchvision (not installed
+    # here): the processor is assembled without it (its __call__ uses the video processor only for videos).
+    proc = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    proc.image_processor, proc.tokenizer, proc.video_processor, proc.chat_template = images, fast, None, None
+    proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
+    proc.image_token_id, proc.video_token_id = 150, 151
+    return proc
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_takes_the_processor_outputs_as_they_come(name):
+    """cm.generate(**processor(images=..., text=..., return_tensors="pt")) == transformers' generate on the same."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(7)
+    pictures = [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy())
+                for h, w in [(56, 84), (84, 84)]]
+    text = ["w1 w2 <|vision_start|><|image_pad|><|vision_end|> w3 w4 w5",
+            "<|vision_start|><|image_pad|><|vision_end|> w6"]
+    enc = tiny_processor()(images=pictures, text=text, return_tensors="pt", padding=True)
+    assert enc["image_grid_thw"].tolist() == [[1, 4, 6], [1, 6, 6]]
+    cm = compiled(name, None)
+    out = cm.generate(**enc, max_new_tokens=NEW, eos_token_id=[])
+    with torch.no_grad():
+        ref = cm.adapter.model.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=154)
+    assert torch.equal(out, ref)
+    pruned = compiled(name, "fastv:k=1,r=0.5")(**enc)
+    assert pruned.kept_visual.sum(1).tolist() == [3, 5]  # 6 and 9 visual tokens, half of each (rounded)
