@@ -5,10 +5,13 @@ Layout (format 5):
                               generation defaults, the programs and their stages, the sha256 of every other file, and
                               `manifest_sha256`: the sha256 of the manifest's own content (its canonical JSON without
                               that field), so an edited field (a pass config) is refused like an edited file
-    config.json               the model's LlavaConfig (geometry, image token id, vision settings)
+    config.json               the model's config (LlavaConfig, Qwen2VLConfig, ...: geometry, image token id, vision)
     embeddings.safetensors    the token embedding table ("weight" [V, D]; the manifest holds the factor the model
                               multiplies its rows by: Gemma's sqrt(D), 1 elsewhere)
-    vision.pt2                vision tower + projector, torch.export'ed with a dynamic image count
+    vision.pt2                LLaVA: vision tower + projector, torch.export'ed with a dynamic image count
+    vision.safetensors        Qwen2-VL: the vision tower's weights, rebuilt by transformers' own class from config.json
+                              (its attention spans come from the patch grids' values, which an export cannot keep
+                              symbolic; models.qwen2_vl.Qwen2VLFamily.save_vision)
     <stage>.pt2 | .onnx       every stage of every program, in the target's format (runtime/executable.py; inductor:
                               an AOTInductor package, loaded without compiling; eager: the torch.export'ed graph): for
                               a static program decoder-v<N> (N visual tokens per prompt) and its decode step
@@ -54,7 +57,6 @@ from .runtime.executable import Executable, LazyStage
 ARTIFACT_FORMAT = 5
 MANIFEST = "manifest.json"
 DIGEST = "manifest_sha256"
-MAX_IMAGES = 64
 
 
 def sha256(path: Path) -> str:
@@ -131,14 +133,6 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         os.replace(tmp, out)
 
 
-def _export_vision(adapter) -> torch.export.ExportedProgram:
-    vc = adapter.model.config.vision_config
-    example = torch.zeros(2, 3, vc.image_size, vc.image_size, dtype=adapter.dtype, device=adapter.device)
-    images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
-    with torch.no_grad():
-        return torch.export.export(adapter.vision_stage(), (example,), dynamic_shapes=({0: images},))
-
-
 # -- writing --------------------------------------------------------------------------------------------
 def _save_stage(lazy: LazyStage, target, directory: Path) -> dict:
     try:
@@ -175,8 +169,6 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
 
     out = Path(out_dir)
     adapter = cm.adapter
-    if adapter.no_artifacts:
-        raise ArtifactError(f"models of family {adapter.name!r} cannot be saved as artifacts yet: {adapter.no_artifacts}")
     check_destination(out, force)
     tmp = temp_dir(out)
     try:
@@ -185,7 +177,7 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
         adapter.model.config.to_json_file(str(tmp / "config.json"))
         embed = adapter.model.get_input_embeddings()
         save_file({"weight": embed.weight.detach().contiguous()}, str(tmp / "embeddings.safetensors"))
-        torch.export.save(_export_vision(adapter), str(tmp / "vision.pt2"))
+        vision = adapter.save_vision(tmp)
         if adapter.processor is not None:
             adapter.processor.save_pretrained(str(tmp / "processor"))
         programs = [_save_program(exe, cm.target, tmp) for _, exe in sorted(cm.executables.items())]
@@ -194,8 +186,7 @@ def write_artifact(cm, out_dir: str | os.PathLike, force: bool = False) -> Path:
             "device": str(adapter.device),
             "config": "config.json",
             "embeddings": {"file": "embeddings.safetensors", "key": "weight", "scale": embedding_scale(embed)},
-            "vision": {"file": "vision.pt2", "inputs": ["pixel_values [n_images,3,H,W]"],
-                       "outputs": ["image_features [n_images,N_visual,D]"], "dynamic": {"images": [1, MAX_IMAGES]}},
+            "vision": vision,
             "processor": "processor" if adapter.processor is not None else None,
             "programs": programs,
             "files": _file_table(tmp),
@@ -388,14 +379,13 @@ def read_artifact(path: str | os.PathLike) -> Contents:
         passes = [(get_pass(p["pass"]), get_pass(p["pass"]).config.from_dict(p["config"]))
                   for p in manifest["passes"]]
         weight = load_file(str(path / manifest["embeddings"]["file"]), device=device)[manifest["embeddings"]["key"]]
-        vision_file = manifest["vision"]["file"]
         report = Report.from_dict(manifest["report"], geometry)
         processor = None
         if manifest.get("processor"):
             from transformers import AutoProcessor
 
             processor = AutoProcessor.from_pretrained(str(path / manifest["processor"]), local_files_only=True)
-        vision = torch.export.load(str(path / vision_file)).module()
+        vision = family.load_vision(config, path, manifest["vision"], device)
         frontend = family.frontend_from_parts(config, _Embedding(weight, manifest["embeddings"].get("scale", 1.0)),
                                               vision, processor,
                                               manifest.get("generation"))

@@ -181,8 +181,9 @@ class CompiledModel:
                 have = ", ".join(f"{n} ({n // max(1, self.frontend.geometry.visual_tokens_per_image)} image(s))"
                                  for n in sorted(self.executables))
                 raise InputError(f"the artifact {self.source} holds programs for {have} visual tokens per prompt; "
-                                 f"this prompt has {n_visual}. Compile the model again for such prompts, or give "
-                                 "one image per prompt.")
+                                 f"this prompt has {n_visual}. Each visual-token count has its own program: run "
+                                 "the compiled model once on a prompt with such images before saving it (or give "
+                                 "prompts with the images it was saved for)")
             program = build_program(self.captured, n_visual, self.passes, self.recipes)
             self.executables[n_visual] = lower_program(program, self.target)
         return self.executables[n_visual]
@@ -348,8 +349,8 @@ class CompiledModel:
             "target": self.target.name,
             "generate": self.report.decode,
             "generation": dict(self.frontend.generation),
-            "input_spec": {"inputs": ["input_ids [B,S] int64", "pixel_values [n_images,3,H,W]",
-                                      "attention_mask [B,S] (left padding)"],
+            "input_spec": {"inputs": ["input_ids [B,S] int64", "pixel_values (the processor's)",
+                                      "attention_mask [B,S] (left padding)", *self.frontend.image_inputs],
                            "visual_tokens_per_image": geometry.visual_tokens_per_image,
                            "image_token_id": self.frontend.image_token_id},
             "report": self.report.to_dict(),

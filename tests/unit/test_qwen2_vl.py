@@ -209,24 +209,6 @@ def test_flops_count_visual_tokens_from_the_image_size(capsys):
     assert "resizes every image to one size" in capsys.readouterr().err
 
 
-def test_saving_an_artifact_is_refused_with_the_reason(tmp_path):
-    from vtcompile.errors import ArtifactError
-
-    with pytest.raises(ArtifactError, match="image_grid_thw"):
-        compiled("tiny-qwen2-vl", None).save(tmp_path / "art")
-    assert not (tmp_path / "art").exists()
-
-
-def test_inductor_generates_the_eager_tokens_on_rows_of_different_sizes():
-    """Inductor compiles one program per visual count (here 4 and 6) and one decode step; the tokens are eager's."""
-    batch = inputs("tiny-qwen2-vl", seed=3)
-    eager = compile_pruned(family("tiny-qwen2-vl"), "fastv:k=1,r=0.5", progress=False)
-    want = eager.generate(**batch, max_new_tokens=6, eos_token_id=[])
-    inductor = eager.with_target("inductor")
-    assert torch.equal(inductor.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
-    assert sorted(inductor.executables) == [4, 6]
-
-
 def tiny_processor():
     """A Qwen2VLProcessor over the tiny presets' ids: a WordLevel tokenizer (w0..w149 and Qwen's special tokens at
     150..) and Qwen2-VL's image processor (14-pixel patches, 2x2 merge, sides resized to multiples of 28)."""
@@ -272,3 +254,40 @@ def test_generate_takes_the_processor_outputs_as_they_come(name):
     assert torch.equal(out, ref)
     pruned = compiled(name, "fastv:k=1,r=0.5")(**enc)
     assert pruned.kept_visual.sum(1).tolist() == [3, 5]  # 6 and 9 visual tokens, half of each (rounded)
+
+
+@pytest.mark.parametrize("target", ["eager", "onnx"])
+def test_artifact_loads_and_generates_in_a_new_process(tmp_path, target):
+    """On the target, the eager tokens; saved after serving two image sizes (programs for 6 and 4 visual tokens), a
+    new process without the model loads it and generates the same tokens; a third size is refused, saying why."""
+    import subprocess
+    import sys
+
+    name = "tiny-qwen2-vl"
+    batch = inputs(name, seed=6)
+    want = compiled(name, "fastv:k=1,r=0.5").generate(**batch, max_new_tokens=5, eos_token_id=[])  # eager
+    cm = compile_pruned(family(name), "fastv:k=1,r=0.5", target=target, progress=False)
+    assert torch.equal(cm.generate(**batch, max_new_tokens=5, eos_token_id=[]), want)  # the target == eager
+    art = cm.save(tmp_path / "art")
+    assert (art / "vision.safetensors").is_file()
+    torch.save({"batch": batch, "want": want}, tmp_path / "io.pt")
+    code = f"""
+import torch
+from vtcompile import load_compiled
+from vtcompile.errors import InputError
+from vtcompile.models.qwen2_vl import example_inputs
+io = torch.load({str(tmp_path / "io.pt")!r})
+cm = load_compiled({str(art)!r})
+assert cm.adapter is None and sorted(cm.executables) == [4, 6], sorted(cm.executables)
+assert torch.equal(cm.generate(**io["batch"], max_new_tokens=5, eos_token_id=[]), io["want"])
+ids, pixels, mask, grid = example_inputs(cm.frontend, batch=1, sizes=[(84, 84)])
+try:
+    cm(input_ids=ids, pixel_values=pixels, attention_mask=mask, image_grid_thw=grid)
+except InputError as exc:
+    assert "9" in str(exc) and "own program" in str(exc), exc
+else:
+    raise AssertionError("a count the artifact has no program for was accepted")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -130,7 +130,6 @@ class Family(ABC):
     name: ClassVar[str] = "?"
     model_classes: ClassVar[tuple[str, ...]] = ()  # the transformers classes this family wraps
     config_classes: ClassVar[tuple[str, ...]] = ()  # their config classes (artifacts are matched by config)
-    no_artifacts: ClassVar[str | None] = None  # why this family's models cannot be saved as artifacts yet (None: they can)
 
     def __init__(self, model: nn.Module, spec, processor=None):
         cls = type(model).__name__
@@ -206,6 +205,16 @@ class Family(ABC):
     @abstractmethod
     def geometry_of(cls, config) -> Geometry:
         """The Geometry of a config of this family, without weights (FLOPs of published geometries)."""
+
+    @abstractmethod
+    def save_vision(self, directory) -> dict:
+        """Write the vision stage into an artifact directory; returns its manifest entry ("file" and what loading
+        needs), read back by ``load_vision``."""
+
+    @classmethod
+    @abstractmethod
+    def load_vision(cls, config, directory, entry: dict, device: str = "cpu") -> nn.Module:
+        """The vision stage ``save_vision`` wrote (the same computation as the live one)."""
 
     @classmethod
     def visual_tokens_for_size(cls, config, height: int, width: int) -> int:

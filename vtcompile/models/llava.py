@@ -8,6 +8,7 @@ exported graph) and the decoder stage (an ``nn.Module`` over ``inputs_embeds`` t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from ..compiler.geometry import Geometry
 from ..errors import InputError, UnsupportedModelError
 from .backbone import attention_windows, check_backbone
 from .family import Family, Frontend
+
+MAX_IMAGES = 64  # the image count an artifact's exported vision stage takes at most
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,21 @@ class LlavaFamily(Family):
     @classmethod
     def geometry_of(cls, config) -> Geometry:
         return geometry_from_config(config)
+
+    def save_vision(self, directory) -> dict:
+        """vision.pt2: the tower + projector torch.export'ed with a dynamic image count."""
+        vc = self.config.vision_config
+        example = torch.zeros(2, 3, vc.image_size, vc.image_size, dtype=self.dtype, device=self.device)
+        images = torch.export.Dim("images", min=1, max=MAX_IMAGES)
+        with torch.no_grad():
+            exported = torch.export.export(self.vision_stage(), (example,), dynamic_shapes=({0: images},))
+        torch.export.save(exported, str(Path(directory) / "vision.pt2"))
+        return {"file": "vision.pt2", "inputs": ["pixel_values [n_images,3,H,W]"],
+                "outputs": ["image_features [n_images,N_visual,D]"], "dynamic": {"images": [1, MAX_IMAGES]}}
+
+    @classmethod
+    def load_vision(cls, config, directory, entry: dict, device: str = "cpu") -> nn.Module:
+        return torch.export.load(str(Path(directory) / entry["file"])).module()
 
     @classmethod
     def frontend_from_parts(cls, config, embed, vision, processor=None, generation=None) -> LlavaFrontend:

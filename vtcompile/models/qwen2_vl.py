@@ -19,6 +19,8 @@ Video inputs (temporal patches > 1) are not taken: a prompt with video tokens is
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -242,8 +244,6 @@ class Qwen2VLFamily(Family):
     name = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     config_classes = ("Qwen2VLConfig", "Qwen2_5_VLConfig")
-    no_artifacts = ("its vision stage takes a patch grid per image (image_grid_thw) whose export with symbolic grids "
-                    "is not done yet; compile with compile_pruned where the model is served")
 
     def __init__(self, model: nn.Module, spec: ModelSpec, processor=None):
         if type(model).__name__ not in self.model_classes:
@@ -286,6 +286,33 @@ class Qwen2VLFamily(Family):
     @classmethod
     def visual_tokens_for_size(cls, config, height: int, width: int) -> int:
         return tokens_for_size(config, height, width)
+
+    def save_vision(self, directory) -> dict:
+        """vision.safetensors: the vision tower's weights, rebuilt at load from the stored config by transformers'
+        own class. Not an exported graph: the tower's attention spans and rotary positions are computed from the
+        patch grids' VALUES (image_grid_thw, .tolist() inside transformers), which torch.export cannot keep symbolic;
+        loading still compiles nothing."""
+        from safetensors.torch import save_file
+
+        weights = {k: v.detach().contiguous() for k, v in self.model.model.visual.state_dict().items()}
+        save_file(weights, str(Path(directory) / "vision.safetensors"))
+        return {"file": "vision.safetensors", "kind": "weights", "class": type(self.model.model.visual).__name__,
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "inputs": ["pixel_values [n_patches, 3*t*p*p]", "image_grid_thw [n_images, 3]"],
+                "outputs": ["image_features [n_visual_tokens, D]"]}
+
+    @classmethod
+    def load_vision(cls, config, directory, entry: dict, device: str = "cpu") -> nn.Module:
+        import importlib
+
+        from safetensors.torch import load_file
+
+        module = "qwen2_5_vl" if type(config).__name__ == "Qwen2_5_VLConfig" else "qwen2_vl"
+        tower_class = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), entry["class"])
+        config.vision_config._attn_implementation = "sdpa"
+        tower = tower_class._from_config(config.vision_config, dtype=getattr(torch, entry["dtype"]))
+        tower.load_state_dict(load_file(str(Path(directory) / entry["file"]), device=str(device)))
+        return VisionStage(tower.to(device).eval())
 
     @classmethod
     def frontend_from_parts(cls, config, embed, vision, processor=None, generation=None) -> Qwen2VLFrontend:
