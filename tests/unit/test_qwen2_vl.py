@@ -256,7 +256,7 @@ def test_generate_takes_the_processor_outputs_as_they_come(name):
     assert pruned.kept_visual.sum(1).tolist() == [3, 5]  # 6 and 9 visual tokens, half of each (rounded)
 
 
-@pytest.mark.parametrize("target", ["eager", "onnx"])
+@pytest.mark.parametrize("target", ["onnx"])  # eager artifacts: the same vision files, less to check
 def test_artifact_loads_and_generates_in_a_new_process(tmp_path, target):
     """On the target, the eager tokens; saved after serving two image sizes (programs for 6 and 4 visual tokens), a
     new process without the model loads it and generates the same tokens; a third size is refused, saying why."""
@@ -291,3 +291,17 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_cli_optimize_builds_the_programs_of_the_image_sizes_asked_for(tmp_path, capsys):
+    import json
+
+    from vtcompile.cli import main
+
+    out = tmp_path / "art"
+    assert main(["optimize", "--model", "tiny-qwen2-vl", "--pass", "fastv:k=1,r=0.5", "--image-size", "56x84",
+                 "--image-size", "84x84", "--no-check", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(p["n_visual"] for p in manifest["programs"]) == [4, 6, 9]  # the reference 56x56, then 6 and 9
+    assert main(["optimize", "--model", "tiny-qwen2-vl", "--pass", "fastv", "--image-size", "50x84"]) != 0
+    assert "multiples of 28" in capsys.readouterr().err

@@ -15,7 +15,10 @@ def cmd_optimize(args) -> int:
 
     if args.out:
         check_destination(args.out, args.force)
+    counts = image_size_counts(args)  # checked before anything is compiled
     cm = compile_from_args(args, args.target)
+    for n in counts:  # the program of each visual-token count asked for, built (and lowered) now: the artifact holds it
+        cm.executable(n)
     check = None if args.no_check else self_check(cm)
     saved = cm.save(args.out, force=args.force) if args.out else None
     if args.json:
@@ -80,6 +83,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def image_size_counts(args) -> list[int]:
+    """The visual-token counts of optimize's --image-size arguments (dynamic-resolution families)."""
+    from ..models import family_of_config, model_config
+
+    if not args.image_size:
+        return []
+    config = model_config(spec_of(args))
+    family = family_of_config(config)
+    return sorted({family.visual_tokens_for_size(config, *parse_image_size(s)) for s in args.image_size})
+
+
 def parse_image_size(text: str) -> tuple[int, int]:
     """'HxW' in pixels -> (H, W)."""
     parts = text.lower().split("x")
@@ -131,6 +145,10 @@ def register(sub) -> None:
     p.add_argument("--text-tokens", type=int, default=64, help="prompt text length for true FLOPs and KV bytes "
                                                                "(default 64)")
     p.add_argument("--no-check", action="store_true", help="skip the fidelity self-check against the unpruned model")
+    p.add_argument("--image-size", metavar="HxW", action="append", default=[],
+                   help="dynamic-resolution families (Qwen2-VL): also build the program for images of this size in "
+                        "pixels (each visual-token count has its own program; an artifact holds the ones built). "
+                        "Repeatable; the family's reference size (448x448) is always built")
     calibration_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_optimize)
