@@ -34,10 +34,11 @@ def pytest_configure(config):
 # The fast tier (`pytest -m "not slow"`, the inner loop) leaves out what lowers to a compiled target (Inductor and
 # ONNX lowering, their artifacts, TensorRT's graph transform), starts the CLI in a subprocess, trains or evaluates
 # the testbed, or compares the per-rewrite build's slow path; each costs 10-150 s on two cores. It also runs the
-# geometry-parametrised oracle tests on the MHA geometry only (their tiny-gqa cases are slow) and leaves out the
+# geometry-parametrised oracle tests on the MHA geometry only (their tiny-gqa cases are slow; of the Qwen2-VL tests it
+# runs the tiny-qwen2-vl cases, not the tiny-qwen2.5-vl ones) and leaves out the
 # artifact round trips through torch.export, and the README blocks marked <!-- readme-test: slow -->. The default
 # suite runs everything.
-SLOW_WORDS = ("inductor", "onnx", "tensorrt_graph_transform", "tiny-gqa", "readme-slow")
+SLOW_WORDS = ("inductor", "onnx", "tensorrt_graph_transform", "tiny-gqa", "readme-slow", "tiny-qwen2.5-vl")
 SLOW_TESTS = {
     "test_optimize_prints_report_and_writes_artifact", "test_bad_input_from_the_shell",  # subprocess smoke tests
     "test_existing_output_dir_is_refused_and_force_replaces_only_an_artifact",
