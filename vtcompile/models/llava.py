@@ -73,11 +73,15 @@ class DecoderStage(nn.Module):
         batch, seq = inputs_embeds.shape[0], inputs_embeds.shape[1]
         positions = torch.arange(seq, device=inputs_embeds.device).unsqueeze(0).expand(batch, seq)
         visual = visual_mask.clone()
-        hidden = self.lm(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        hidden = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=self.lm_position_ids(position_ids), use_cache=False).last_hidden_state
         logits = self.head(hidden)
         return logits, positions, visual
+
+    @staticmethod
+    def lm_position_ids(position_ids):
+        """The seam's position_ids as the language model takes them (1-D RoPE: the same; Qwen2-VL permutes)."""
+        return position_ids
 
 
 class LlavaFrontend(Frontend):

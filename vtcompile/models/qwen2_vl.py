@@ -28,6 +28,7 @@ from ..compiler.geometry import Geometry
 from ..errors import InputError, UnsupportedModelError
 from .backbone import attention_windows, check_backbone
 from .family import Family, Frontend
+from .llava import DecoderStage as LlavaDecoderStage
 from .llava import ModelSpec, generation_defaults
 
 REFERENCE_IMAGE = (448, 448)  # the image size FLOPs tables and the program built at compile time assume
@@ -40,22 +41,13 @@ def reference_image(config) -> tuple[int, int]:
     return tuple(size) if size else REFERENCE_IMAGE
 
 
-class DecoderStage(nn.Module):
-    """The decoder LM as the compiler captures it (the LLaVA seam's contract, models.llava.DecoderStage), with
-    position_ids [B, S, 3] turned into the [3, B, S] M-RoPE positions the language model takes."""
+class DecoderStage(LlavaDecoderStage):
+    """The decoder LM as the compiler captures it (models.llava.DecoderStage's contract), with position_ids [B, S, 3]
+    turned into the [3, B, S] M-RoPE positions the language model takes."""
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
-        super().__init__()
-        self.lm = language_model
-        self.head = lm_head
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, visual_mask):
-        batch, seq = inputs_embeds.shape[0], inputs_embeds.shape[1]
-        positions = torch.arange(seq, device=inputs_embeds.device).unsqueeze(0).expand(batch, seq)
-        visual = visual_mask.clone()
-        hidden = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=position_ids.permute(2, 0, 1), use_cache=False).last_hidden_state
-        return self.head(hidden), positions, visual
+    @staticmethod
+    def lm_position_ids(position_ids):
+        return position_ids.permute(2, 0, 1)
 
 
 class VisionStage(nn.Module):
