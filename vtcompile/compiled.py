@@ -232,8 +232,8 @@ class CompiledModel:
         if several:
             raise InputError(f"row(s) {several} hold several images; {', '.join(wanting)} keep(s) a share of each image "
                              f"and, for model family {geometry.family!r} (images of different sizes), tells images "
-                             "apart in rows of one image only. Give one image per prompt, or use a pass that prunes "
-                             "inside the decoder (fastv, pyramiddrop, dart, ...)")
+                             "apart in rows of one image only. Give one image per prompt, or use a pass that removes "
+                             "tokens inside the decoder instead")
 
     def prefill(self, prepared: PreparedInputs) -> PrefillResult:
         """The pruned prefill of a prepared batch: one program, or one per visual-token count (row_groups), their

@@ -22,14 +22,15 @@ TOL = 1e-4
 NEW = 16
 
 
-def generate_with_logits(cm, ids, pixels, mask, n: int = NEW):
-    """Greedy tokens [B, n] (no eos) and the logits that chose each [B, n, V], from the runtime itself."""
-    prepared = cm.prepare(ids, pixels, mask)
-    exe = cm.executable(prepared.n_visual)
+def generate_with_logits(cm, ids, pixels, mask, n: int = NEW, **images):
+    """Greedy tokens [B, n] (no eos) and the logits that chose each [B, n, V], from the runtime itself (prefill: the
+    program of each row's visual count, cm.prefill; images: the family's other processor outputs)."""
+    prepared = cm.prepare(ids, pixels, mask, **images)
+    exe = cm.row_groups(prepared)[0][1]  # its decode step serves every row group's caches
     step, logits, seen = exe.step_stage(), [], {}
 
     def prefill(p):
-        seen["result"] = exe.prefill(p)
+        seen["result"] = cm.prefill(p)
         logits.append(seen["result"].values["logits"][:, -1])
         return seen["result"]
 

@@ -17,8 +17,8 @@ from vtcompile.compiler.reference import head_plan, masked_key_generate, masked_
 from vtcompile.errors import InputError
 from vtcompile.models import load_model
 from vtcompile.models.qwen2_vl import example_inputs
-from vtcompile.runtime.generate import generate
 
+from .test_generate import generate_with_logits as run_with_logits
 from .test_generate import oracle_keys
 
 TOL = 1e-4
@@ -49,24 +49,9 @@ def inputs(name: str, sizes=SIZES, seed: int = 0) -> dict:
 
 
 def generate_with_logits(cm, batch: dict, n: int = NEW):
-    """Greedy tokens [B, n] and the logits that chose each [B, n, V], from the runtime itself."""
-    prepared = cm.prepare(**batch)
-    step, logits, seen = cm.row_groups(prepared)[0][1].step_stage(), [], {}
-
-    def prefill(p):
-        seen["result"] = cm.prefill(p)
-        logits.append(seen["result"].values["logits"][:, -1])
-        return seen["result"]
-
-    def recording_step(*args):
-        out = step(*args)
-        logits.append((out[0] if isinstance(out, (tuple, list)) else out)[:, -1])
-        return out
-
-    tokens = generate(prefill, recording_step, cm.frontend.embed_tokens, prepared,
-                      cm.generation_config(max_new_tokens=n, eos_token_id=[]),
-                      signature=cm.row_groups(prepared)[0][1].signature)
-    return tokens[:, batch["input_ids"].shape[1]:], torch.stack(logits, 1), seen["result"], prepared
+    """test_generate's runner on a batch named as the processor names it."""
+    images = {k: v for k, v in batch.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+    return run_with_logits(cm, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], n, **images)
 
 
 @pytest.mark.parametrize("name", MODELS)

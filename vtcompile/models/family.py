@@ -26,6 +26,7 @@ from torch import nn
 
 from ..compiler.geometry import Geometry
 from ..errors import InputError, UnsupportedModelError
+from .backbone import check_backbone
 
 # What a family may provide to passes (Geometry.features, PassDef.needs).
 FEATURES = {
@@ -150,7 +151,9 @@ class Family(ABC):
         return cls.model_classes[cls.config_classes.index(type(config).__name__)]
 
     def check(self) -> None:
-        """Refuse, naming the config field, what this family cannot compile (raises UnsupportedModelError)."""
+        """Refuse, naming the config field, what this family cannot compile (raises UnsupportedModelError); by
+        default what the backbone protocol cannot express (models/backbone.py)."""
+        check_backbone(self.language_model, self.config.text_config)
 
     @property
     def config(self):
@@ -178,14 +181,15 @@ class Family(ABC):
         """The live front end (its vision stage is ``vision_stage()``, the module artifacts export)."""
 
     @property
-    @abstractmethod
     def language_model(self) -> nn.Module:
-        """The decoder LM (embeddings scaling, layers under ``.layers``, final norm): what the reference runs."""
+        """The decoder LM (embeddings scaling, layers under ``.layers``, final norm): what the reference runs
+        (transformers' MLLM layout, ``model.model.language_model``; a family laid out otherwise overrides it)."""
+        return self.model.model.language_model
 
     @property
-    @abstractmethod
     def lm_head(self) -> nn.Module:
         """hidden states -> logits."""
+        return self.model.lm_head
 
     def lm_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
         """The frontend's position_ids ([B, S], or [B, S, 3] for M-RoPE) as ``language_model`` takes them (what the

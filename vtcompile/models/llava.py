@@ -15,7 +15,7 @@ from torch import nn
 
 from ..compiler.geometry import Geometry
 from ..errors import InputError, UnsupportedModelError
-from .backbone import attention_windows, check_backbone
+from .backbone import attention_windows
 from .family import Family, Frontend
 
 MAX_IMAGES = 64  # the image count an artifact's exported vision stage takes at most
@@ -207,20 +207,9 @@ class LlavaFamily(Family):
         self._frontend = LlavaFrontend(model.config, model.get_input_embeddings(), self._vision, processor,
                                        generation_defaults(model))
 
-    def check(self) -> None:
-        check_backbone(self.language_model, self.config.text_config)
-
     @property
     def frontend(self) -> LlavaFrontend:
         return self._frontend
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def decoder_stage(self) -> DecoderStage:
         return DecoderStage(self.language_model, self.lm_head)

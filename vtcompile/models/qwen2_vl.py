@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..compiler.geometry import Geometry
-from ..errors import InputError, UnsupportedModelError
-from .backbone import attention_windows, check_backbone
+from ..errors import InputError
+from .backbone import attention_windows
 from .family import Family, Frontend
 from .llava import DecoderStage as LlavaDecoderStage
 from .llava import ModelSpec, generation_defaults
@@ -238,32 +238,18 @@ class Qwen2VLFamily(Family):
     config_classes = ("Qwen2VLConfig", "Qwen2_5_VLConfig")
 
     def __init__(self, model: nn.Module, spec: ModelSpec, processor=None):
-        if type(model).__name__ not in self.model_classes:
-            raise UnsupportedModelError(f"family {self.name!r} wraps {', '.join(self.model_classes)}, found "
-                                        f"{type(model).__name__}")
-        model.config.text_config._attn_implementation = "sdpa"
         super().__init__(model, spec, processor)
+        model.config.text_config._attn_implementation = "sdpa"  # the compiler keeps SDPA
         self._vision = VisionStage(model.model.visual)
         self._frontend = Qwen2VLFrontend(model.config, model.get_input_embeddings(), self._vision, processor,
                                          generation_defaults(model))
-
-    def check(self) -> None:
-        check_backbone(self.language_model, self.config.text_config)
 
     @property
     def frontend(self) -> Qwen2VLFrontend:
         return self._frontend
 
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
     def lm_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return position_ids.permute(2, 0, 1) if position_ids.dim() == 3 else position_ids
+        return DecoderStage.lm_position_ids(position_ids)  # what the captured seam does
 
     def decoder_stage(self) -> DecoderStage:
         return DecoderStage(self.language_model, self.lm_head)
