@@ -95,17 +95,18 @@ class Program:
 
     @contextmanager
     def series_of_rewrites(self):
-        """Several token selections at increasing cuts: each refreshes shape metadata only up to its cut,
-        and the whole graph gets fresh metadata (a new ShapeEnv, as after any rewrite) once at the end."""
+        """Several token selections at increasing cuts: each refreshes shape metadata only up to its cut, and at
+        the end the nodes still stale are propagated in the same ShapeEnv (about one propagation of the graph in
+        all; test_rewrite_primitives checks the graph and metadata equal a full refresh after every cut)."""
         if self.meta is not None:  # nested: the outer series refreshes at its end
             yield self
             return
-        self.meta = IncrementalMeta(self.gm, self.fake_inputs)
+        self.meta = meta = IncrementalMeta(self.gm, self.fake_inputs)
         try:
             yield self
         finally:
             self.meta = None
-            refresh_meta(self.gm, self.fake_inputs)
+            meta.refresh()
 
     def visual_name_at(self, layer: int) -> str:
         """Name of the visual-mask value live at the end of `layer`."""
