@@ -11,6 +11,7 @@ import torch
 from torch.export import Dim
 
 from ..errors import UnsupportedModelError
+from .graph import uncached_fake_dispatch
 from .staged import Stage
 
 
@@ -18,7 +19,7 @@ def export_stage(stage: Stage, args: tuple) -> torch.export.ExportedProgram:
     """torch.export one stage on real example inputs, its dynamic dims symbolic."""
     shapes = tuple({d: Dim.DYNAMIC for d in dims} for dims in stage.dynamic)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), uncached_fake_dispatch():
             return torch.export.export(stage.module, tuple(args), dynamic_shapes=shapes)
     except Exception as exc:  # noqa: BLE001 - re-raised with the stage that failed
         raise UnsupportedModelError(f"exporting stage {stage.name} with symbolic batch and lengths failed: "

@@ -217,15 +217,20 @@ class FakeInputs:
                     f"(torch {torch.__version__}); node metadata would no longer follow the token count")
 
 
+def uncached_fake_dispatch():
+    """torch.export without fake-tensor dispatch caching, which costs more than it saves on these graphs: each node
+    is traced once, and a cache entry with symbolic sizes is rebuilt from scratch (as_strided/set_ on new SymInts)
+    on every hit. Measured on the 2-core EPYC: shape propagation of a program about half the time (tiny-gqa:
+    pyramiddrop 6.1 -> 3.6 s, fitprune 7.6 -> 3.9 s), exporting a pyramiddrop program and its decode step
+    7.1-9.6 -> 4.8-6.0 s. A torch config patch for the duration of the export only."""
+    return torch._dynamo.config.patch(fake_tensor_cache_enabled=False)
+
+
 def _propagation_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    # Fake-tensor dispatch caching costs more than it saves here: each node is propagated once, and a cache entry
-    # with symbolic sizes is rebuilt from scratch (as_strided/set_ on new SymInts) on every hit. Without it a
-    # program's shape propagation takes about half the time (tiny-gqa, 2-core EPYC: pyramiddrop 6.1 -> 3.6 s,
-    # fitprune 7.6 -> 3.9 s). Only this mode is affected, never torch.export's or Inductor's.
-    mode.cache_enabled = False
+    mode.cache_enabled = False  # see uncached_fake_dispatch
     return mode
 
 

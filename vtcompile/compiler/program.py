@@ -17,7 +17,8 @@ from torch import nn
 from .branches import Branches
 from .cut import Cut
 from .geometry import Geometry
-from .graph import (FakeInputs, IncrementalMeta, annotate, layer_nodes, output_values, refresh_meta, set_outputs)
+from .graph import (FakeInputs, IncrementalMeta, annotate, layer_nodes, output_values, refresh_meta, set_outputs,
+                    uncached_fake_dispatch)
 from .signature import END, Signature, prefill_signature
 
 aten = torch.ops.aten
@@ -196,7 +197,7 @@ def capture_decoder(stage: nn.Module, geometry: Geometry, device, dtype,
     examples = [emb, mask, pos, vis]
     dyn = dynamic_batch_and_seq(len(examples), min_seq=2, max_seq=max_seq)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), uncached_fake_dispatch():
         ep = torch.export.export(stage, tuple(examples), dynamic_shapes=dyn)
     gm = ep.module()
     seconds = time.perf_counter() - t0
