@@ -243,12 +243,15 @@ def test_generate_takes_the_processor_outputs_as_they_come(name):
 
 def test_inductor_generates_the_eager_tokens_on_rows_of_different_sizes():
     """Inductor compiles one program per visual count (here 4 and 6) and one decode step; the tokens are eager's.
-    (ONNX: test_artifact_loads_and_generates_in_a_new_process.)"""
+    (ONNX: test_artifact_loads_and_generates_in_a_new_process.) Scalar kernels, as in test_targets."""
+    from .test_targets import fast_inductor
+
     batch = inputs("tiny-qwen2-vl", seed=3)
     eager = compile_pruned(family("tiny-qwen2-vl"), "fastv:k=1,r=0.5", progress=False)
     want = eager.generate(**batch, max_new_tokens=6, eos_token_id=[])
-    inductor = eager.with_target("inductor")
-    assert torch.equal(inductor.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
+    with fast_inductor():
+        inductor = eager.with_target("inductor")
+        assert torch.equal(inductor.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
     assert sorted(inductor.executables) == [4, 6]
 
 
