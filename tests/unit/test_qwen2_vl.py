@@ -137,12 +137,24 @@ def test_each_row_keeps_its_own_ratio_of_its_own_visual_tokens(name, passes):
         assert torch.equal(together[row], cm.generate(**alone, max_new_tokens=4, eos_token_id=[])[0, -4:]), row
 
 
+# Ten image sizes (multiples of 28 px): ten visual counts, (H/28)(W/28) after the 2x2 merger
+TEN_SIZES = [(56, 56), (56, 84), (84, 84), (56, 112), (84, 112), (112, 112), (56, 140), (84, 140), (112, 140),
+             (28, 56)]
+
+
 def test_programs_are_built_per_visual_count_and_the_decode_step_is_shared():
+    """Ten image sizes in one batch: one program per visual count (ten; the README's compile count) and ONE decode
+    step for every row; a second call with the same counts builds nothing."""
     cm = compile_pruned(family("tiny-qwen2-vl"), "fastv:k=1,r=0.5", progress=False)
     assert set(cm.executables) == {4}  # the reference image's count (the tiny preset's 56x56), built at compile time
-    cm.generate(**inputs("tiny-qwen2-vl", sizes=[(56, 84), (56, 56), (84, 84)]), max_new_tokens=2)
-    assert set(cm.executables) == {4, 6, 9}  # one program per visual count in the batch
-    assert [c for c, e in sorted(cm.executables.items()) if e.decode is not None] == [4]  # one decode step for all
+    batch = inputs("tiny-qwen2-vl", sizes=TEN_SIZES)
+    first = cm.generate(**batch, max_new_tokens=2, eos_token_id=[])
+    counts = {h * w // 28 ** 2 for h, w in TEN_SIZES}
+    assert len(counts) == 10 and set(cm.executables) == counts  # one program per visual count in the batch
+    assert sum(e.decode is not None for e in cm.executables.values()) == 1  # one decode step for all
+    programs = {c: e.program for c, e in cm.executables.items()}
+    assert torch.equal(cm.generate(**batch, max_new_tokens=2, eos_token_id=[]), first)
+    assert {c: e.program for c, e in cm.executables.items()} == programs  # nothing built again
 
 
 def test_bad_inputs_are_clear_errors():
@@ -241,34 +253,12 @@ def test_generate_takes_the_processor_outputs_as_they_come(name):
     assert pruned.kept_visual.sum(1).tolist() == [3, 5]  # 6 and 9 visual tokens, half of each (rounded)
 
 
-def test_inductor_generates_the_eager_tokens_on_rows_of_different_sizes():
-    """Inductor compiles one program per visual count (here 4 and 6) and one decode step; the tokens are eager's.
-    (ONNX: test_artifact_loads_and_generates_in_a_new_process.) Scalar kernels, as in test_targets."""
-    from .test_targets import fast_inductor
-
-    batch = inputs("tiny-qwen2-vl", seed=3)
-    eager = compile_pruned(family("tiny-qwen2-vl"), "fastv:k=1,r=0.5", progress=False)
-    want = eager.generate(**batch, max_new_tokens=6, eos_token_id=[])
-    with fast_inductor():
-        inductor = eager.with_target("inductor")
-        assert torch.equal(inductor.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
-    assert sorted(inductor.executables) == [4, 6]
-
-
-@pytest.mark.parametrize("target", ["onnx"])  # eager artifacts: the same vision files, less to check
-def test_artifact_loads_and_generates_in_a_new_process(tmp_path, target):
-    """On the target, the eager tokens; saved after serving two image sizes (programs for 6 and 4 visual tokens), a
-    new process without the model loads it and generates the same tokens; a third size is refused, saying why."""
+def _loads_and_generates_in_a_new_process(art, batch: dict, want: torch.Tensor, tmp_path) -> None:
+    """A new process without the model loads the artifact (programs for 4 and 6 visual tokens), generates `want`
+    compiling nothing, and refuses a third size, saying why."""
     import subprocess
     import sys
 
-    name = "tiny-qwen2-vl"
-    batch = inputs(name, seed=6)
-    want = compiled(name, "fastv:k=1,r=0.5").generate(**batch, max_new_tokens=5, eos_token_id=[])  # eager
-    cm = compile_pruned(family(name), "fastv:k=1,r=0.5", target=target, progress=False)
-    assert torch.equal(cm.generate(**batch, max_new_tokens=5, eos_token_id=[]), want)  # the target == eager
-    art = cm.save(tmp_path / "art")
-    assert (art / "vision.safetensors").is_file()
     torch.save({"batch": batch, "want": want}, tmp_path / "io.pt")
     code = f"""
 import torch
@@ -278,7 +268,9 @@ from vtcompile.models.qwen2_vl import example_inputs
 io = torch.load({str(tmp_path / "io.pt")!r})
 cm = load_compiled({str(art)!r})
 assert cm.adapter is None and sorted(cm.executables) == [4, 6], sorted(cm.executables)
-assert torch.equal(cm.generate(**io["batch"], max_new_tokens=5, eos_token_id=[]), io["want"])
+new = io["want"].shape[1] - io["batch"]["input_ids"].shape[1]
+assert torch.equal(cm.generate(**io["batch"], max_new_tokens=new, eos_token_id=[]), io["want"])
+assert cm.last_generation.compile_seconds == 0.0, cm.last_generation.to_dict()
 ids, pixels, mask, grid = example_inputs(cm.frontend, batch=1, sizes=[(84, 84)])
 try:
     cm(input_ids=ids, pixel_values=pixels, attention_mask=mask, image_grid_thw=grid)
@@ -290,6 +282,39 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_inductor_generates_the_eager_tokens_on_rows_of_different_sizes(tmp_path):
+    """Inductor (AOTInductor packages on CPU) compiles one program per visual count (here 4 and 6) and one decode
+    step, each once: a second call compiles nothing, and the tokens are eager's. Saved, the artifact holds those
+    packages and a new process generates the same tokens from it. Scalar kernels, as in test_targets."""
+    from .test_targets import fast_inductor
+
+    batch = inputs("tiny-qwen2-vl", seed=3)
+    eager = compile_pruned(family("tiny-qwen2-vl"), "fastv:k=1,r=0.5", progress=False)
+    want = eager.generate(**batch, max_new_tokens=6, eos_token_id=[])
+    with fast_inductor():
+        inductor = eager.with_target("inductor")
+        assert torch.equal(inductor.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
+    assert sorted(inductor.executables) == [4, 6]
+    assert torch.equal(inductor.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
+    assert inductor.last_generation.compile_seconds == 0.0  # every stage compiled once, in the first call
+    _loads_and_generates_in_a_new_process(inductor.save(tmp_path / "art"), batch, want, tmp_path)
+
+
+@pytest.mark.parametrize("target", ["onnx"])  # eager artifacts: the same vision files, less to check
+def test_artifact_loads_and_generates_in_a_new_process(tmp_path, target):
+    """On the target, the eager tokens; saved after serving two image sizes (programs for 6 and 4 visual tokens), a
+    new process without the model loads it and generates the same tokens; a third size is refused, saying why.
+    (Inductor: test_inductor_generates_the_eager_tokens_on_rows_of_different_sizes.)"""
+    name = "tiny-qwen2-vl"
+    batch = inputs(name, seed=6)
+    want = compiled(name, "fastv:k=1,r=0.5").generate(**batch, max_new_tokens=5, eos_token_id=[])  # eager
+    cm = compile_pruned(family(name), "fastv:k=1,r=0.5", target=target, progress=False)
+    assert torch.equal(cm.generate(**batch, max_new_tokens=5, eos_token_id=[]), want)  # the target == eager
+    art = cm.save(tmp_path / "art")
+    assert (art / "vision.safetensors").is_file()
+    _loads_and_generates_in_a_new_process(art, batch, want, tmp_path)
 
 
 def test_cli_optimize_builds_the_programs_of_the_image_sizes_asked_for(tmp_path, capsys):
