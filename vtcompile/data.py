@@ -22,8 +22,6 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 LLAVA_TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
 DEFAULT_TESTBED_LIMIT = 500
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # -- prompts --------------------------------------------------------------------------------------------
@@ -82,19 +80,6 @@ def open_image(image):
         raise InputError(f"image {image} does not open as an image ({exc})") from None
 
 
-def _plain_pixels(frontend, images) -> torch.Tensor:
-    """Resize + CLIP normalisation, for models without a processor (tiny random models)."""
-    import numpy as np
-
-    size = frontend.config.vision_config.image_size
-    out = []
-    for image in images:
-        arr = np.asarray(image.resize((size, size)), dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr).permute(2, 0, 1)
-        out.append((x - torch.tensor(_CLIP_MEAN)[:, None, None]) / torch.tensor(_CLIP_STD)[:, None, None])
-    return torch.stack(out)
-
-
 class PromptEncoder:
     """Prompts through the model's own processor: left padding, the chat format."""
 
@@ -134,12 +119,15 @@ class PromptEncoder:
         return enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"]
 
 
-def prompt_inputs(frontend, images: list, prompts: list[str] | None = None, input_ids: list | None = None):
-    """(input_ids, pixel_values, attention_mask) for a batch of prompts, one image (or None) each.
+def prompt_inputs(frontend, images: list, prompts: list[str] | None = None,
+                  input_ids: list | None = None) -> dict[str, torch.Tensor]:
+    """A batch of prompts, one image (or None) each, as keyword arguments of CompiledModel.generate (input_ids,
+    attention_mask, and pixel_values with the family's image inputs when an image is given).
 
     With a processor: the prompts as text in the model's chat format. Without one (tiny random models):
-    `input_ids`, one list of token ids per prompt where each image is one image-token id (expanded to the visual
-    tokens per image) or already expanded; images are resized and CLIP-normalised."""
+    `input_ids`, one list of token ids per prompt where each image is one image-token id (expanded to that image's
+    visual tokens) or already expanded; the images go through the family's plain image inputs
+    (Frontend.plain_image_inputs)."""
     pil = [open_image(im) if im is not None else None for im in images]
     if input_ids is None:
         if prompts is None:
@@ -151,25 +139,27 @@ def prompt_inputs(frontend, images: list, prompts: list[str] | None = None, inpu
                 f"{frontend.image_token_id} per --image).")
         encoder = PromptEncoder(frontend.processor)
         warn_unknown_words(encoder.tok, prompts)
-        return encoder.batch(prompts, pil)
-    per_image = frontend.geometry.visual_tokens_per_image
+        ids, pixels, mask = encoder.batch(prompts, pil)
+        return {"input_ids": ids, "attention_mask": mask, **({"pixel_values": pixels} if pixels is not None else {})}
+    present = [im for im in pil if im is not None]
+    image_inputs, counts = frontend.plain_image_inputs(present) if present else ({}, [])
+    counts = iter(counts)
     rows = []
     for ids, im in zip(input_ids, pil):
         ids = [int(t) for t in ids]
         n_tok = sum(t == frontend.image_token_id for t in ids)
-        n_img = 0 if im is None else 1
+        n_img, per_image = (0, 0) if im is None else (1, next(counts))
         if n_tok == n_img and n_img:  # one placeholder per image: expand it like a processor does
             ids = [x for t in ids for x in ([t] * per_image if t == frontend.image_token_id else [t])]
         elif n_tok != n_img * per_image:
             raise InputError(f"--input-ids hold {n_tok} image token(s) (id {frontend.image_token_id}) for {n_img} "
-                             f"image(s); give one placeholder (or {per_image} tokens) per --image")
+                             f"image(s); give one placeholder (or {per_image} tokens, this image's count) per --image")
         rows.append(ids)
     length = max(len(r) for r in rows)
     pad = frontend.generation.get("pad_token_id") or 0
     ids_t = torch.tensor([[pad] * (length - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    present = [im for im in pil if im is not None]
-    return ids_t, (_plain_pixels(frontend, present) if present else None), mask
+    return {"input_ids": ids_t, "attention_mask": mask, **image_inputs}
 
 
 def warn_unknown_words(tokenizer, prompts: list[str], share: float = 0.5) -> list[int]:

@@ -26,8 +26,8 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     assert a.shape == b.shape == (32, 256, 3) and np.array_equal(a, b)
     assert (np.asarray(Image.open(tmp_path / "g16.png").convert("RGB")) == 255).mean() > 0.99  # what PIL did
     frontend = adapter("testbed").frontend
-    _, px8, _ = prompt_inputs(frontend, [tmp_path / "g8.png"], ["what color is the circle?"])
-    _, px16, _ = prompt_inputs(frontend, [tmp_path / "g16.png"], ["what color is the circle?"])
+    px8 = prompt_inputs(frontend, [tmp_path / "g8.png"], ["what color is the circle?"])["pixel_values"]
+    px16 = prompt_inputs(frontend, [tmp_path / "g16.png"], ["what color is the circle?"])["pixel_values"]
     assert torch.equal(px8, px16)
 
 

@@ -329,3 +329,44 @@ def test_cli_optimize_builds_the_programs_of_the_image_sizes_asked_for(tmp_path,
     assert sorted(p["n_visual"] for p in manifest["programs"]) == [4, 6, 9]  # the reference 56x56, then 6 and 9
     assert main(["optimize", "--model", "tiny-qwen2-vl", "--pass", "fastv", "--image-size", "50x84"]) != 0
     assert "multiples of 28" in capsys.readouterr().err
+
+
+def test_cli_run_takes_images_of_any_size_with_token_ids(tmp_path, capsys):
+    """`vtcompile run --model tiny-qwen2-vl --image A --image B --input-ids ...`: without a processor each image goes
+    through transformers' PIL image processor of the family, so its count follows its size (96x96 -> 84x84, 9
+    tokens; 150x90 -> 140x84, 15), each placeholder expands to its own image's count, and the answers are the API's
+    on the same inputs."""
+    import json
+
+    from PIL import Image
+
+    from vtcompile.cli import main
+    from vtcompile.data import prompt_inputs
+
+    rng = torch.Generator().manual_seed(0)
+    paths = []
+    for i, (w, h) in enumerate([(96, 96), (150, 90)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy()).save(paths[-1])
+    ids = [[5, 9, 150, 7], [5, 150, 7, 8, 9]]
+    batch = prompt_inputs(family("tiny-qwen2-vl").frontend, paths, input_ids=ids)
+    assert batch["image_grid_thw"].tolist() == [[1, 6, 6], [1, 6, 10]]
+    assert (batch["input_ids"] == 150).sum(1).tolist() == [9, 15]
+    want = compiled("tiny-qwen2-vl", "fastv:k=1,r=0.5").generate(**batch, max_new_tokens=4)
+    assert main(["run", "--model", "tiny-qwen2-vl", "--pass", "fastv:k=1,r=0.5", "--image", str(paths[0]), "--image",
+                 str(paths[1]), "--input-ids", json.dumps(ids), "--max-new-tokens", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["token_ids"]
+    assert got == want[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_serve_refuses_the_family_before_anything_starts(capsys):
+    """The serving engine runs one program of one visual count: a dynamic-resolution family is refused with a
+    message saying so (the engine, and the command before an engine process or a socket starts)."""
+    from vtcompile.cli import main
+    from vtcompile.errors import UnsupportedModelError
+    from vtcompile.serve.engine import Engine
+
+    with pytest.raises(UnsupportedModelError, match="fixed number of visual tokens per image"):
+        Engine(compiled("tiny-qwen2-vl", None))
+    assert main(["serve", "--model", "tiny-qwen2-vl", "--port", "0"]) != 0
+    assert "fixed number of visual tokens per image" in capsys.readouterr().err

@@ -112,19 +112,19 @@ def cmd_run(args) -> int:
         log.info(f"loaded {args.dir} ({cm.target.name}) in {time.perf_counter() - t0:.1f} s")
     else:
         cm = compile_from_args(args, args.target)
-    input_ids, pixels, mask = prompt_inputs(cm.frontend, images, prompts, ids)
+    batch = prompt_inputs(cm.frontend, images, prompts, ids)
     generator = torch.Generator().manual_seed(args.seed or 0) if args.sample else None
     tok = cm.frontend.tokenizer
     stream = tok is not None and rows == 1 and not args.json
     sampling = {"temperature": 1.0 if args.temperature is None else args.temperature,
                 "top_k": 0 if args.top_k is None else args.top_k, "top_p": 1.0 if args.top_p is None else args.top_p}
     t0 = time.perf_counter()
-    out = cm.generate(input_ids, pixels, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+    out = cm.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                       streamer=_PrintStreamer(tok, stream) if tok is not None else None, generator=generator,
                       **sampling)
     stats = cm.last_generation
     seconds = time.perf_counter() - t0 - stats.compile_seconds - stats.load_seconds
-    new = out[:, input_ids.shape[1]:].tolist()
+    new = out[:, batch["input_ids"].shape[1]:].tolist()
     answers = [tok.decode(r, skip_special_tokens=True).strip() if tok is not None else None for r in new]
     if args.json:
         print(json.dumps({"answers": answers, "token_ids": new, "seconds": seconds, **stats.to_dict(),

@@ -101,6 +101,11 @@ class Frontend(ABC):
         """Refuse (InputError, saying what is expected) pixel_values the vision stage cannot take."""
 
     @abstractmethod
+    def plain_image_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Without a processor (tiny random models, `--input-ids`): the image inputs of RGB PIL images, named as the
+        processor names them (pixel_values and the family's image_inputs), and each image's visual-token count."""
+
+    @abstractmethod
     def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               image_features: torch.Tensor | None = None, **images) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs_embeds [B,S,D], visual_mask [B,S] bool): the prompt's token embeddings with the image features

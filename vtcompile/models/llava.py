@@ -18,6 +18,9 @@ from ..errors import InputError, UnsupportedModelError
 from .backbone import attention_windows
 from .family import Family, Frontend
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (LLaVA-1.5's processor uses it)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 MAX_IMAGES = 64  # the image count an artifact's exported vision stage takes at most
 
 
@@ -113,6 +116,16 @@ class LlavaFrontend(Frontend):
             raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}, the vision tower takes {want} "
                              f"({channels} channels at {size}x{size}); make them with the model's processor, which "
                              "converts (RGB) and resizes images")
+
+    def plain_image_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Each image resized to the tower's square input and CLIP-normalised; a fixed count per image."""
+        import numpy as np
+
+        size = self.config.vision_config.image_size
+        mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+        pixels = [(torch.from_numpy(np.asarray(im.resize((size, size)), dtype=np.float32) / 255.0).permute(2, 0, 1)
+                   - mean) / std for im in images]
+        return {"pixel_values": torch.stack(pixels)}, [self.geometry.visual_tokens_per_image] * len(images)
 
     def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               image_features: torch.Tensor | None = None, **images):

@@ -118,6 +118,19 @@ class Qwen2VLFrontend(Frontend):
             raise InputError(f"image_grid_thw {grid.tolist()} describes {patches} patches, pixel_values holds "
                              f"{pixel_values.shape[0]}; pass the processor's outputs together")
 
+    def plain_image_inputs(self, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """transformers' PIL image processor of this family (no torchvision needed) with the tower's patch, temporal
+        patch and merge sizes: each image resized to multiples of patch x merge pixels within its default pixel
+        range, so the count follows the image's size."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        v = self.config.vision_config
+        processor = Qwen2VLImageProcessorPil(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                             merge_size=self.merge_size)
+        enc = processor(images=list(images), return_tensors="pt")
+        grid = enc["image_grid_thw"]
+        return {"pixel_values": enc["pixel_values"], "image_grid_thw": grid}, tokens_per_image(grid, self.merge_size)
+
     def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               image_features: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
               mm_token_type_ids: torch.Tensor | None = None):

@@ -150,11 +150,16 @@ def load_model(args, compile_model=None):
     """The CompiledModel the flags name: an artifact, or --model/--pass compiled here."""
     from ..api import compile_pruned, load_compiled
 
-    if args.dir is not None:
-        return load_compiled(args.dir)
-    if compile_model is not None:
-        return compile_model(args, args.target)
-    from ..models import DEFAULT_MODEL
+    from .engine import check_servable
 
-    return compile_pruned(args.model or DEFAULT_MODEL, args.passes or None, target=args.target or "eager",
-                          calibration=getattr(args, "calibration", None))
+    if args.dir is not None:
+        cm = load_compiled(args.dir)
+    elif compile_model is not None:
+        cm = compile_model(args, args.target)
+    else:
+        from ..models import DEFAULT_MODEL
+
+        cm = compile_pruned(args.model or DEFAULT_MODEL, args.passes or None, target=args.target or "eager",
+                            calibration=getattr(args, "calibration", None))
+    check_servable(cm.frontend)  # before an engine process or a socket starts
+    return cm

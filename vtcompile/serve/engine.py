@@ -45,10 +45,21 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError, VtcompileError
+from ..errors import InputError, UnsupportedModelError, VtcompileError
 from ..runtime.cache import KVCache
 from ..runtime.generate import GenerationConfig, next_tokens
 from .errors import EngineStoppedError, QueueFullError
+
+
+def check_servable(frontend) -> None:
+    """The engine serves one program, of one visual-token count per image: refuse, before anything starts, a family
+    whose count follows each image's size (dynamic resolution)."""
+    if "fixed_image_tokens" not in frontend.geometry.features:
+        raise UnsupportedModelError(
+            "vtcompile serve takes models with a fixed number of visual tokens per image (the LLaVA family); this "
+            "model's count follows each image's size (dynamic resolution, as in Qwen2-VL), and the serving engine "
+            "runs one program of one count. Use the Python API (compile_pruned or load_compiled, then cm.generate) "
+            "for it.")
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +290,7 @@ class Engine(Admission):
             raise InputError(f"max_batch must be >= 1, found {max_batch}")
         if max_queue < 1:
             raise InputError(f"max_queue must be >= 1, found {max_queue}")
+        check_servable(cm.frontend)
         self.cm = cm
         self.frontend = cm.frontend
         self.n_visual = self._visual_tokens(cm)
