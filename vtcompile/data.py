@@ -103,6 +103,12 @@ class PromptEncoder:
 
     def batch(self, questions: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(input_ids, pixel_values, attention_mask) for one image per question (None: a text-only prompt)."""
+        enc = self.encode(questions, images)
+        return enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"]
+
+    def encode(self, questions: list[str], images: list) -> dict[str, torch.Tensor]:
+        """Every output of the processor (input_ids, attention_mask, pixel_values and what else the family's
+        processor returns, e.g. Qwen2-VL's image_grid_thw) for one image per question (None: a text-only prompt)."""
         token = image_token(self.processor)
         for i, (q, im) in enumerate(zip(questions, images)):
             n, want = q.count(token), 0 if im is None else 1
@@ -116,7 +122,7 @@ class PromptEncoder:
             enc = self.processor(images=present, text=prompts, return_tensors="pt", padding=True)
         else:
             enc = self.processor(text=prompts, return_tensors="pt", padding=True)
-        return enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"]
+        return dict(enc)
 
 
 def prompt_inputs(frontend, images: list, prompts: list[str] | None = None,
@@ -139,8 +145,7 @@ def prompt_inputs(frontend, images: list, prompts: list[str] | None = None,
                 f"{frontend.image_token_id} per --image).")
         encoder = PromptEncoder(frontend.processor)
         warn_unknown_words(encoder.tok, prompts)
-        ids, pixels, mask = encoder.batch(prompts, pil)
-        return {"input_ids": ids, "attention_mask": mask, **({"pixel_values": pixels} if pixels is not None else {})}
+        return encoder.encode(prompts, pil)
     present = [im for im in pil if im is not None]
     image_inputs, counts = frontend.plain_image_inputs(present) if present else ({}, [])
     counts = iter(counts)

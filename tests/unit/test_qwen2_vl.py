@@ -370,3 +370,24 @@ def test_serve_refuses_the_family_before_anything_starts(capsys):
         Engine(compiled("tiny-qwen2-vl", None))
     assert main(["serve", "--model", "tiny-qwen2-vl", "--port", "0"]) != 0
     assert "fixed number of visual tokens per image" in capsys.readouterr().err
+
+
+def test_text_prompts_go_through_the_family_processor():
+    """With a processor, prompt_inputs (run --prompt) hands generate every processor output (image_grid_thw and
+    mm_token_type_ids included): the tokens are transformers' generate on the same text and image."""
+    from PIL import Image
+
+    from vtcompile.data import prompt_inputs
+
+    cm = compiled("tiny-qwen2-vl", None)
+    picture = Image.fromarray((torch.rand(84, 56, 3, generator=torch.Generator().manual_seed(3)) * 255)
+                              .to(torch.uint8).numpy())
+    frontend = type(cm.frontend).__new__(type(cm.frontend))
+    frontend.__dict__.update(cm.frontend.__dict__, processor=tiny_processor())
+    batch = prompt_inputs(frontend, [picture], ["w1 <|vision_start|><|image_pad|><|vision_end|> w2 w3"])
+    assert batch["image_grid_thw"].tolist() == [[1, 6, 4]] and (batch["input_ids"] == 150).sum() == 6
+    out = cm.generate(**batch, max_new_tokens=NEW, eos_token_id=[])
+    with torch.no_grad():
+        ref = cm.adapter.model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                        pad_token_id=154)
+    assert torch.equal(out, ref)
