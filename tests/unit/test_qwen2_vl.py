@@ -154,7 +154,8 @@ def test_programs_are_built_per_visual_count_and_the_decode_step_is_shared():
     assert sum(e.decode is not None for e in cm.executables.values()) == 1  # one decode step for all
     programs = {c: e.program for c, e in cm.executables.items()}
     assert torch.equal(cm.generate(**batch, max_new_tokens=2, eos_token_id=[]), first)
-    assert {c: e.program for c, e in cm.executables.items()} == programs  # nothing built again
+    assert cm.executables.keys() == programs.keys()  # nothing built again: the very same programs
+    assert all(cm.executables[c].program is p for c, p in programs.items())
 
 
 def test_bad_inputs_are_clear_errors():
@@ -359,12 +360,18 @@ def test_cli_run_takes_images_of_any_size_with_token_ids(tmp_path, capsys):
     assert got == want[:, batch["input_ids"].shape[1]:].tolist()
 
 
-def test_serve_refuses_the_family_before_anything_starts(capsys):
+def test_serve_refuses_the_family_before_anything_starts(capsys, monkeypatch):
     """The serving engine runs one program of one visual count: a dynamic-resolution family is refused with a
     message saying so (the engine, and the command before an engine process or a socket starts)."""
     from vtcompile.cli import main
     from vtcompile.errors import UnsupportedModelError
+    from vtcompile.serve.app import Service
     from vtcompile.serve.engine import Engine
+
+    def started(*args, **kwargs):  # what the command calls to fork the engine process, before it opens the socket
+        raise AssertionError("the service was built for a model the engine cannot serve")
+
+    monkeypatch.setattr(Service, "build", classmethod(started))
 
     with pytest.raises(UnsupportedModelError, match="fixed number of visual tokens per image"):
         Engine(compiled("tiny-qwen2-vl", None))
@@ -386,6 +393,7 @@ def test_text_prompts_go_through_the_family_processor():
     frontend.__dict__.update(cm.frontend.__dict__, processor=tiny_processor())
     batch = prompt_inputs(frontend, [picture], ["w1 <|vision_start|><|image_pad|><|vision_end|> w2 w3"])
     assert batch["image_grid_thw"].tolist() == [[1, 6, 4]] and (batch["input_ids"] == 150).sum() == 6
+    assert "mm_token_type_ids" in batch
     out = cm.generate(**batch, max_new_tokens=NEW, eos_token_id=[])
     with torch.no_grad():
         ref = cm.adapter.model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,

@@ -50,6 +50,8 @@ from ..runtime.cache import KVCache
 from ..runtime.generate import GenerationConfig, next_tokens
 from .errors import EngineStoppedError, QueueFullError
 
+log = logging.getLogger(__name__)
+
 
 def check_servable(frontend) -> None:
     """The engine serves one program, of one visual-token count per image: refuse, before anything starts, a family
@@ -60,8 +62,6 @@ def check_servable(frontend) -> None:
             "model's count follows each image's size (dynamic resolution, as in Qwen2-VL), and the serving engine "
             "runs one program of one count. Use the Python API (compile_pruned or load_compiled, then cm.generate) "
             "for it.")
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
