@@ -61,7 +61,8 @@ def selection_fn(name: str, config, per_image: int, n_visual: int):
         return lambda e, m, v: dart_select(e, e.float().abs().sum(-1), v, pivots, config.pivots, takes, e.shape[-1])
     k = kept_per_image(config.keep, per_image)
     if name == "cdpruner":
-        return lambda e, m, v: cdpruner_keep(image(e, v), e, (m != 0) & ~v, k, per_image, config.theta)
+        return lambda e, m, v: cdpruner_keep(image(e, v), e, (m != 0) & ~v, k, per_image, config.theta,
+                                              config.negative)
     if name == "gprune":
         return lambda e, m, v: gprune_keep(image(e, v), k, config.threshold, config.temperature, config.steps)
     return lambda e, m, v: divprune_keep(image(e, v), k, per_image)

@@ -34,7 +34,7 @@ def test_layout_and_manifest(eager_art):
     m = json.loads((eager_art / "manifest.json").read_text())
     assert m["format"] == ARTIFACT_FORMAT and m["target"] == "eager"
     assert {"vtcompile", "torch", "transformers"} <= set(m["versions"])
-    assert m["passes"] == [{"pass": "cdpruner", "config": {"keep": 0.25, "theta": 1.0}}]
+    assert m["passes"] == [{"pass": "cdpruner", "config": {"keep": 0.25, "theta": 1.0, "negative": True}}]
     (program,) = m["programs"]
     assert program["n_visual"] == 16 and program["base"]["stages"] == ["decoder-v16"]
     assert program["stages"]["decoder-v16"]["files"] == ["decoder-v16.pt2"]
@@ -225,7 +225,7 @@ def test_stale_temporary_directories_are_removed_on_the_next_write(tmp_path, cap
 def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
     lm = load_compiled(eager_art)
     assert isinstance(lm, CompiledModel) and lm.target.name == "eager"  # the one compiled-model type
-    assert "cdpruner(keep=0.25, theta=1.0)" in lm.report.summary_table()
+    assert "cdpruner(keep=0.25, theta=1.0, negative=True)" in lm.report.summary_table()
     ids, pixels, mask = prompt("tiny-gqa", "two_images")
     with pytest.raises(InputError, match="holds programs for 16 .* this prompt has 32"):
         lm(ids, pixels, mask)
@@ -398,7 +398,7 @@ def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path, capsys):
     from vtcompile.cli import main
 
     out = tmp_path / "o"
-    assert main(["optimize", "--model", "tiny", "--pass", "fastv", "--target", "onnx", "--out", str(out),
+    assert main(["optimize", "--model", "tiny", "--pass", "dart", "--target", "onnx", "--out", str(out),
                  "--no-check"]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "target" in printed and "onnx" in printed
@@ -408,10 +408,10 @@ def test_cli_optimize_onnx_then_run_with_input_ids(image, tmp_path, capsys):
     lm = load_compiled(out)
     for kind in ("mid_pad_b2", "image_first"):
         ids, pixels, mask = prompt("tiny", kind)
-        assert_parity(lm(ids, pixels, mask), compiled("tiny", "fastv")(ids, pixels, mask), mask)
+        assert_parity(lm(ids, pixels, mask), compiled("tiny", "dart")(ids, pixels, mask), mask)
     # generation through the exported functional decode step equals eager's
     assert torch.equal(lm.generate(ids, pixels, mask, max_new_tokens=8, eos_token_id=[]),
-                       compiled("tiny", "fastv").generate(ids, pixels, mask, max_new_tokens=8, eos_token_id=[]))
+                       compiled("tiny", "dart").generate(ids, pixels, mask, max_new_tokens=8, eos_token_id=[]))
     (lazy,) = lm.executable(16).prefill_stages()
     sess = lazy.lowered.session
     dims = [i.shape[:2] for i in sess.get_inputs()]

@@ -47,22 +47,26 @@ def test_greedy_map_is_the_log_det_rule_and_finds_the_exhaustive_optimum_here(th
 
 def test_relevance_and_kernel_by_hand():
     """2-D tokens at angles 0, 1, 2 rad; instruction = mean of two text tokens at angle 0 (a padding token at angle
-    2 is masked out): r = min-max of cos(angle) with the authors' 1e-6; theta 0 ignores r (kernel = similarity)."""
+    2 is masked out): r = min-max of cos(angle) with the authors' 1e-6 (of -cos(angle): negative, the default);
+    theta 0 ignores r (kernel = similarity)."""
     angle = torch.tensor([0.0, 1.0, 2.0])
     feats = torch.stack([angle.cos(), angle.sin()], -1)[None]
     text = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [-0.4, 0.9]]])
-    rel = relevance(feats, text, torch.tensor([[True, True, False]]))
+    rel = relevance(feats, text, torch.tensor([[True, True, False]]), negative=False)
     cos = angle.cos()
     want = (cos - cos.min() + 1e-6) / (cos.max() - cos.min() + 1e-6)
     assert torch.allclose(rel[0], want)
     sim = torch.cos(angle[:, None] - angle[None, :])
     assert torch.allclose(conditional_kernel(feats, rel, 1.0)[0], want[:, None] * sim * want[None, :], atol=1e-6)
     assert torch.allclose(conditional_kernel(feats, rel, 0.0)[0], sim, atol=1e-6)
+    # negative (the default): the cosines negated before the same normalisation (the least similar token: r = 1)
+    neg = (cos.max() - cos + 1e-6) / (cos.max() - cos.min() + 1e-6)
+    assert torch.allclose(relevance(feats, text, torch.tensor([[True, True, False]]), negative=True)[0], neg)
     # no text token in the row: r = 1 everywhere, a plain DPP over similarity
     assert torch.allclose(relevance(feats, text, torch.zeros(1, 3, dtype=torch.bool)), torch.ones(1, 3))
 
 
-def _offline(prep, b: int, per_image: int, keep: int) -> set[int]:
+def _offline(prep, b: int, per_image: int, keep: int, negative: bool) -> set[int]:
     """The kept positions of row b recomputed with the pass's own function from the decoder's inputs: each image's
     projected tokens, the row's text tokens = neither visual nor padding."""
     visual = prep.visual_mask[b].bool()
@@ -72,20 +76,24 @@ def _offline(prep, b: int, per_image: int, keep: int) -> set[int]:
     for start in range(0, len(positions), per_image):
         block = positions[start:start + per_image]
         picked = cdpruner_keep(prep.inputs_embeds[b, block][None], prep.inputs_embeds[b][None], text[None], keep=keep,
-                               tokens=per_image)
+                               tokens=per_image, negative=negative)
         out |= set(block[picked[0]].tolist())
     return out
 
 
-@pytest.mark.parametrize("kind", ["mid_pad_b2", "two_images", "image_first"])
-def test_in_graph_choice_equals_offline_and_meets_the_masked_key_reference(kind):
-    seen = masked_key_check(compiled("tiny-gqa", SPEC), "tiny-gqa", kind, seed=2)
+@pytest.mark.parametrize("kind,negative", [("mid_pad_b2", True), ("two_images", True), ("image_first", True),
+                                           ("mid_pad_b2", False)])
+def test_in_graph_choice_equals_offline_and_meets_the_masked_key_reference(kind, negative):
+    spec = SPEC if negative else f"{SPEC},negative=false"
+    seen = masked_key_check(compiled("tiny-gqa", spec), "tiny-gqa", kind, seed=2)
     assert [r.cut for r in seen["program"].rewrites] == [Cut(0)] and seen["diff"] <= 1e-4
     prep, positions, visual = seen["prep"], seen["positions"], seen["visual"]
     for b in range(positions.shape[0]):
         got = set(positions[b][visual[b]].tolist())
-        assert got == _offline(prep, b, 16, 4), b
+        assert got == _offline(prep, b, 16, 4, negative), b
         assert len(got) == 4 * (2 if kind == "two_images" else 1)
+        if not negative:  # the field reaches the graph: the sign changes the choice here
+            assert got != _offline(prep, b, 16, 4, True), b
 
 
 def test_selection_follows_the_instruction_and_ignores_padding():
@@ -120,9 +128,9 @@ def test_flops_and_kv_bytes_of_the_7b_geometry(capsys):
 
 
 def test_config_round_trip_and_bad_configs():
-    cfg = CDPrunerConfig(keep=0.3, theta=0.5)
+    cfg = CDPrunerConfig(keep=0.3, theta=0.5, negative=False)
     assert CDPrunerConfig.from_dict(json.loads(cfg.to_json())["config"]) == cfg
-    assert (CDPrunerConfig().keep, CDPrunerConfig().theta) == (0.111, 1.0)
+    assert (CDPrunerConfig().keep, CDPrunerConfig().theta, CDPrunerConfig().negative) == (0.111, 1.0, True)
     for spec, message in (("cdpruner:keep=0", "keep=0.0 is out of range"), ("cdpruner:theta=1.5",
                                                                              "theta=1.5 is out of range")):
         with pytest.raises(PassConfigError, match=message):

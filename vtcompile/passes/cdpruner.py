@@ -25,8 +25,9 @@ What is followed here, for models without a CLIP text tower (every LLaVA this pa
 the issue asks for the LLM-embedding form): OpenVINO GenAI's port (src/cpp/src/visual_language/cdpruner and the
 Qwen2-VL inputs embedder: extract_instruction_tokens / extract_text_features_for_pruning, relevance_calculator,
 kernel_builder). The instruction is every text token of the prompt outside the image spans (template included),
-embedded by the LLM's own token embeddings and averaged into one vector; r_i = cos(x_i, that mean), not negated
-(the port negates only for CLIP features, `use_negative_relevance`), min-max normalised per image; S on the same
+embedded by the LLM's own token embeddings and averaged into one vector; r_i = -cos(x_i, that mean), negated as
+the authors' code negates CLIP's cosine (the port offers the same, `use_negative_relevance`: "needed for CLIP-based
+models (like LLaVA)", off by default; `negative=false` gives the plain cosine), min-max normalised per image; S on the same
 projected visual tokens. Here the text tokens are the row's non-image, non-padding positions of the decoder's input
 embeddings (left padding excluded). The trade-off field `theta` follows the authors' commented line and OpenVINO's
 Python port (openvino_contrib genai_opt/visual_token_pruning.py, whose default is 0.5): θ < 1 replaces r with
@@ -64,17 +65,23 @@ class CDPrunerConfig(PassConfig):
     theta: float = param(1.0, "relevance/diversity trade-off: 1 = the kernel diag(r) S diag(r) of the authors' "
                               "code; below 1, r -> exp(theta / (2 (1 - theta)) r) (OpenVINO's Python port: 0.5); "
                               "0 = diversity only", low=0.0, high=1.0)
+    negative: bool = param(True, "negate the relevance before normalising it, as the authors' code does (CLIP's "
+                                 "features) and OpenVINO GenAI's port offers for CLIP-based models such as LLaVA "
+                                 "(use_negative_relevance); false: the port's default, plain cosine")
 
 
-def relevance(feats: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+def relevance(feats: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, negative: bool = True) -> torch.Tensor:
     """[R, P, D] visual tokens, [R, S, D] input embeddings, [R, S] text mask -> [R, P] relevance in (0, 1]: cosine
-    similarity of each visual token to the mean text-token embedding, min-max normalised over the row's tokens."""
+    similarity of each visual token to the mean text-token embedding (negated: `negative`), min-max normalised over
+    the row's tokens."""
     weight = text_mask.float().unsqueeze(-1)
     mean = (text.float() * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # [R, D]
     query = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     x = feats.float()
     unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     rel = torch.matmul(unit, query.unsqueeze(-1)).squeeze(-1)  # [R, P]
+    if negative:
+        rel = -rel
     low, high = rel.amin(-1, keepdim=True), rel.amax(-1, keepdim=True)
     return (rel - low + 1e-6) / (high - low + 1e-6)
 
@@ -110,11 +117,11 @@ def greedy_map(kernel: torch.Tensor, keep: int, tokens: int) -> torch.Tensor:
 
 
 def cdpruner_keep(feats: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, keep: int, tokens: int,
-                  theta: float = 1.0) -> torch.Tensor:
+                  theta: float = 1.0, negative: bool = True) -> torch.Tensor:
     """One image a row: [R, P, D] projected visual tokens, [R, S, D] the prompt's input embeddings, [R, S] its text
     mask -> [R, keep] indices CDPruner keeps. Plain torch with a static trip count: inlined into the graph by
     visual_selection and callable offline."""
-    return greedy_map(conditional_kernel(feats, relevance(feats, text, text_mask), theta), keep, tokens)
+    return greedy_map(conditional_kernel(feats, relevance(feats, text, text_mask, negative), theta), keep, tokens)
 
 
 def plan(config: CDPrunerConfig, geometry: Geometry, n_visual: int, recipe=None):
@@ -122,7 +129,8 @@ def plan(config: CDPrunerConfig, geometry: Geometry, n_visual: int, recipe=None)
 
 
 def apply(program: Program, config: CDPrunerConfig, recipe=None) -> Program:
-    return select_before_llm(program, "cdpruner", config.keep, cdpruner_keep, text=True, theta=config.theta)
+    return select_before_llm(program, "cdpruner", config.keep, cdpruner_keep, text=True, theta=config.theta,
+                             negative=config.negative)
 
 
 PASS = register(PassDef(
