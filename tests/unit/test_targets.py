@@ -44,7 +44,7 @@ aten = torch.ops.aten
 # counts and the oracle are tested in test_rewrite_primitives.py.
 PASSES = {"none": None, "fastv": "fastv", "pyramiddrop": "pyramiddrop", "fitprune": "fitprune:recipe",
           "dyvte": "dyvte:exit_layer=1", "gprune": "gprune", "divprune": "divprune:keep=0.25",
-          "fitprune+heads": "fitprune:recipe", "cdpruner": "cdpruner:keep=0.25"}
+          "fitprune+heads": "fitprune:recipe", "cdpruner": "cdpruner:keep=0.25", "dart": "dart"}
 # Head passes ride on fitprune's graph (a lowering of their own would cost the suite 20-45 s per target): query
 # heads sliced out of layers 1 and 2, layer 3's attention removed; plain fitprune is in the full matrix.
 HEAD_SPECS = ["headskip:heads=1.0/2.1/2.3", "attnskip:layers=3"]
@@ -54,7 +54,8 @@ _SPLIT = {("inductor", "none"): "tiny", ("inductor", "fastv"): "tiny-gqa", ("ind
           ("onnx", "fitprune+heads"): "tiny", ("inductor", "fitprune+heads"): "tiny-gqa",
           ("onnx", "fitprune"): "tiny", ("onnx", "dyvte"): "tiny-gqa", ("inductor", "gprune"): "tiny-gqa",
           ("inductor", "divprune"): "tiny", ("onnx", "gprune"): "tiny", ("onnx", "divprune"): "tiny-gqa",
-          ("inductor", "cdpruner"): "tiny-gqa", ("onnx", "cdpruner"): "tiny"}
+          ("inductor", "cdpruner"): "tiny-gqa", ("onnx", "cdpruner"): "tiny", ("inductor", "dart"): "tiny",
+          ("onnx", "dart"): "tiny-gqa"}
 
 
 # The default suite lowers each pass family on at least one compiled target and each graph construct on both
@@ -62,7 +63,9 @@ _SPLIT = {("inductor", "none"): "tiny", ("inductor", "fastv"): "tiny-gqa", ("ind
 # pyramiddrop's cuts are fastv's primitive several times (on onnx here); the pre-LLM selectors run as cdpruner on
 # both targets: the selector form (visual_selection) with the prompt's text embeddings and mask as inputs and a
 # greedy loop with a static trip count (divprune's loop and gprune's function are the same constructs, in the full
-# matrix; on a loaded 2-core EPYC inductor-divprune took 96 s, onnx-gprune 20 s, cdpruner 115 s and 26 s).
+# matrix; on a loaded 2-core EPYC inductor-divprune took 96 s, onnx-gprune 20 s, cdpruner 115 s and 26 s). DART's
+# graph (pivots by layer 1's key norms, a cosine selection, a cut before layer 2) is lowered to ONNX, saved, loaded
+# and generated from by test_cli_optimize_onnx_then_run_with_input_ids (test_artifacts.py); Inductor in the full matrix.
 # fastv's parity on both targets is asserted
 # by test_target_artifact_round_trip (inductor: compiled once for every prompt shape, saved, loaded in a new
 # process) and test_cli_optimize_onnx_then_run_with_input_ids (onnx), the static exit's stages on both targets by
@@ -72,7 +75,7 @@ _ONLY_FULL = {("inductor", "pyramiddrop"), ("inductor", "gprune"), ("onnx", "div
               ("inductor", "divprune"), ("onnx", "gprune"),
               ("inductor", "none"),
               ("inductor", "fastv"), ("onnx", "fastv"), ("inductor", "dyvte"), ("onnx", "dyvte"),
-              ("onnx", "fitprune"), ("inductor", "fitprune")}
+              ("onnx", "fitprune"), ("inductor", "fitprune"), ("inductor", "dart"), ("onnx", "dart")}
 
 
 def _matrix():
