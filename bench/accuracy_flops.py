@@ -1,5 +1,5 @@
-"""Accuracy vs paper-convention FLOPs on the testbed: fastv, pyramiddrop, fitprune, the pre-LLM selectors gprune,
-divprune and cdpruner, and random selection at the decoder's entry (the baseline the selectors must beat).
+"""Accuracy vs paper-convention FLOPs on the testbed: fastv, dart, pyramiddrop, fitprune, the pre-LLM selectors
+gprune, divprune and cdpruner, and random selection at the decoder's entry (the baseline the selectors must beat).
 
 For each budget (fraction of the unpruned model's paper-convention FLOPs) every method is configured to
 the largest kept-token count that meets it, evaluated on the same held-out questions, and reported as a
@@ -46,13 +46,11 @@ def largest_meeting(geom, n_visual, budget, steps_for):
 def configs(geom, n, budget):
     """Pass spec per method for one budget (or a reason it cannot be met)."""
     out = {}
-    for k in (2, 1):  # FastV's K=2 as published; K=1 where K=2 cannot reach the budget
-        keep = largest_meeting(geom, n, budget, lambda kv, k=k: [(k, kv)])
-        if keep is not None:
-            out["fastv"] = f"fastv:k={k},r={(n - keep) / n:.6f}"
-            break
-    else:
-        out["fastv"] = None
+    # One cut before layer K (FastV's and DART's published K=2; K=1 where K=2 cannot reach the budget).
+    at_k = next(((k, keep) for k in (2, 1)
+                 if (keep := largest_meeting(geom, n, budget, lambda kv, k=k: [(k, kv)])) is not None), None)
+    out["fastv"] = None if at_k is None else f"fastv:k={at_k[0]},r={(n - at_k[1]) / n:.6f}"
+    out["dart"] = None if at_k is None else f"dart:k={at_k[0]},keep={at_k[1] / n:.6f}"
     # The published cuts (8/16/24 of 32, scaled); where they cannot reach the budget, the earliest three layers
     # (as FastV falls back to K=1), named in the spec.
     out["pyramiddrop"] = None
@@ -77,12 +75,14 @@ def configs(geom, n, budget):
 
 
 # Every registered pass at its published defaults (FitPrune's default budget is 0.5; randomdrop drops half the
-# visual tokens before the decoder; headskip removes 25% of the heads of layers >= 2), attnskip with one layer
-# chosen (it has no default count: EAS skips 12 of LLaVA's 32 layers, the testbed has 6) and DyVTE's chosen
-# setting (bench/README: routers on 2048 prompts, slack 0.1, threshold 0.95): the rows the per-pass accuracy
-# floors (tests/unit/accuracy_floors.py) are taken from.
-DEFAULT_ROWS = ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "cdpruner", "randomdrop", "headskip",
-                "attnskip:count=1", "dyvte:samples=2048,loss_slack=0.1,layers=1/2/3/4,threshold=0.99")
+# visual tokens before the decoder; headskip removes 25% of the heads of layers >= 2), CDPruner's relevance also
+# un-negated (OpenVINO GenAI's default for its LLM-embedding form), attnskip with one layer chosen (it has no default
+# count: EAS skips 12 of LLaVA's 32 layers, the testbed has 6) and DyVTE's chosen setting (bench/README: routers on
+# 2048 prompts, slack 0.1, threshold 0.99): the rows the per-pass accuracy floors (tests/unit/accuracy_floors.py) are
+# taken from.
+DEFAULT_ROWS = ("fastv", "dart", "pyramiddrop", "fitprune", "gprune", "divprune", "cdpruner", "cdpruner:negative=false",
+                "randomdrop", "headskip", "attnskip:count=1",
+                "dyvte:samples=2048,loss_slack=0.1,layers=1/2/3/4,threshold=0.99")
 
 
 def main(argv=None) -> int:
@@ -179,7 +179,7 @@ def _plot(rows, path: Path, label: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     base = next(r for r in rows if r["method"] == "unpruned")
     ax.axhline(100 * base["accuracy"], color="gray", linestyle="--", label="unpruned")
-    for method in ("fastv", "pyramiddrop", "fitprune", "gprune", "divprune", "cdpruner", "random"):
+    for method in ("fastv", "dart", "pyramiddrop", "fitprune", "gprune", "divprune", "cdpruner", "random"):
         pts = sorted((r["paper_ratio"], 100 * r["accuracy"]) for r in rows
                      if r["method"] == method and r["budget"] != "default" and r["accuracy"] is not None)
         if pts:
