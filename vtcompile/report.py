@@ -185,8 +185,10 @@ def _after_branches(rows: list[dict], label: str) -> str:
 
 
 def _fmt_cfg(cfg: dict) -> str:
+    """A pass's fields as `(a=1, b=2)`, by name: a report compiled here and one loaded from an artifact (whose JSON
+    keeps keys sorted) print the same."""
     shown = {k: v for k, v in cfg.items() if v not in ("", [], ())}
-    return "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else ""
+    return "(" + ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) + ")" if shown else ""
 
 
 def flops_tables(report: FlopsReport, branches: list[dict], label: str, text_tokens: int, dtype: str) -> str:

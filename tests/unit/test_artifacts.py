@@ -225,7 +225,7 @@ def test_stale_temporary_directories_are_removed_on_the_next_write(tmp_path, cap
 def test_loaded_model_reports_and_refuses_other_image_counts(eager_art):
     lm = load_compiled(eager_art)
     assert isinstance(lm, CompiledModel) and lm.target.name == "eager"  # the one compiled-model type
-    assert "cdpruner(keep=0.25, theta=1.0, negative=True)" in lm.report.summary_table()
+    assert "cdpruner(keep=0.25, negative=True, theta=1.0)" in lm.report.summary_table()
     ids, pixels, mask = prompt("tiny-gqa", "two_images")
     with pytest.raises(InputError, match="holds programs for 16 .* this prompt has 32"):
         lm(ids, pixels, mask)
