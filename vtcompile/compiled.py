@@ -149,6 +149,7 @@ class CompiledModel:
     def _calibrate(self, calibration, progress: bool) -> None:
         """Fit the recipes of calibrating passes that have none, each on the program of the passes before it."""
         from .data import calibration_prompts
+        from .runtime.inputs import AnswerSteps
 
         wanted = [(i, p, c) for i, (p, c) in enumerate(self.passes)
                   if p.calibrate is not None and p.name not in self.recipes and c.needs_calibration()]
@@ -171,7 +172,8 @@ class CompiledModel:
                 batches.append(prepared.as_args())
             if not batches:
                 raise InputError("the calibration set is empty; give at least one sample")
-            self.recipes[p.name] = p.calibrate(program, config, batches, progress)
+            extra = {"answers": AnswerSteps.of(self.frontend)} if p.calibration_answers else {}
+            self.recipes[p.name] = p.calibrate(program, config, batches, progress, **extra)
 
     # -- programs ----------------------------------------------------------------------------------
     def executable(self, n_visual: int) -> Executable:

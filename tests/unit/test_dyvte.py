@@ -2,6 +2,7 @@
 routers file round trip, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -159,6 +160,74 @@ def test_exit_labels_follow_agreement_and_loss_bound():
             assert all(abs(x - slack) > 1e-4 for x in excess[e])  # no label sits on the bound
             assert labels[e].tolist() == expected, (slack, e)
     assert any(0 < sum(a) < 12 for a in agree.values())  # the agreement part decides some labels
+
+
+def test_answer_labels_say_whether_generation_with_the_exit_returns_the_whole_answer():
+    """label=answer: an exit after layer e is labelled 'exit' exactly when greedy generation with every visual token
+    gone after e (the static exit, through the runtime's cached decode steps) returns the unpruned model's answer,
+    compared up to and including its first eos; batches of two with left padding. The eos id is one the model
+    emits mid-answer, so answers of different lengths and tokens after an end that do not count occur."""
+    from vtcompile.models.llava import example_inputs
+    from vtcompile.passes.dyvte import DyVTEConfig, greedy_answers, router_labels
+    from vtcompile.runtime.inputs import AnswerSteps
+
+    n = 6
+    full = compiled("tiny", None)
+    cuts = {e: compiled("tiny", f"dyvte:exit_layer={e}") for e in range(3)}
+    prompts = [example_inputs(full.adapter, batch=2, seed=2000 + i) for i in range(6)]
+    eos = int(full.generate(*prompts[0], max_new_tokens=n, eos_token_id=[])[0, -3])
+    steps = dataclasses.replace(AnswerSteps.of(full.frontend), eos=(eos,))
+
+    def answer(tokens):  # up to and including the first eos
+        tokens = tokens.tolist()
+        return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+    expected, lengths = {e: [] for e in cuts}, set()
+    batches = []
+    for ids, pixels, mask in prompts:
+        want = full.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[eos])[:, ids.shape[1]:]
+        args = full.prepare(ids, pixels, mask).as_args()
+        batches.append(args)
+        got, counted = greedy_answers(full.program.gm, args, full(ids, pixels, mask).logits[:, -1], steps, n)
+        for row in range(2):  # the labels' own answers: the program re-run == the runtime's generate
+            assert answer(got[row]) == answer(want[row]) and int(counted[row].sum()) == len(answer(want[row]))
+            lengths.add(len(answer(want[row])))
+        for e, cm in cuts.items():
+            out = cm.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[eos])[:, ids.shape[1]:]
+            expected[e] += [int(answer(out[row]) == answer(want[row])) for row in range(2)]
+    _, labels = router_labels(full.program, DyVTEConfig(label="answer", answer_tokens=n), batches, progress=False,
+                              answers=steps)
+    for e in cuts:
+        assert labels[e].tolist() == expected[e], e
+    assert len(lengths) > 1 and any(0 < sum(v) < len(v) for v in expected.values())  # not all alike
+    with pytest.raises(PassConfigError, match="label=answer has the model answer"):
+        router_labels(full.program, DyVTEConfig(label="answer"), batches, progress=False)
+    with pytest.raises(PassConfigError, match="label='word' is not known"):
+        DyVTEConfig(label="word")
+
+
+def test_answer_steps_extend_a_prompt_as_the_prompt_with_those_tokens():
+    """AnswerSteps.extend(prompt, tokens) gives the decoder inputs of a prompt holding the tokens (embeddings,
+    attention, positions, visual mask), with left padding, for 1-D RoPE (LLaVA) and M-RoPE (Qwen2-VL)."""
+    from vtcompile.models.llava import example_inputs
+    from vtcompile.runtime.inputs import AnswerSteps
+
+    cm = compiled("tiny", None)
+    ids, pixels, mask = example_inputs(cm.adapter, batch=2, seed=5)
+    tokens = torch.tensor([[7, 9, 11], [12, 5, 8]])
+    steps = AnswerSteps.of(cm.frontend)
+    got = steps.extend(cm.prepare(ids, pixels, mask).as_args(), tokens)
+    want = cm.prepare(torch.cat([ids, tokens], 1), pixels, torch.cat([mask, torch.ones_like(tokens)], 1)).as_args()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    from .test_qwen2_vl import compiled as qwen_compiled, inputs
+
+    qwen = qwen_compiled("tiny-qwen2-vl", None)
+    batch = inputs("tiny-qwen2-vl")
+    prep = qwen.prepare(**batch)
+    got = AnswerSteps.of(qwen.frontend).extend(prep.as_args(), tokens)
+    assert got[2].shape == (2, prep.position_ids.shape[1] + 3, 3)
+    want = prep.next_position + torch.arange(3)  # each row's new tokens continue from its largest position + 1
+    assert torch.equal(got[2][:, -3:], want.unsqueeze(-1).expand(-1, -1, 3))
 
 
 def test_holdout_keeps_each_router_at_its_best_held_out_epoch():

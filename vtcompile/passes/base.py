@@ -135,6 +135,8 @@ class PassDef:
     needs: tuple[str, ...] = ()
     min_layers: int = 1
     calibrate: Callable | None = None  # (program, config, batches, progress) -> an instance of `recipe`
+    # calibrate also takes answers= (runtime.inputs.AnswerSteps): the frozen model can answer its calibration prompts
+    calibration_answers: bool = False
     recipe: type["Recipe"] | None = None  # what calibrate returns (typed, persists and describes itself)
     # (config, geometry, recipe=None) -> (query heads, k/v heads) per layer, for passes that remove heads or whole
     # attentions: their FLOPs and KV bytes without building the model (`vtcompile flops`)

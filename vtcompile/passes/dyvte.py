@@ -13,7 +13,12 @@ Router training (calibrate; the MLLM is frozen): for each calibration prompt and
 prompt is run as is and with the visual tokens gone after layer e; the label is "exit" iff the greedy answer
 token agrees and the answer loss with the exit stays below `loss_ratio` x the loss without it, plus `loss_slack`
 nats (published rule: x1.03, no slack). The answer is the unpruned model's own greedy token, so calibration data
-need no labels. Routers train with cross-entropy on detached hidden states (full-batch AdamW; the published recipe
+need no labels. label=answer (ours; issue 39) labels by the whole answer instead: the unpruned model's greedy answer
+(until eos, at most answer_tokens) is generated from the prefill program (prompt + tokens so far, re-run each step),
+then fed back once per candidate exit; the label is "exit" iff the program with that exit predicts every answer token
+again, i.e. greedy generation with the exit returns the same whole answer (list answers whose first token survives
+an exit and whose later tokens do not were labelled "exit" by the first-token rule). Routers train with
+cross-entropy on detached hidden states (full-batch AdamW; the published recipe
 samples one layer per step - equivalent in expectation on a fixed calibration set). With `holdout` > 0 (ours) a
 seeded part of the prompts only measures a held-out loss, and each router keeps its weights from the epoch where
 that loss was lowest.
@@ -25,8 +30,8 @@ strict to lenient): each threshold's null hypothesis "the share of prompts whose
 max_loss" is rejected when the binomial tail P(Bin(n, max_loss) <= errors) is at most ``delta``, and the most
 lenient threshold reached before the first non-rejection is used. Then, over the draw of the held-out prompts,
 P(share of changed answers on new prompts from the same distribution > max_loss) <= delta. "Changed" is the
-label above (greedy next token differs, or the answer loss grows past the label's bound), at the answer's first
-token. When no threshold passes (too few held-out prompts: with no error at all, n must exceed
+label above: with label=token the greedy next token differs, or the answer loss grows past the label's bound, at
+the answer's first token; with label=answer the whole greedy answer changes. When no threshold passes (too few held-out prompts: with no error at all, n must exceed
 log(delta) / log(1 - max_loss), 460 for 0.005 and 0.1), the routers never fire and the report says so.
 """
 from __future__ import annotations
@@ -50,6 +55,9 @@ from ..errors import PassConfigError
 from .base import PassConfig, PassDef, Recipe, param, register, tensors_field
 
 
+LABELS = ("token", "answer")  # how calibration labels an exit (DyVTEConfig.label)
+
+
 @dataclass(frozen=True)
 class DyVTEConfig(PassConfig):
     name = "dyvte"
@@ -64,6 +72,10 @@ class DyVTEConfig(PassConfig):
     loss_slack: float = param(0.0, "exit label: nats the answer loss may grow beyond ratio x loss without (0: the "
                                    "published rule; a confident model's loss is near 0, where a ratio alone forbids "
                                    "almost every exit)", low=0.0)
+    label: str = param("token", "exit label: 'token' - the published rule on the answer's first token (it agrees, "
+                                "its loss within loss_ratio and loss_slack); 'answer' - the whole greedy answer "
+                                "(until eos, at most answer_tokens) with the exit equals the answer without it")
+    answer_tokens: int = param(24, "with label=answer: the longest answer compared, in tokens", low=1)
     holdout: float = param(0.25, "fraction of the calibration prompts held out: each router keeps the weights of the "
                                  "epoch with the lowest held-out loss (0: every prompt trains for every epoch, the "
                                  "published recipe; routers then overfit a small calibration set)",
@@ -82,6 +94,11 @@ class DyVTEConfig(PassConfig):
                                 low=0.0, high=1.0, low_open=True, high_open=True)
     routers: str = param("", "a routers .safetensors file (from a saved artifact) to use instead of training")
     seed: int = param(0, "seed of the routers' initialisation (the same data and seed give the same routers)", low=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.label not in LABELS:
+            raise PassConfigError(f"dyvte: label={self.label!r} is not known; expected one of {', '.join(LABELS)}")
 
     def check_model(self, geometry: Geometry) -> None:
         last = geometry.num_layers - 2
@@ -401,13 +418,34 @@ def load_routers(config: DyVTEConfig, geometry: Geometry, recipe: DyVTERecipe | 
                          "cut": cut_to_json(cut)}, recipe.routers, geometry)
 
 
-def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool = True):
-    """Router inputs and exit labels from the frozen model: ({layer: features [N, 2D]}, {layer: labels [N]})."""
+def greedy_answers(gm, args: tuple, first: torch.Tensor, answers, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The program's greedy answers to prompts, re-running prompt + tokens so far each step (no cache): first
+    [B, V] the prompt's last logits -> (tokens [B, T], counted [B, T] bool: up to and including each row's first
+    eos). T <= limit; it stops early once every row has ended."""
+    tokens = first.argmax(-1, keepdim=True)
+    while tokens.shape[1] < limit and not answers.ended(tokens).any(1).all():
+        with torch.no_grad():
+            step = gm(*answers.extend(args, tokens))[0][:, -1]
+        tokens = torch.cat([tokens, step.argmax(-1, keepdim=True)], 1)
+    ended = answers.ended(tokens).long()
+    return tokens, (ended.cumsum(1) - ended) == 0
+
+
+def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool = True, answers=None):
+    """Router inputs and exit labels from the frozen model: ({layer: features [N, 2D]}, {layer: labels [N]}).
+
+    label='token': the published rule on the answer's first token. label='answer': the whole greedy answer; an exit
+    after layer e keeps it when, fed the answer (teacher forcing), the program with the exit predicts every answer
+    token up to eos again - what greedy generation with that exit would return, since new tokens are text and see
+    the visual tokens in layers <= e only, as in the decode steps after an exit."""
     from tqdm import tqdm
 
     layers = config.candidates(program)
     if not layers:
         raise PassConfigError("dyvte: no candidate exit layer follows the earlier passes' rewrites")
+    if config.label == "answer" and answers is None:
+        raise PassConfigError("dyvte: label=answer has the model answer its calibration prompts, which needs the "
+                              "model's token embeddings; calibrate through compile_pruned / vtcompile calibrate")
     continuations = {e: _continuation(program, e) for e in layers}
     residual = {e: program.residual_name(e) for e in layers}
     names = set(residual.values()) | {program.visual_name_at(e) for e in layers}
@@ -416,14 +454,23 @@ def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool
     for args in tqdm(batches, desc="dyvte: router labels", unit="batch", disable=not progress):
         outputs, seen = run_with_taps(program.gm, args, names)
         last = outputs[0][:, -1].float()
-        answer = last.argmax(-1)
-        full_loss = nn.functional.cross_entropy(last, answer, reduction="none")
+        if config.label == "answer":
+            tokens, counted = greedy_answers(program.gm, args, last, answers, config.answer_tokens)
+            fed = answers.extend(args, tokens[:, :-1])  # the prompt and every answer token but the last
+        else:
+            answer = last.argmax(-1)
+            full_loss = nn.functional.cross_entropy(last, answer, reduction="none")
         for e in layers:
-            with torch.no_grad():
-                cut = continuations[e].gm(*args)[0][:, -1].float()
-            loss = nn.functional.cross_entropy(cut, answer, reduction="none")
-            bound = config.loss_ratio * full_loss + config.loss_slack + 1e-6
-            labels[e].append(((cut.argmax(-1) == answer) & (loss < bound)).long())
+            if config.label == "answer":
+                with torch.no_grad():
+                    again = continuations[e].gm(*fed)[0][:, -tokens.shape[1]:].argmax(-1)
+                labels[e].append(((again == tokens) | ~counted).all(1).long())
+            else:
+                with torch.no_grad():
+                    cut = continuations[e].gm(*args)[0][:, -1].float()
+                loss = nn.functional.cross_entropy(cut, answer, reduction="none")
+                bound = config.loss_ratio * full_loss + config.loss_slack + 1e-6
+                labels[e].append(((cut.argmax(-1) == answer) & (loss < bound)).long())
             feats[e].append(router_features(seen[residual[e]], seen[program.visual_name_at(e)]))
     if not feats[layers[0]]:
         raise PassConfigError("dyvte: the calibration set is empty; give at least one prompt with an image")
@@ -476,11 +523,12 @@ def train_routers(x: dict, y: dict, dim: int, width: int, config: DyVTEConfig,
         "margins": margins}
 
 
-def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = True) -> DyVTERecipe:
-    """Train the routers on labels the frozen model gives itself (see the module docstring)."""
+def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = True, answers=None) -> DyVTERecipe:
+    """Train the routers on labels the frozen model gives itself (see the module docstring); answers: what lets
+    the model answer its prompts (runtime.inputs.AnswerSteps), for label=answer."""
     t0 = time.perf_counter()
     config.check_risk()
-    x, y = router_labels(program, config, batches, progress)
+    x, y = router_labels(program, config, batches, progress, answers)
     layers = sorted(x)
     held = None
     if config.max_loss > 0:  # a seeded share of the prompts chooses the threshold and never trains
@@ -518,4 +566,4 @@ PASS = register(PassDef(
     summary="visual-token exit: all visual tokens leave after the layer where a trained router fires (DyVTE); "
             "static form exit_layer=K",
     config=DyVTEConfig, plan=plan, apply=apply, min_layers=2, calibrate=calibrate, recipe=DyVTERecipe,
-    branch_plans=branch_plans))
+    branch_plans=branch_plans, calibration_answers=True))

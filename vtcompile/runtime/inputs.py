@@ -39,6 +39,42 @@ class PreparedInputs:
         return (self.inputs_embeds, self.attention_mask, self.position_ids, self.visual_mask)
 
 
+@dataclass(frozen=True)
+class AnswerSteps:
+    """What lets a calibrating pass have the frozen model answer its calibration prompts, from the prefill program
+    alone (greedy, the prompt and the tokens so far re-run each step, no cache): a prompt's decoder inputs extended
+    by tokens, as a prompt holding them would be (their embeddings, attention, the family's next positions, not
+    visual), and the tokens that end an answer."""
+
+    embed: Callable[[torch.Tensor], torch.Tensor]  # [B, T] token ids -> [B, T, D]
+    step_positions: Callable[[torch.Tensor], torch.Tensor]  # [B, T] positions -> the family's position_ids
+    eos: tuple[int, ...]
+
+    @classmethod
+    def of(cls, frontend) -> "AnswerSteps":
+        eos = frontend.generation.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        return cls(frontend.embed_tokens, frontend.step_positions, eos)
+
+    def extend(self, args: tuple, tokens: torch.Tensor) -> tuple:
+        """The prefill inputs (inputs_embeds, attention_mask, position_ids, visual_mask) of prompts followed by
+        `tokens` [B, T]: each row's new positions continue from its largest position + 1 (1-D RoPE and M-RoPE)."""
+        embeds, mask, pos, vis = args
+        if tokens.shape[1] == 0:
+            return args
+        batch, n = tokens.shape
+        first = pos.reshape(batch, -1).amax(1, keepdim=True) + 1  # [B, 1]
+        new = self.step_positions(first + torch.arange(n, device=pos.device)[None])
+        return (torch.cat([embeds, self.embed(tokens).to(embeds.dtype)], 1),
+                torch.cat([mask, torch.ones(batch, n, dtype=mask.dtype, device=mask.device)], 1),
+                torch.cat([pos, new.to(pos.dtype)], 1),
+                torch.cat([vis, torch.zeros(batch, n, dtype=vis.dtype, device=vis.device)], 1))
+
+    def ended(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T] bool: True where the token ends its answer (an eos id)."""
+        return torch.isin(tokens, torch.tensor(self.eos, dtype=tokens.dtype, device=tokens.device))
+
+
 def prepare(frontend, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
             attention_mask: torch.Tensor | None, image_features: torch.Tensor | None = None,
             **images) -> PreparedInputs:
