@@ -76,6 +76,10 @@ class DyVTEConfig(PassConfig):
                                 "its loss within loss_ratio and loss_slack); 'answer' - the whole greedy answer "
                                 "(until eos, at most answer_tokens) with the exit equals the answer without it")
     answer_tokens: int = param(24, "with label=answer: the longest answer compared, in tokens", low=1)
+    cuts: str = param("one", "with max_loss: 'one' threshold for every router, or one per 'layer' (half of the "
+                             "held-out prompts order the candidates: each router's most lenient cut at which at "
+                             "most a share lambda of the prompts it sends there change their answer; the other "
+                             "half tests lambda from 0 up)")
     holdout: float = param(0.25, "fraction of the calibration prompts held out: each router keeps the weights of the "
                                  "epoch with the lowest held-out loss (0: every prompt trains for every epoch, the "
                                  "published recipe; routers then overfit a small calibration set)",
@@ -99,6 +103,8 @@ class DyVTEConfig(PassConfig):
         super().__post_init__()
         if self.label not in LABELS:
             raise PassConfigError(f"dyvte: label={self.label!r} is not known; expected one of {', '.join(LABELS)}")
+        if self.cuts not in ("one", "layer"):
+            raise PassConfigError(f"dyvte: cuts={self.cuts!r} is not known; expected 'one' or 'layer'")
 
     def check_model(self, geometry: Geometry) -> None:
         last = geometry.num_layers - 2
@@ -139,11 +145,13 @@ class Routers(nn.Module, Decision):
 
     kind = "dyvte.routers"
 
-    def __init__(self, layers: list[int], dim: int, width: int, threshold: float = 0.5, cut: float | None = None):
+    def __init__(self, layers: list[int], dim: int, width: int, threshold: float = 0.5,
+                 cut: float | list[float] | None = None):
         super().__init__()
         self.layers = list(layers)
         self.threshold = threshold
-        self.chosen_cut = None if cut is None else float(cut)  # risk control's (math.inf: never fires)
+        # risk control's (math.inf: never fires): one cut, or one per layer (in the order of `layers`)
+        self.chosen_cut = None if cut is None else [float(c) for c in cut] if isinstance(cut, list) else float(cut)
         self.dim, self.width = dim, width
         self.mlps = nn.ModuleDict({
             str(e): nn.Sequential(nn.Linear(2 * dim, width, bias=False), nn.GELU(), nn.Linear(width, 2, bias=False))
@@ -152,9 +160,14 @@ class Routers(nn.Module, Decision):
             nn.init.xavier_uniform_(p)
 
     @property
-    def cut(self) -> float:
-        """The margin (exit logit - keep logit) a router must pass: risk control's, else the threshold's."""
+    def cut(self) -> float | list[float]:
+        """The margin (exit logit - keep logit) a router must pass: risk control's (one, or one per layer), else
+        the threshold's."""
         return exit_cut(self.threshold) if self.chosen_cut is None else self.chosen_cut
+
+    def cut_at(self, layer: int) -> float:
+        cut = self.cut
+        return cut[self.layers.index(layer)] if isinstance(cut, list) else cut
 
     def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         return self.mlps[str(layer)](features)
@@ -185,15 +198,20 @@ class Routers(nn.Module, Decision):
         (cut log(threshold / (1 - threshold)), 0 at the default 0.5: exit logit > keep logit), or the cut that
         risk control chose."""
         features = router_features(hidden, visual).to(self.mlps[str(layer)][0].weight.dtype)
-        return (self.margin(layer, features) > self.cut).cpu()
+        return (self.margin(layer, features) > self.cut_at(layer)).cpu()
 
 
-def cut_to_json(cut: float | None):
-    """A chosen cut as JSON holds it: infinity (never fire) as "never"; None stays None."""
+def cut_to_json(cut):
+    """A chosen cut (or a list of them, one per layer) as JSON holds it: infinity (never fire) as "never"; None
+    stays None."""
+    if isinstance(cut, list):
+        return [cut_to_json(c) for c in cut]
     return "never" if cut == math.inf else cut
 
 
-def cut_from_json(value) -> float | None:
+def cut_from_json(value):
+    if isinstance(value, list):
+        return [cut_from_json(v) for v in value]
     return math.inf if value == "never" else (None if value is None else float(value))
 
 
@@ -232,14 +250,14 @@ def binomial_upper(k: int, n: int, delta: float) -> float:
     return hi
 
 
-def first_exits(margins: torch.Tensor, cut: float) -> torch.Tensor:
-    """[L, N] margins (candidate layers in order) -> [N] index of the first layer whose margin passes `cut`, or L
-    (no exit)."""
-    fires = margins > cut
+def first_exits(margins: torch.Tensor, cut) -> torch.Tensor:
+    """[L, N] margins (candidate layers in order) -> [N] index of the first layer whose margin passes `cut` (one
+    cut, or a list: one per layer), or L (no exit)."""
+    fires = margins > (torch.tensor(cut, dtype=margins.dtype)[:, None] if isinstance(cut, list) else cut)
     return torch.where(fires.any(0), fires.int().argmax(0), torch.full_like(fires[0], margins.shape[0], dtype=torch.long))
 
 
-def exit_counts(margins: torch.Tensor, layers: list[int], cut: float) -> dict[int, int]:
+def exit_counts(margins: torch.Tensor, layers: list[int], cut) -> dict[int, int]:
     """Where routers at `cut` send prompts: [L, N] margins at `layers` -> {exit layer (-1: none): prompts}."""
     counts: dict[int, int] = {}
     for i in first_exits(margins, cut).tolist():
@@ -250,8 +268,10 @@ def exit_counts(margins: torch.Tensor, layers: list[int], cut: float) -> dict[in
 
 def changed_answers(margins: torch.Tensor, keeps: torch.Tensor, cuts) -> torch.Tensor:
     """Per cut, how many prompts the routers send to an exit whose label says the answer changes: margins, keeps
-    [L, N] -> [len(cuts)] (a prompt exits at its first layer whose margin passes the cut)."""
-    cuts = torch.as_tensor(cuts, dtype=margins.dtype).reshape(-1, 1, 1)
+    [L, N] -> [len(cuts)] (a prompt exits at its first layer whose margin passes the cut; a cut is one number, or
+    a list of one per layer)."""
+    cuts = torch.as_tensor(cuts, dtype=margins.dtype)
+    cuts = cuts.reshape(-1, 1, 1) if cuts.dim() < 2 else cuts.unsqueeze(-1)  # [G, 1 or L, 1]
     changes = ~keeps.bool()
     step = max(1, (1 << 23) // max(1, margins.numel()))  # cuts per chunk: at most ~8M booleans at once
     out = []
@@ -277,6 +297,44 @@ def choose_cut(margins: torch.Tensor, keeps: torch.Tensor, max_loss: float, delt
         chosen, errors, p_value = cut, k, p
     return {"cut": chosen, "errors": errors, "prompts": n, "p_value": p_value,
             "bound": binomial_upper(errors, n, delta)}
+
+
+# The per-layer form's path, fixed before any data: lambda, the largest share of changed answers among the prompts a
+# router sends to its exit on the ordering half (0 to 0.25, steps of 0.0025)
+LAMBDA_GRID = [0.0025 * i for i in range(101)]
+
+
+def layer_cuts(margins: torch.Tensor, keeps: torch.Tensor, lam: float) -> list[float]:
+    """Each router's most lenient cut of RISK_GRID at which at most a share `lam` of the prompts it fires on
+    change their answer there (math.inf: none), from margins, keeps [L, N] of the ordering half."""
+    cuts = torch.tensor(RISK_GRID, dtype=margins.dtype)[:, None]  # [G, 1]
+    out = []
+    for m, k in zip(margins, keeps):
+        fires = m[None] > cuts  # [G, N]
+        n = fires.sum(1)
+        bad = (fires & ~k.bool()[None]).sum(1)
+        ok = ((n > 0) & (bad <= lam * n)).nonzero().flatten()
+        out.append(RISK_GRID[int(ok[-1])] if len(ok) else math.inf)
+    return out
+
+
+def choose_layer_cuts(order_m: torch.Tensor, order_k: torch.Tensor, margins: torch.Tensor, keeps: torch.Tensor,
+                      max_loss: float, delta: float) -> dict:
+    """Learn-then-Test over a path of per-layer cuts: the path (layer_cuts at each lambda of LAMBDA_GRID) comes from
+    one half of the held-out prompts (order_m, order_k), the fixed-sequence tests from the other (margins, keeps):
+    the cuts of the largest lambda whose null "risk > max_loss" is rejected with every smaller one rejected too.
+    The path depends on data the tests never see, so choose_cut's guarantee holds for it."""
+    n = margins.shape[1]
+    chosen, errors, p_value, lam_chosen = [math.inf] * margins.shape[0], 0, None, None
+    for lam in LAMBDA_GRID:
+        cuts = layer_cuts(order_m, order_k, lam)
+        k = int(changed_answers(margins, keeps, [cuts])[0])
+        p = binomial_cdf(k, n, max_loss)
+        if p > delta:
+            break
+        chosen, errors, p_value, lam_chosen = cuts, k, p, lam
+    return {"cut": chosen, "errors": errors, "prompts": n, "p_value": p_value, "lambda": lam_chosen,
+            "ordering_prompts": order_m.shape[1], "bound": binomial_upper(errors, n, delta)}
 
 
 def _continuation(program: Program, exit_after: int) -> Program:
@@ -313,10 +371,21 @@ class DyVTERecipe(Recipe):
         line = f"routers at layers {self.layers}; exit-label rate {rates or '?'}; {self.samples} prompts"
         r = self.risk
         if r:
-            where = ("no threshold passed: the routers never fire (more held-out prompts needed)"
-                     if r["cut"] == "never" else
-                     f"exit probability > {1 / (1 + math.exp(-r['cut'])):.4g}, {r['errors']} changed answer(s), "
-                     f"share <= {r['bound']:.4f} at {1 - r['delta']:.0%} confidence")
+            cut = r["cut"]
+
+            def prob(c) -> str:
+                return "never" if c == "never" else f"{1 / (1 + math.exp(-c)):.4g}"
+
+            if cut == "never" or (isinstance(cut, list) and all(c == "never" for c in cut)):
+                where = "no threshold passed: the routers never fire (more held-out prompts needed)"
+            else:
+                if isinstance(cut, list):
+                    what = (f"exit probability above L{', L'.join(f'{e}: {prob(c)}' for e, c in zip(self.layers, cut))}"
+                            f" (lambda {r['lambda']:g}, ordered on {r['ordering_prompts']} other prompts)")
+                else:
+                    what = f"exit probability > {prob(cut)}"
+                where = (f"{what}, {r['errors']} changed answer(s), share <= {r['bound']:.4f} at "
+                         f"{1 - r['delta']:.0%} confidence")
             line += (f"; threshold for max_loss={r['max_loss']:g} (delta={r['delta']:g}) on {r['prompts']} held-out "
                      f"prompts: {where}")
         return line
@@ -549,7 +618,13 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
         with torch.no_grad():
             m = torch.stack([routers.margin(e, x_risk[e]) for e in layers])
         keeps = torch.stack([y_risk[e] for e in layers])
-        risk = choose_cut(m, keeps, config.max_loss, config.delta)
+        if config.cuts == "layer":  # the first half of the held-out prompts orders the cuts, the second tests
+            half = max(1, m.shape[1] // 2)
+            risk = choose_layer_cuts(m[:, :half], keeps[:, :half], m[:, half:], keeps[:, half:], config.max_loss,
+                                     config.delta)
+            m, keeps = m[:, half:], keeps[:, half:]
+        else:
+            risk = choose_cut(m, keeps, config.max_loss, config.delta)
         counts = {str(e): c for e, c in exit_counts(m, layers, risk["cut"]).items()}  # JSON keys
         risk.update(cut=cut_to_json(risk["cut"]), max_loss=config.max_loss,
                     delta=config.delta, prompts_by_exit=counts)
