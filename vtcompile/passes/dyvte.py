@@ -31,8 +31,12 @@ max_loss" is rejected when the binomial tail P(Bin(n, max_loss) <= errors) is at
 lenient threshold reached before the first non-rejection is used. Then, over the draw of the held-out prompts,
 P(share of changed answers on new prompts from the same distribution > max_loss) <= delta. "Changed" is the
 label above: with label=token the greedy next token differs, or the answer loss grows past the label's bound, at
-the answer's first token; with label=answer the whole greedy answer changes. When no threshold passes (too few held-out prompts: with no error at all, n must exceed
-log(delta) / log(1 - max_loss), 460 for 0.005 and 0.1), the routers never fire and the report says so.
+the answer's first token; with label=answer the whole greedy answer changes. With cuts=layer each router gets its
+own threshold: half of the held-out prompts order the candidates (per lambda of LAMBDA_GRID, each router's most
+lenient cut at which at most a share lambda of the prompts it fires on change their answer: layer_cuts) and the
+other half tests lambda in that order, as above (choose_layer_cuts); the order never sees the tested prompts, so
+the same guarantee holds for their n. When no threshold passes (too few held-out prompts: with no error at all, n
+must exceed log(delta) / log(1 - max_loss), 460 for 0.005 and 0.1), the routers never fire and the report says so.
 """
 from __future__ import annotations
 
