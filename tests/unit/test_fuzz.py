@@ -151,8 +151,8 @@ _LEFT = {"routers", "recipe"}  # file paths: left at their default (test_cli cov
 
 def _field_values(cls, f):
     """A field's values from its metadata: numbers in [low, high] (open ends excluded, an int without high in
-    [low, low + _CAP_INT], a float without high up to low + max(1, 4 x default)), a criterion from its pass module's
-    CRITERIA (the choices its help lists), booleans."""
+    [low, low + _CAP_INT], a float without high up to low + max(1, 4 x default)), a criterion, label or cuts from its
+    pass module's CRITERIA, LABELS or CUTS (the choices its help lists), booleans."""
     import sys
     import typing
 
@@ -171,8 +171,9 @@ def _field_values(cls, f):
 
         return st.floats(low, high, exclude_min=bool(m.get("low_open")), exclude_max=bool(m.get("high_open")),
                          allow_subnormal=False).map(lambda x: float(f"{x:.3g}")).filter(inside)
-    if kind is str and f.name == "criterion":
-        return st.sampled_from(sys.modules[cls.__module__].CRITERIA)
+    choices = {"criterion": "CRITERIA", "label": "LABELS", "cuts": "CUTS"}  # a str field: its pass module's choices
+    if kind is str and f.name in choices:
+        return st.sampled_from(getattr(sys.modules[cls.__module__], choices[f.name]))
     raise AssertionError(f"{cls.name}.{f.name} ({kind}): add a way to draw it, or list it in _BY_HAND/_LEFT")
 
 

@@ -60,6 +60,7 @@ from .base import PassConfig, PassDef, Recipe, param, register, tensors_field
 
 
 LABELS = ("token", "answer")  # how calibration labels an exit (DyVTEConfig.label)
+CUTS = ("one", "layer")  # risk control's thresholds: one for every router, or one per router (DyVTEConfig.cuts)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,8 @@ class DyVTEConfig(PassConfig):
         super().__post_init__()
         if self.label not in LABELS:
             raise PassConfigError(f"dyvte: label={self.label!r} is not known; expected one of {', '.join(LABELS)}")
-        if self.cuts not in ("one", "layer"):
-            raise PassConfigError(f"dyvte: cuts={self.cuts!r} is not known; expected 'one' or 'layer'")
+        if self.cuts not in CUTS:
+            raise PassConfigError(f"dyvte: cuts={self.cuts!r} is not known; expected one of {', '.join(CUTS)}")
 
     def check_model(self, geometry: Geometry) -> None:
         last = geometry.num_layers - 2
