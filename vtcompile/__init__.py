@@ -4,7 +4,7 @@ Import stays lean: the heavy modules (torch, transformers) load on first use of 
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 _LAZY = {
     "compile_pruned": "vtcompile.api",
