@@ -505,6 +505,28 @@ def greedy_answers(gm, args: tuple, first: torch.Tensor, answers, limit: int) ->
     return tokens, (ended.cumsum(1) - ended) == 0
 
 
+def _token_kept(gm, args: tuple, last: torch.Tensor, config: DyVTEConfig, answers):
+    """label=token, per prompt of a batch: does an exit keep the first answer token, its loss within the bound?"""
+    answer = last.argmax(-1)
+    bound = config.loss_ratio * nn.functional.cross_entropy(last, answer, reduction="none") + config.loss_slack + 1e-6
+
+    def kept(exit_gm) -> torch.Tensor:
+        cut = exit_gm(*args)[0][:, -1].float()
+        return (cut.argmax(-1) == answer) & (nn.functional.cross_entropy(cut, answer, reduction="none") < bound)
+    return kept
+
+
+def _answer_kept(gm, args: tuple, last: torch.Tensor, config: DyVTEConfig, answers):
+    """label=answer, per prompt of a batch: does an exit keep the whole greedy answer (up to its eos)?"""
+    tokens, counted = greedy_answers(gm, args, last, answers, config.answer_tokens)
+    fed = answers.extend(args, tokens[:, :-1])  # the prompt and every answer token but the last
+
+    def kept(exit_gm) -> torch.Tensor:
+        again = exit_gm(*fed)[0][:, -tokens.shape[1]:].argmax(-1)
+        return ((again == tokens) | ~counted).all(1)
+    return kept
+
+
 def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool = True, answers=None):
     """Router inputs and exit labels from the frozen model: ({layer: features [N, 2D]}, {layer: labels [N]}).
 
@@ -525,26 +547,13 @@ def router_labels(program: Program, config: DyVTEConfig, batches, progress: bool
     names = set(residual.values()) | {program.visual_name_at(e) for e in layers}
     feats = {e: [] for e in layers}
     labels = {e: [] for e in layers}
+    keeps = _answer_kept if config.label == "answer" else _token_kept
     for args in tqdm(batches, desc="dyvte: router labels", unit="batch", disable=not progress):
         outputs, seen = run_with_taps(program.gm, args, names)
-        last = outputs[0][:, -1].float()
-        if config.label == "answer":
-            tokens, counted = greedy_answers(program.gm, args, last, answers, config.answer_tokens)
-            fed = answers.extend(args, tokens[:, :-1])  # the prompt and every answer token but the last
-        else:
-            answer = last.argmax(-1)
-            full_loss = nn.functional.cross_entropy(last, answer, reduction="none")
+        kept = keeps(program.gm, args, outputs[0][:, -1].float(), config, answers)
         for e in layers:
-            if config.label == "answer":
-                with torch.no_grad():
-                    again = continuations[e].gm(*fed)[0][:, -tokens.shape[1]:].argmax(-1)
-                labels[e].append(((again == tokens) | ~counted).all(1).long())
-            else:
-                with torch.no_grad():
-                    cut = continuations[e].gm(*args)[0][:, -1].float()
-                loss = nn.functional.cross_entropy(cut, answer, reduction="none")
-                bound = config.loss_ratio * full_loss + config.loss_slack + 1e-6
-                labels[e].append(((cut.argmax(-1) == answer) & (loss < bound)).long())
+            with torch.no_grad():
+                labels[e].append(kept(continuations[e].gm).long())
             feats[e].append(router_features(seen[residual[e]], seen[program.visual_name_at(e)]))
     if not feats[layers[0]]:
         raise PassConfigError("dyvte: the calibration set is empty; give at least one prompt with an image")
