@@ -32,10 +32,10 @@ lenient threshold reached before the first non-rejection is used. Then, over the
 P(share of changed answers on new prompts from the same distribution > max_loss) <= delta. "Changed" is the
 label above: with label=token the greedy next token differs, or the answer loss grows past the label's bound, at
 the answer's first token; with label=answer the whole greedy answer changes. With cuts=layer each router gets its
-own threshold: half of the held-out prompts order the candidates (per lambda of LAMBDA_GRID, each router's most
-lenient cut at which at most a share lambda of the prompts it fires on change their answer: layer_cuts) and the
-other half tests lambda in that order, as above (choose_layer_cuts); the order never sees the tested prompts, so
-the same guarantee holds for their n. When no threshold passes (too few held-out prompts: with no error at all, n
+own threshold: half of the held-out prompts order the candidates into a path (saving_path: from no router firing,
+each step loosens the one router whose next cut adds the most saved layers per changed answer on those prompts)
+and the other half tests the path's steps in that order, as above (choose_layer_cuts); the path never sees the
+tested prompts, so the same guarantee holds for their n. When no threshold passes (too few held-out prompts: with no error at all, n
 must exceed log(delta) / log(1 - max_loss), 460 for 0.005 and 0.1), the routers never fire and the report says so.
 """
 from __future__ import annotations
@@ -82,9 +82,9 @@ class DyVTEConfig(PassConfig):
                                 "(until eos, at most answer_tokens) with the exit equals the answer without it")
     answer_tokens: int = param(24, "with label=answer: the longest answer compared, in tokens", low=1)
     cuts: str = param("one", "with max_loss: 'one' threshold for every router, or one per 'layer' (half of the "
-                             "held-out prompts order the candidates: each router's most lenient cut at which at "
-                             "most a share lambda of the prompts it sends there change their answer; the other "
-                             "half tests lambda from 0 up)")
+                             "held-out prompts order the routers' cuts into a path, each step loosening the router "
+                             "that adds the most saved layers per changed answer; the other half tests the path's "
+                             "steps in that order)")
     holdout: float = param(0.25, "fraction of the calibration prompts held out: each router keeps the weights of the "
                                  "epoch with the lowest held-out loss (0: every prompt trains for every epoch, the "
                                  "published recipe; routers then overfit a small calibration set)",
@@ -304,41 +304,63 @@ def choose_cut(margins: torch.Tensor, keeps: torch.Tensor, max_loss: float, delt
             "bound": binomial_upper(errors, n, delta)}
 
 
-# The per-layer form's path, fixed before any data: lambda, the largest share of changed answers among the prompts a
-# router sends to its exit on the ordering half (0 to 0.25, steps of 0.0025)
-LAMBDA_GRID = [0.0025 * i for i in range(101)]
+def saving_path(margins: torch.Tensor, keeps: torch.Tensor, value) -> list[list[float]]:
+    """The per-layer form's path of cuts, from the ordering prompts (margins, keeps [L, N]) and what an exit at each
+    candidate layer is worth (value [L]: the layers whose visual work it skips). It starts with no router firing;
+    each step lowers one router's cut to the next value of RISK_GRID at which it fires on more ordering prompts,
+    taking the move that adds the most saving per answer it changes: moves that change none first (most saving
+    first), then the best saving per changed answer (ties: the earlier layer). An exit after layer 1 is worth four
+    after layer 4 on a 6-layer model, so a path that loosens every router alike (one share of changed answers per
+    router) spends the allowed changes where they buy least; this one spends them where they buy most."""
+    n_layers, n = margins.shape
+    grid = torch.tensor(RISK_GRID, dtype=margins.dtype)
+    firing = (margins[:, None, :] > grid[None, :, None]).sum(-1)  # [L, G]: prompts each router fires on per cut
+    moves = [(f.diff(prepend=f.new_zeros(1)) > 0).nonzero().flatten().tolist() for f in firing]  # grid steps
+    worth = torch.cat([torch.as_tensor(value, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    changes = torch.cat([~keeps.bool(), torch.zeros(1, n, dtype=torch.bool)])  # row L: no exit, no change
+    cols = torch.arange(n)
 
+    def totals(cuts) -> tuple[float, int]:
+        first = first_exits(margins, cuts)
+        return float(worth[first].sum()), int(changes[first, cols].sum())
 
-def layer_cuts(margins: torch.Tensor, keeps: torch.Tensor, lam: float) -> list[float]:
-    """Each router's most lenient cut of RISK_GRID at which at most a share `lam` of the prompts it fires on
-    change their answer there (math.inf: none), from margins, keeps [L, N] of the ordering half."""
-    cuts = torch.tensor(RISK_GRID, dtype=margins.dtype)[:, None]  # [G, 1]
-    out = []
-    for m, k in zip(margins, keeps):
-        fires = m[None] > cuts  # [G, N]
-        n = fires.sum(1)
-        bad = (fires & ~k.bool()[None]).sum(1)
-        ok = ((n > 0) & (bad <= lam * n)).nonzero().flatten()
-        out.append(RISK_GRID[int(ok[-1])] if len(ok) else math.inf)
-    return out
+    cuts, taken = [math.inf] * n_layers, [0] * n_layers
+    path = [list(cuts)]
+    saving, changed = 0.0, 0
+    while True:
+        best = None
+        for layer in range(n_layers):
+            if taken[layer] == len(moves[layer]):
+                continue
+            trial = list(cuts)
+            trial[layer] = RISK_GRID[moves[layer][taken[layer]]]
+            s, c = totals(trial)
+            gain, cost = s - saving, c - changed
+            score = (1, gain) if cost <= 0 else (0, gain / cost)
+            if best is None or score > best[0]:
+                best = (score, layer, trial, s, c)
+        if best is None:
+            return path
+        _, layer, cuts, saving, changed = best
+        taken[layer] += 1
+        path.append(list(cuts))
 
 
 def choose_layer_cuts(order_m: torch.Tensor, order_k: torch.Tensor, margins: torch.Tensor, keeps: torch.Tensor,
-                      max_loss: float, delta: float) -> dict:
-    """Learn-then-Test over a path of per-layer cuts: the path (layer_cuts at each lambda of LAMBDA_GRID) comes from
-    one half of the held-out prompts (order_m, order_k), the fixed-sequence tests from the other (margins, keeps):
-    the cuts of the largest lambda whose null "risk > max_loss" is rejected with every smaller one rejected too.
-    The path depends on data the tests never see, so choose_cut's guarantee holds for it."""
+                      max_loss: float, delta: float, value) -> dict:
+    """Learn-then-Test over a path of per-layer cuts: the path (saving_path) comes from one half of the held-out
+    prompts (order_m, order_k), the fixed-sequence tests from the other (margins, keeps): the cuts of the latest
+    step whose null "risk > max_loss" is rejected with every earlier step rejected too. The path depends on data the
+    tests never see, so choose_cut's guarantee holds for it, however many steps it has."""
     n = margins.shape[1]
-    chosen, errors, p_value, lam_chosen = [math.inf] * margins.shape[0], 0, None, None
-    for lam in LAMBDA_GRID:
-        cuts = layer_cuts(order_m, order_k, lam)
-        k = int(changed_answers(margins, keeps, [cuts])[0])
+    path = saving_path(order_m, order_k, value)
+    chosen, errors, p_value, step = path[0], 0, None, None
+    for i, (cuts, k) in enumerate(zip(path, changed_answers(margins, keeps, path).tolist())):
         p = binomial_cdf(k, n, max_loss)
         if p > delta:
             break
-        chosen, errors, p_value, lam_chosen = cuts, k, p, lam
-    return {"cut": chosen, "errors": errors, "prompts": n, "p_value": p_value, "lambda": lam_chosen,
+        chosen, errors, p_value, step = cuts, k, p, i
+    return {"cut": chosen, "errors": errors, "prompts": n, "p_value": p_value, "step": step, "steps": len(path),
             "ordering_prompts": order_m.shape[1], "bound": binomial_upper(errors, n, delta)}
 
 
@@ -385,8 +407,10 @@ class DyVTERecipe(Recipe):
                 where = "no threshold passed: the routers never fire (more held-out prompts needed)"
             else:
                 if isinstance(cut, list):
+                    where_on = (f"step {r['step']} of {r['steps']} of a path ordered by saving per changed answer"
+                                if "step" in r else f"lambda {r['lambda']:g}")  # "lambda": recipes of 0.1.1
                     what = (f"exit probability above L{', L'.join(f'{e}: {prob(c)}' for e, c in zip(self.layers, cut))}"
-                            f" (lambda {r['lambda']:g}, ordered on {r['ordering_prompts']} other prompts)")
+                            f" ({where_on}, ordered on {r['ordering_prompts']} other prompts)")
                 else:
                     what = f"exit probability > {prob(cut)}"
                 where = (f"{what}, {r['errors']} changed answer(s), share <= {r['bound']:.4f} at "
@@ -634,8 +658,9 @@ def calibrate(program: Program, config: DyVTEConfig, batches, progress: bool = T
         keeps = torch.stack([y_risk[e] for e in layers])
         if config.cuts == "layer":  # the first half of the held-out prompts orders the cuts, the second tests
             half = max(1, m.shape[1] // 2)
+            skipped = [program.geometry.num_layers - 1 - e for e in layers]  # an exit's worth: layers skipped
             risk = choose_layer_cuts(m[:, :half], keeps[:, :half], m[:, half:], keeps[:, half:], config.max_loss,
-                                     config.delta)
+                                     config.delta, skipped)
             m, keeps = m[:, half:], keeps[:, half:]
         else:
             risk = choose_cut(m, keeps, config.max_loss, config.delta)
