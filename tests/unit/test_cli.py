@@ -337,7 +337,7 @@ def test_calibrate_writes_recipe_and_routers_with_the_umask(tmp_path, capsys):
     args = ["calibrate", "--model", "tiny", "--pass", "dyvte:samples=4,epochs=2,holdout=0", "--calibration",
             "synthetic", "--out", str(out)]
     assert main(args) == 0, capsys.readouterr().err
-    assert f"reuse with --pass dyvte:routers={tmp_path / 'routers.safetensors'}" in capsys.readouterr().out
+    assert f"reuse with --pass dyvte:routers={out}" in capsys.readouterr().out  # the recipe, with its threshold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["routers.json", "routers.safetensors"]
     for p in tmp_path.iterdir():
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask(), (p, oct(p.stat().st_mode))

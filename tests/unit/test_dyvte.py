@@ -553,6 +553,14 @@ def test_max_loss_calibration_chooses_the_cut_on_held_out_prompts(tmp_path):
     assert again.risk == risk
     same = compile_pruned(adapter("tiny"), spec, recipes={"dyvte": again})
     assert same.program.branches.decision.cut == routers.cut
+    # the recipe's JSON as a routers file brings the cut along (what calibrate's reuse line says); router weights
+    # alone carry no cut, and max_loss with them is refused, naming the JSON
+    hint = recipe.reuse([tmp_path / "r.json", tmp_path / "r.safetensors"])
+    assert hint == f"--pass dyvte:routers={tmp_path / 'r.json'},max_loss=0.4,delta=0.3"
+    reused = compile_pruned(adapter("tiny"), hint.split()[-1])
+    assert reused.program.branches.decision.cut == routers.cut and not reused.recipes
+    with pytest.raises(PassConfigError, match="give the recipe .json"):
+        compile_pruned(adapter("tiny"), f"dyvte:routers={tmp_path / 'r.safetensors'},max_loss=0.4,delta=0.3")
     with pytest.raises(PassConfigError, match="chosen for max_loss=0.4"):
         compile_pruned(adapter("tiny"), spec.replace("max_loss=0.4", "max_loss=0.2"), recipes={"dyvte": again})
     with pytest.raises(PassConfigError, match="holds no risk-controlled threshold"):

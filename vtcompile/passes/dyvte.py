@@ -101,7 +101,9 @@ class DyVTEConfig(PassConfig):
     risk_prompts: float = param(0.5, "with max_loss: share of the calibration prompts kept apart to choose the "
                                      "threshold (they never train the routers)",
                                 low=0.0, high=1.0, low_open=True, high_open=True)
-    routers: str = param("", "a routers .safetensors file (from a saved artifact) to use instead of training")
+    routers: str = param("", "routers to use instead of training: the recipe .json that `vtcompile calibrate` wrote "
+                             "(the weights, and with max_loss the threshold risk control chose) or a .safetensors "
+                             "of router weights (a saved artifact's)")
     seed: int = param(0, "seed of the routers' initialisation (the same data and seed give the same routers)", low=0)
 
     def __post_init__(self):
@@ -124,9 +126,11 @@ class DyVTEConfig(PassConfig):
         return self.exit_layer < 0 and not self.routers
 
     def check_risk(self) -> None:
-        if self.max_loss > 0 and self.routers:
+        if self.max_loss > 0 and self.routers and not self.routers.endswith(".json"):
             raise PassConfigError("dyvte: max_loss chooses the threshold on held-out calibration prompts, and a "
-                                  "routers file carries none; calibrate (--calibration DATA) or give threshold=P")
+                                  ".safetensors of router weights carries none; give the recipe .json that "
+                                  "`vtcompile calibrate` wrote with this max_loss (it holds the threshold), calibrate "
+                                  "(--calibration DATA), or give threshold=P instead of max_loss")
 
     def width(self, geometry: Geometry) -> int:
         return self.hidden or min(2048, 2 * geometry.hidden_size)
@@ -424,7 +428,11 @@ class DyVTERecipe(Recipe):
         return cut_from_json(self.risk["cut"]) if self.risk else None
 
     def reuse(self, files) -> str:
-        return f"--pass dyvte:routers={files[-1]}" if len(files) > 1 else ""
+        """The recipe's JSON (weights, and the threshold risk control chose with the max_loss it was chosen for)."""
+        if len(files) < 2:
+            return ""
+        risk = f",max_loss={self.risk['max_loss']:g},delta={self.risk['delta']:g}" if self.risk else ""
+        return f"--pass dyvte:routers={files[0]}{risk}"
 
     def prompts_by_exit(self, threshold: float) -> dict[int, int] | None:
         """Where the routers send the calibration prompts at ``threshold``: {exit layer (-1: none): prompts}.
@@ -477,11 +485,17 @@ def apply(program: Program, config: DyVTEConfig, recipe: DyVTERecipe | None = No
 
 
 def routers_recipe(path: str) -> DyVTERecipe:
-    """The recipe of a routers .safetensors file (vtcompile calibrate's, or an artifact's): layers and width from
-    the tensor names and shapes."""
+    """The recipe of a routers file: vtcompile calibrate's recipe .json (as written, with the threshold risk control
+    chose), or a .safetensors of router weights (calibrate's, or an artifact's: layers and width from the tensor
+    names and shapes)."""
     from safetensors.torch import load_file
 
     p = Path(path)
+    if p.suffix == ".json":
+        recipe = DyVTERecipe.load(p)
+        if not recipe.routers:
+            raise PassConfigError(f"dyvte: the recipe {p} holds no router weights (its weights_file is missing)")
+        return recipe
     if not p.is_file():
         raise PassConfigError(f"dyvte: routers file {p} does not exist")
     state = load_file(str(p))
