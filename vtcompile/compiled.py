@@ -161,7 +161,9 @@ class CompiledModel:
                 raise VtcompileError(
                     f"pass {p.name!r} calibrates a recipe and needs calibration data: give --calibration DATA on "
                     "the command line (calibration= in Python): 'testbed', a JSONL file, or 'synthetic' for "
-                    f"random-weight smoke tests; or a ready recipe with {p.name}:recipe=FILE.json")
+                    "random-weight smoke tests; or a recipe fitted before (recipes= in Python; on the command line "
+                    f"the field of {p.name!r} that takes `vtcompile calibrate`'s file, where it has one: `vtcompile "
+                    "passes` lists the fields)")
             program = build_program(self.captured, n_visual, self.passes[:i], self.recipes)
             batches = []
             for item in calibration_prompts(self.frontend, calibration, getattr(config, "samples", 64)):
