@@ -149,8 +149,9 @@ def main(argv=None) -> int:
                  f"after in this {layers}-layer model")
     held = "" if args.holdout is None else f",holdout={args.holdout:g}"
     routers = [(f"loss ratio {r:g}" + (f", slack {sl:g}" if sl else "") + ("" if ls == "all" else f", layers {ls}"),
-                f"dyvte:samples={args.samples},epochs={args.epochs},loss_ratio={r:g}"
-                + (f",loss_slack={sl:g}" if sl else "") + held + ("" if ls == "all" else f",layers={ls}"))
+                f"dyvte:samples={args.samples},epochs={args.epochs},loss_ratio={r:g},label=token,max_loss=0"
+                + (f",loss_slack={sl:g}" if sl else "") + held
+                + f",layers={'/'.join(map(str, range(layers - 1))) if ls == 'all' else ls}")
                for r in ratios for sl in slacks for ls in layer_sets]
     val = load_data("testbed", args.select_limit, split="val")[0] if args.select_limit else None
     t0 = time.perf_counter()

@@ -39,11 +39,12 @@ from common import PEAK_NOTE, RESULTS, load_bench_model, machine, mb, model_flag
 
 HF = "transformers generate (sdpa, unpruned)"
 # The DyVTE setting the DyVTE bench chose on the testbed's val questions (bench/README.md)
-TESTBED_DYVTE = "dyvte:samples=2048,loss_slack=0.1,layers=1/2/3/4,threshold=0.99"
+TESTBED_DYVTE = "dyvte:samples=2048,loss_slack=0.1,layers=1/2/3/4,threshold=0.99,label=token,max_loss=0"
 
 
 def default_variants(model: str) -> list[str]:
-    dyvte = TESTBED_DYVTE if model == "testbed" else "dyvte:samples=32"
+    # random weights: the published rule on 32 synthetic prompts (routers that exit; risk control would hold them)
+    dyvte = TESTBED_DYVTE if model == "testbed" else "dyvte:samples=32,label=token,max_loss=0"
     return ["fastv", "fitprune:budget=0.5", dyvte]
 
 

@@ -41,7 +41,7 @@ GEOMETRY_SPECS = ("headskip:budget=0.25,criterion=random", "headskip:budget=0.5,
                   "fastv+headskip:budget=0.25,criterion=random",
                   "fastv+attnskip:layers=" + "/".join(map(str, range(20, 32))))
 COMBOS = ("fitprune:budget=0.5+headskip:budget=0.25", "fastv+headskip:budget=0.25",
-          "dyvte:samples=2048,loss_slack=0.1,threshold=0.95+attnskip:count=1")
+          "dyvte:samples=2048,loss_slack=0.1,threshold=0.95,label=token,max_loss=0,layers=0/1/2/3/4+attnskip:count=1")
 
 
 def rows_for(budgets, counts, seeds, combos):

@@ -21,11 +21,17 @@ from vtcompile.models import geometry_of, resolve_spec
 from .common import adapter, compiled, prompt
 
 
+# The published rule (first-token labels, routers firing at exit > keep, a router after every layer but the last):
+# routers that exit often on these small synthetic sets, which the tests of the runtime need. The pass's defaults
+# (whole-answer labels, risk control) are tested below with explicit fields.
+PUBLISHED = "label=token,max_loss=0"
+
+
 # holdout=0: routers trained on all 12 prompts (the published recipe); the tests below rely on where they route
 @functools.lru_cache(maxsize=None)
 def trained(name: str):
-    return compile_pruned(adapter(name), "dyvte:samples=12,epochs=60,holdout=0", calibration="synthetic",
-                          progress=False)
+    return compile_pruned(adapter(name), f"dyvte:samples=12,epochs=60,holdout=0,layers=0/1/2,{PUBLISHED}",
+                          calibration="synthetic", progress=False)
 
 
 @pytest.mark.parametrize("exit_layer", [0, 2])
@@ -66,7 +72,7 @@ def _routers_file(tmp_path, name, fire: bool, layers=(0, 1, 2)):
 
 def test_never_firing_routers_equal_the_original(geometry, tmp_path):
     path = _routers_file(tmp_path, geometry, fire=False)
-    cm = compile_pruned(adapter(geometry), f"dyvte:routers={path}")
+    cm = compile_pruned(adapter(geometry), f"dyvte:routers={path},max_loss=0")
     for kind in ("mid_pad_b2", "two_images"):
         ids, pixels, mask = prompt(geometry, kind)
         out = cm(ids, pixels, mask)
@@ -104,7 +110,7 @@ def test_routers_file_round_trip(tmp_path):
     cm = trained("tiny")
     path = cm.recipes["dyvte"].save(tmp_path / "r.json")[-1]  # the routers' weights (and margins)
     assert path.suffix == ".safetensors"
-    again = compile_pruned(adapter("tiny"), f"dyvte:routers={path}")
+    again = compile_pruned(adapter("tiny"), f"dyvte:routers={path},max_loss=0")
     ids, pixels, mask = prompt("tiny", "mid_pad_b2", seed=5)
     a, b = cm(ids, pixels, mask), again(ids, pixels, mask)
     assert a.exit_layers == b.exit_layers and torch.equal(a.logits, b.logits)
@@ -154,7 +160,8 @@ def test_exit_labels_follow_agreement_and_loss_bound():
             excess[e].append(float(torch.nn.functional.cross_entropy(cut, answer) - base))
     batches = [full.prepare(*args).as_args() for args in prompts]
     for slack in (0.0, 0.05, 1e6):
-        _, labels = router_labels(full.program, DyVTEConfig(loss_ratio=1, loss_slack=slack), batches, progress=False)
+        _, labels = router_labels(full.program, DyVTEConfig(loss_ratio=1, loss_slack=slack, label="token",
+                                                                   layers=(0, 1, 2)), batches, progress=False)
         for e in cuts:
             expected = [int(a and x < slack) for a, x in zip(agree[e], excess[e])]
             assert all(abs(x - slack) > 1e-4 for x in excess[e])  # no label sits on the bound
@@ -195,7 +202,8 @@ def test_answer_labels_say_whether_generation_with_the_exit_returns_the_whole_an
         for e, cm in cuts.items():
             out = cm.generate(ids, pixels, mask, max_new_tokens=n, eos_token_id=[eos])[:, ids.shape[1]:]
             expected[e] += [int(answer(out[row]) == answer(want[row])) for row in range(2)]
-    _, labels = router_labels(full.program, DyVTEConfig(label="answer", answer_tokens=n), batches, progress=False,
+    _, labels = router_labels(full.program, DyVTEConfig(label="answer", answer_tokens=n, layers=(0, 1, 2)), batches,
+                              progress=False,
                               answers=steps)
     for e in cuts:
         assert labels[e].tolist() == expected[e], e
@@ -253,7 +261,7 @@ def test_holdout_keeps_each_router_at_its_best_held_out_epoch():
 
 def test_always_firing_routers_exit_at_first_layer(tmp_path):
     path = _routers_file(tmp_path, "tiny", fire=True)
-    cm = compile_pruned(adapter("tiny"), f"dyvte:routers={path}")
+    cm = compile_pruned(adapter("tiny"), f"dyvte:routers={path},max_loss=0")
     ids, pixels, mask = prompt("tiny", "mid_pad_b2")
     out = cm(ids, pixels, mask)
     ref = compiled("tiny", "dyvte:exit_layer=0")(ids, pixels, mask)
@@ -284,7 +292,7 @@ def test_threshold_field_reaches_the_routers():
     prompts = [prompt("tiny", kind, seed=s) for kind, s in (("mid_pad_b2", 5), ("image_first", 7), ("mid_pad_b2", 11))]
     exits, programs = {}, {}
     for t in (0.5, 0.9, 0.999):
-        programs[t] = compile_pruned(adapter("tiny"), f"dyvte:threshold={t}", recipes={"dyvte": cm.recipes["dyvte"]})
+        programs[t] = compile_pruned(adapter("tiny"), f"dyvte:threshold={t},max_loss=0", recipes={"dyvte": cm.recipes["dyvte"]})
         exits[t] = sum((programs[t](*p).exit_layers for p in prompts), [])
     assert exits[0.5] == sum((cm(*p).exit_layers for p in prompts), [])
 
@@ -306,7 +314,7 @@ def test_report_exit_table_matches_the_runtime_and_static_exits():
 
     ways = {}
     for t in (0.5, 0.9):  # the counts follow the threshold of the program, from the same calibration margins
-        cm = trained("tiny") if t == 0.5 else compile_pruned(adapter("tiny"), f"dyvte:threshold={t}",
+        cm = trained("tiny") if t == 0.5 else compile_pruned(adapter("tiny"), f"dyvte:threshold={t},max_loss=0",
                                                              recipes={"dyvte": trained("tiny").recipes["dyvte"]})
         rows = {r["after_layer"]: r for r in cm.report.exits}
         assert sorted(rows) == [-1, *cm.recipes["dyvte"].layers]
@@ -329,11 +337,25 @@ def test_report_exit_table_matches_the_runtime_and_static_exits():
 
 def test_report_of_routers_from_a_file_has_no_calibration_counts(tmp_path):
     path = _routers_file(tmp_path, "tiny", fire=False)
-    report = compile_pruned(adapter("tiny"), f"dyvte:routers={path}").report
+    report = compile_pruned(adapter("tiny"), f"dyvte:routers={path},max_loss=0").report
     assert [r["after_layer"] for r in report.exits] == [-1, 0, 1, 2]
     assert all(r["calibration_prompts"] is None for r in report.exits)
     assert report.expected_on_calibration() is None
     assert compiled("tiny", "dyvte:exit_layer=1").report.exits == []  # static form: one schedule, no table
+
+
+def test_defaults_are_the_risk_controlled_setting_with_exits_after_layers_1_to_l_minus_2():
+    """dyvte without fields: whole-answer labels, per-layer thresholds for max_loss=0.005 chosen on half of 4096
+    prompts, candidate exits after layers 1 .. L-2 (after layer 0 too on a 2-layer model, which has no other)."""
+    from vtcompile.passes.dyvte import branch_plans, default_layers
+
+    config = parse_pass_spec("dyvte")[1]
+    assert (config.label, config.cuts, config.max_loss, config.samples, config.risk_prompts) == (
+        "answer", "layer", 0.005, 4096, 0.5)
+    assert default_layers(6) == (1, 2, 3, 4) and default_layers(3) == (1,) and default_layers(2) == (0,)
+    geom = geometry_of(resolve_spec("tiny"))  # 4 layers
+    assert sorted(branch_plans(config, geom, geom.visual_tokens_per_image)[1]) == [1, 2]
+    assert sorted(branch_plans(parse_pass_spec("dyvte:layers=0/2")[1], geom, 9)[1]) == [0, 2]
 
 
 def test_bad_input(tmp_path):
@@ -349,7 +371,7 @@ def test_bad_input(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(other.state_dict(), str(path))
     with pytest.raises(PassConfigError, match="width 32, this model has width 64"):
-        compile_pruned(adapter("tiny"), f"dyvte:routers={path}")
+        compile_pruned(adapter("tiny"), f"dyvte:routers={path},max_loss=0")
     ids, pixels, mask = prompt("tiny", "image_first")
     text_only = ids[ids != 127].unsqueeze(0)
     with pytest.raises(VtcompileError, match="must hold one image"):
@@ -537,7 +559,7 @@ def test_max_loss_calibration_chooses_the_cut_on_held_out_prompts(tmp_path):
     routers, the report, the recipe's round trip and the decision's artifact form carry it; mismatched settings are refused."""
     from vtcompile.passes.dyvte import DyVTERecipe
 
-    spec = "dyvte:samples=24,epochs=40,holdout=0,max_loss=0.4,delta=0.3"
+    spec = "dyvte:samples=24,epochs=40,holdout=0,max_loss=0.4,delta=0.3,label=token,cuts=one"
     cm = compile_pruned(adapter("tiny"), spec, calibration="synthetic", progress=False)
     recipe = cm.recipes["dyvte"]
     risk = recipe.risk
@@ -569,7 +591,8 @@ def test_max_loss_calibration_chooses_the_cut_on_held_out_prompts(tmp_path):
     back = Routers.load(json.loads(json.dumps(routers.meta())), routers.state(), cm.program.geometry)
     assert back.cut == routers.cut and back.threshold == routers.threshold
     # cuts=layer: one cut per router, through the same round trips
-    layered = compile_pruned(adapter("tiny"), spec + ",cuts=layer", calibration="synthetic", progress=False)
+    layered = compile_pruned(adapter("tiny"), spec.replace("cuts=one", "cuts=layer"), calibration="synthetic",
+                             progress=False)
     recipe = layered.recipes["dyvte"]
     routers = layered.program.branches.decision
     assert isinstance(routers.cut, list) and len(routers.cut) == len(routers.layers) == len(recipe.risk["cut"])
@@ -580,7 +603,7 @@ def test_max_loss_calibration_chooses_the_cut_on_held_out_prompts(tmp_path):
     assert back.cut == routers.cut
     recipe.save(tmp_path / "layered.json")
     again = DyVTERecipe.load(tmp_path / "layered.json")
-    assert compile_pruned(adapter("tiny"), spec + ",cuts=layer",
+    assert compile_pruned(adapter("tiny"), spec.replace("cuts=one", "cuts=layer"),
                           recipes={"dyvte": again}).program.branches.decision.cut == routers.cut
 
 

@@ -367,7 +367,7 @@ def _tiny_llama(layers: int, seed: int = 0, image_size: int = 16) -> dict:
            "text": {**_tiny_llama(5)["text"], "model_type": "mistral", "hidden_size": 64, "intermediate_size": 128,
                     "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8, "sliding_window": None},
            "llava": {**_tiny_llama(5)["llava"], "vision_feature_layer": -1}},
-          ["dyvte:samples=8,epochs=20,threshold=0.622", "randomdrop:k=4,r=0.622"]),
+          ["dyvte:samples=8,epochs=20,threshold=0.622,label=token,max_loss=0", "randomdrop:k=4,r=0.622"]),
     layout={"n_images": 2, "rows": [{"before": 4, "between": 1, "after": 6}], "seed": 334})
 # found by the large profile (2026-12-07): a selection before fitprune (divprune, randomdrop k=0; fastv and a DyVTE exit
 # too) crashed fitprune's calibration with an IndexError (full-prompt visual mask on the pruned token set) - a product

@@ -99,7 +99,7 @@ def test_fastv_config_round_trip_and_ranges():
 # Every registered pass at its published defaults (calibrating passes on synthetic prompts), on tiny. A pass that
 # is registered without a case here fails below: add it.
 DEFAULTS = {"fastv": ("fastv", None), "pyramiddrop": ("pyramiddrop", None), "randomdrop": ("randomdrop", None),
-            "fitprune": ("fitprune:samples=8", "synthetic"), "dyvte": ("dyvte:samples=8,epochs=20", "synthetic"),
+            "fitprune": ("fitprune:samples=8", "synthetic"), "dyvte": ("dyvte:samples=8,epochs=20,label=token,max_loss=0", "synthetic"),
             "gprune": ("gprune", None), "divprune": ("divprune", None), "dart": ("dart", None),
             "cdpruner": ("cdpruner", None),
             "headskip": ("headskip:samples=4", "synthetic"), "attnskip": ("attnskip:count=1,samples=4", "synthetic")}

@@ -85,7 +85,7 @@ PASSES = {"fastv": "fastv:k=1,r=0.5", "pyramiddrop": "pyramiddrop:layers=1/2/3,r
           "randomdrop": "randomdrop:k=0,r=0.5", "dyvte static": "dyvte:exit_layer=2", "dart": "dart:keep=0.5,pivots=1",
           "fastv+attnskip": ["fastv:k=1,r=0.5", "attnskip:count=1"], "gprune": "gprune:keep=0.5",
           "divprune+fastv": ["divprune:keep=0.5", "fastv:k=1,r=0.5"], "cdpruner": "cdpruner:keep=0.5",
-          "fitprune": "fitprune:budget=0.5", "headskip": "headskip", "dyvte routers": "dyvte:samples=16,layers=1/2"}
+          "fitprune": "fitprune:budget=0.5", "headskip": "headskip", "dyvte routers": "dyvte:samples=16,layers=1/2,label=token,max_loss=0"}
 
 
 # each pass on one of the two classes, alternating (both classes share the decoder; their vision towers differ)

@@ -18,7 +18,7 @@ from .common import adapter, prompt
 # a cheap calibration of every calibrating pass on the tiny model
 CALIBRATED = {
     "fitprune": "fitprune:budget=0.5,samples=4",
-    "dyvte": "dyvte:samples=6,epochs=5,layers=0/1",
+    "dyvte": "dyvte:samples=6,epochs=5,layers=0/1,label=token,max_loss=0",
     "headskip": "headskip:budget=0.25,criterion=output",
     "attnskip": "attnskip:count=1,adapter=true",
 }
