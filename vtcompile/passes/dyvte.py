@@ -335,36 +335,44 @@ def saving_path(margins: torch.Tensor, keeps: torch.Tensor, value) -> list[list[
     after layer 4 on a 6-layer model, so a path that loosens every router alike (one share of changed answers per
     router) spends the allowed changes where they buy least; this one spends them where they buy most."""
     n_layers, n = margins.shape
-    grid = torch.tensor(RISK_GRID, dtype=margins.dtype)
-    firing = (margins[:, None, :] > grid[None, :, None]).sum(-1)  # [L, G]: prompts each router fires on per cut
-    moves = [(f.diff(prepend=f.new_zeros(1)) > 0).nonzero().flatten().tolist() for f in firing]  # grid steps
-    worth = torch.cat([torch.as_tensor(value, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    changes = torch.cat([~keeps.bool(), torch.zeros(1, n, dtype=torch.bool)])  # row L: no exit, no change
-    cols = torch.arange(n)
-
-    def totals(cuts) -> tuple[float, int]:
-        first = first_exits(margins, cuts)
-        return float(worth[first].sum()), int(changes[first, cols].sum())
-
+    grid = torch.tensor(RISK_GRID, dtype=margins.dtype).tolist()  # compared in the margins' precision, as later
+    m, bad = margins.tolist(), (~keeps.bool()).tolist()
+    worth = [float(v) for v in value] + [0.0]  # index n_layers: no exit
+    moves = []  # per router: (grid index, prompts it starts firing on there), from strict to lenient
+    for layer in range(n_layers):
+        order = sorted(range(n), key=lambda p: -m[layer][p])
+        steps, j = [], 0
+        for gi, cut in enumerate(grid):
+            start = j
+            while j < n and m[layer][order[j]] > cut:
+                j += 1
+            if j > start:
+                steps.append((gi, order[start:j]))
+        moves.append(steps)
+    first = [n_layers] * n  # each prompt's first firing router (firing only grows along the path)
     cuts, taken = [math.inf] * n_layers, [0] * n_layers
     path = [list(cuts)]
-    saving, changed = 0.0, 0
     while True:
         best = None
         for layer in range(n_layers):
             if taken[layer] == len(moves[layer]):
                 continue
-            trial = list(cuts)
-            trial[layer] = RISK_GRID[moves[layer][taken[layer]]]
-            s, c = totals(trial)
-            gain, cost = s - saving, c - changed
+            gain = cost = 0.0
+            for p in moves[layer][taken[layer]][1]:
+                if layer < first[p]:  # the prompt now exits here instead of later (or never)
+                    gain += worth[layer] - worth[first[p]]
+                    cost += bad[layer][p] - (bad[first[p]][p] if first[p] < n_layers else 0)
             score = (1, gain) if cost <= 0 else (0, gain / cost)
             if best is None or score > best[0]:
-                best = (score, layer, trial, s, c)
+                best = (score, layer)
         if best is None:
             return path
-        _, layer, cuts, saving, changed = best
+        layer = best[1]
+        gi, fired = moves[layer][taken[layer]]
         taken[layer] += 1
+        for p in fired:
+            first[p] = min(first[p], layer)
+        cuts[layer] = RISK_GRID[gi]
         path.append(list(cuts))
 
 
