@@ -135,7 +135,7 @@ class DyVTEConfig(PassConfig):
         return self.exit_layer < 0 and not self.routers
 
     def check_risk(self) -> None:
-        if self.max_loss > 0 and self.routers and not self.routers.endswith(".json"):
+        if self.max_loss > 0 and self.routers and not _is_recipe_file(self.routers):
             raise PassConfigError("dyvte: max_loss chooses the threshold on held-out calibration prompts, and a "
                                   ".safetensors of router weights carries none; give the recipe .json that "
                                   "`vtcompile calibrate` wrote with this max_loss (it holds the threshold), calibrate "
@@ -510,6 +510,11 @@ def apply(program: Program, config: DyVTEConfig, recipe: DyVTERecipe | None = No
     return program
 
 
+def _is_recipe_file(path: str) -> bool:
+    """A routers file given as calibrate's recipe .json (weights and chosen threshold), not bare weights."""
+    return Path(path).suffix == ".json"
+
+
 def routers_recipe(path: str) -> DyVTERecipe:
     """The recipe of a routers file: vtcompile calibrate's recipe .json (as written, with the threshold risk control
     chose), or a .safetensors of router weights (calibrate's, or an artifact's: layers and width from the tensor
@@ -517,7 +522,7 @@ def routers_recipe(path: str) -> DyVTERecipe:
     from safetensors.torch import load_file
 
     p = Path(path)
-    if p.suffix == ".json":
+    if _is_recipe_file(path):
         recipe = DyVTERecipe.load(p)
         if not recipe.routers:
             raise PassConfigError(f"dyvte: the recipe {p} holds no router weights (its weights_file is missing)")
