@@ -171,10 +171,15 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         fidelity.update(identical_answers=sum(same) / len(same), token_agreement=sum(agree) / len(agree))
     flops = cm.report.flops
     paper_ratio, true_ratio = flops.paper / flops.baseline_paper, flops.true / flops.baseline_true
-    exit_hist = None
+    exit_hist = exits_by_kind = None
     if exits:  # a program with branches: FLOPs are the mean over rows of each row's own schedule
         paper_ratio, true_ratio = _branch_flops(cm.report, exits)
         exit_hist = {str(e): exits.count(e) for e in sorted(set(exits))}
+        exits_by_kind = {}
+        for k in sorted(per_kind):
+            taken = [e for e, kind in zip(exits, kinds) if kind == k]
+            exits_by_kind[k] = {"exits": {str(e): taken.count(e) for e in sorted(set(taken))},
+                                "paper_flops_ratio": _branch_flops(cm.report, taken)[0]}
     n = sum(len(v) for v in per_kind.values())
     return {
         "model": cm.report.model,
@@ -193,6 +198,7 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
         "paper_flops_ratio": paper_ratio,
         "true_flops_ratio": true_ratio,
         "exit_layers": exit_hist,
+        "exit_layers_by_kind": exits_by_kind,
         "visual_tokens": flops.n_visual,
         "visual_tokens_kept_mean": sum(kept_visual) / max(1, len(kept_visual)),
         "wall_seconds": seconds,
@@ -276,7 +282,16 @@ def result_table(res: dict) -> str:
 
     rows = [[k, res["count_by_kind"][k], f"{100 * v:.1f}"] for k, v in res["accuracy_by_kind"].items()]
     rows.append(["overall", res["n"], f"{100 * res['accuracy']:.1f}"])
-    head = tabulate(rows, headers=["kind", "n", "accuracy %"], tablefmt="simple_outline")
+    headers = ["kind", "n", "accuracy %"]
+    by_kind = res.get("exit_layers_by_kind")
+    if by_kind:  # a program with branches: where each kind's questions left the visual tokens, and what that saved
+        layers = sorted({int(e) for e in res["exit_layers"]}, key=lambda e: (e < 0, e))
+        headers += [f"exit after {e}" if e >= 0 else "no exit" for e in layers] + ["paper FLOPs %"]
+        for row, k in zip(rows, list(res["accuracy_by_kind"]) + [None]):
+            hist, ratio = ((by_kind[k]["exits"], by_kind[k]["paper_flops_ratio"]) if k is not None
+                           else (res["exit_layers"], res["paper_flops_ratio"]))
+            row += [hist.get(str(e), 0) for e in layers] + [f"{100 * ratio:.1f}"]
+    head = tabulate(rows, headers=headers, tablefmt="simple_outline")
     fid = res["fidelity"]
     summary = tabulate([
         ["model", res["model"]],

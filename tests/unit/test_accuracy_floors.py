@@ -52,7 +52,7 @@ def slice_and_reference():
 @pytest.mark.parametrize("spec", sorted(F.BENCH))
 def test_pass_keeps_its_accuracy(spec, slice_and_reference):
     from vtcompile import compile_pruned
-    from vtcompile.evaluate import evaluate
+    from vtcompile.evaluate import evaluate, result_table
     from vtcompile.passes import get_pass
 
     samples, reference = slice_and_reference
@@ -67,6 +67,16 @@ def test_pass_keeps_its_accuracy(spec, slice_and_reference):
     assert sum(res["correct"]) / len(samples) == pytest.approx(res["accuracy"])
     if res["exit_layers"]:  # routed: each question's exit, the histogram's source
         assert {str(e): res["exits"].count(e) for e in set(res["exits"])} == res["exit_layers"]
+        # the per-kind exit table: each kind's own questions, and FLOPs whose mean over kinds is the overall one
+        by_kind = res["exit_layers_by_kind"]
+        for kind, row in by_kind.items():
+            taken = [e for e, k in zip(res["exits"], res["kinds"]) if k == kind]
+            assert row["exits"] == {str(e): taken.count(e) for e in set(taken)}
+        assert sum(res["count_by_kind"][k] * r["paper_flops_ratio"] for k, r in by_kind.items()) / len(samples) == \
+            pytest.approx(res["paper_flops_ratio"])
+        table = result_table(res)
+        assert ("no exit" in table) == ("-1" in res["exit_layers"])
+        assert all(f"exit after {e}" in table for e in res["exit_layers"] if e != "-1")
     acc_floor, top1_floor = F.floors(spec)
     acc, top1 = res["accuracy"], res["fidelity"]["top1_agreement"]
     print(f"{spec}: accuracy {acc:.3f} (floor {acc_floor:.3f}), top-1 agreement {top1:.3f} (floor {top1_floor:.3f}) "
