@@ -1,10 +1,13 @@
 """DyVTE on the testbed: accuracy, FLOPs saved and exit layers, against the unpruned model, static exits at
-every layer, FastV, and DyVTE combined with FastV.
+every layer, the exit oracle, FastV, and DyVTE combined with FastV.
 
-Routers are trained on the testbed's train split (calibration) and evaluated on held-out test questions; the
-router setting that fastv + dyvte uses is chosen on val questions (see bench/README.md).
+Routers are trained on the testbed's train split (calibration) and evaluated on held-out test questions. The
+router rows are the dyvte specs of --router (default: the pass's defaults, max_loss=0.01, and the published rule);
+the grid flags (--loss-ratios, --loss-slacks, --layers, --thresholds, --holdout, --samples, --epochs) build
+published-rule rows instead, as the earlier runs did. fastv + dyvte uses the first router row, or the row chosen on
+val questions with --select-limit (see bench/README.md).
 
-    python bench/dyvte.py --model testbed --limit 300 --out bench/results/dyvte
+    python bench/dyvte.py --model testbed --limit 1000 --select-limit 0 --out bench/results/dyvte
 """
 from __future__ import annotations
 
@@ -19,17 +22,25 @@ from tabulate import tabulate
 
 from vtcompile import compile_pruned, load_model
 from vtcompile.evaluate import evaluate, load_data
+from vtcompile.errors import VtcompileError
+from vtcompile.passes import resolve_passes
 from vtcompile.passes.dyvte import DyVTEConfig
 
 
 TARGET_LOSS = 0.01  # issue 5: at most 1 point of accuracy lost
+# the router rows by default: the pass's defaults (risk-controlled, max_loss 0.005), a looser bound, and the published
+# rule (first-token labels with the 3% loss ratio, threshold 0.5), each with the pass's own calibration size and layers
+DEFAULT_ROUTERS = ["dyvte", "dyvte:max_loss=0.01", "dyvte:label=token,max_loss=0"]
+GRID = {"loss_ratios": "1.03", "loss_slacks": "0", "layers": "all", "thresholds": "0.5", "samples": 512, "epochs": 300}
 
 
 def _row(label, res, recipe=None):
     return {"setup": label, "accuracy": res["accuracy"], "paper_flops_ratio": res["paper_flops_ratio"],
             "true_flops_ratio": res["true_flops_ratio"], "exit_layers": res["exit_layers"],
             "top1_agreement": res["fidelity"]["top1_agreement"],
-            "router_training_s": getattr(recipe, "calibration_seconds", None)}
+            "router_training_s": getattr(recipe, "calibration_seconds", None),
+            "risk": {k: recipe.risk[k] for k in ("max_loss", "delta", "errors", "prompts", "bound") if k in recipe.risk}
+            if getattr(recipe, "risk", None) else None}
 
 
 def _choose(val_rows, base):
@@ -93,26 +104,35 @@ def study(kinds, oracle, routed, right, base_right, layers):
     return [by_kind[k] for k in sorted(by_kind, key=lambda k: (k == "all", k))], confusion
 
 
+def _defaults() -> str:
+    c = DyVTEConfig()
+    return (f"{c.samples} train-split prompts, label={c.label}, max_loss={c.max_loss:g} at delta={c.delta:g}, "
+            f"cuts={c.cuts}, exits after layers 1 .. L-2")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="testbed")
     ap.add_argument("--limit", type=int, default=300, help="test questions per row")
-    ap.add_argument("--samples", type=int, default=512, help="calibration prompts for router training")
-    ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--router", action="append", default=None, metavar="SPEC",
+                    help="a dyvte pass spec for one router row; repeat for more (default: " + ", ".join(DEFAULT_ROUTERS)
+                         + "); not with the grid flags below")
+    ap.add_argument("--samples", type=int, default=None, help="grid: calibration prompts for router training (512)")
+    ap.add_argument("--epochs", type=int, default=None, help="grid: router training epochs (300)")
     ap.add_argument("--max-new-tokens", type=int, default=24,
                     help="answers are generated up to this many tokens and compared whole (1: next-token scoring)")
-    ap.add_argument("--loss-ratios", default="1.03",
+    ap.add_argument("--loss-ratios", default=None,
                     help="exit-label loss ratios to train routers with (1.03: the published rule), comma-separated")
-    ap.add_argument("--loss-slacks", default="0",
+    ap.add_argument("--loss-slacks", default=None,
                     help="exit-label loss slacks in nats (the loss with an exit may exceed ratio x the loss without by "
                          "this much; 0: the published rule), comma-separated; one router row per ratio, slack and set")
     ap.add_argument("--holdout", type=float, default=None,
                     help="fraction of the calibration prompts held out to pick each router's epoch (default: the "
                          "pass's, 0.25; 0: the published recipe, every epoch on every prompt)")
-    ap.add_argument("--layers", default="all",
+    ap.add_argument("--layers", default=None,
                     help="candidate exit-layer sets for the routers, comma-separated: each 'all' (every layer but "
                          "the last) or layers joined by '/', like 1/2/3/4; one router row per loss ratio and set")
-    ap.add_argument("--thresholds", default="0.5",
+    ap.add_argument("--thresholds", default=None,
                     help="router exit-probability thresholds, comma-separated (0.5: exit logit > keep logit, the "
                          "published rule); each setting's routers are trained once and evaluated at every threshold")
     ap.add_argument("--select-limit", type=int, default=300,
@@ -120,6 +140,13 @@ def main(argv=None) -> int:
                          "of the unpruned val accuracy; fastv + dyvte uses it (0: no choice, the first setting)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/dyvte"))
     args = ap.parse_args(argv)
+    grid = [k for k in (*GRID, "holdout") if getattr(args, k) is not None]
+    if grid and args.router:
+        ap.error("--router gives the router rows as dyvte specs; the grid flags (" + ", ".join(
+            "--" + k.replace("_", "-") for k in grid) + ") build published-rule rows: use one or the other")
+    for k, v in GRID.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     try:
         ratios = [float(x) for x in args.loss_ratios.split(",")]
     except ValueError:
@@ -141,6 +168,13 @@ def main(argv=None) -> int:
     layer_sets = [x.strip() for x in args.layers.split(",")]
     if not all(x == "all" or all(p.isdigit() for p in x.split("/")) for x in layer_sets):
         ap.error(f"--layers: expected 'all' or layers like '1/2/3/4', comma-separated, got {args.layers!r}")
+    specs = args.router or ([] if grid else DEFAULT_ROUTERS)
+    for spec in specs:
+        try:
+            if [p.name for p, _ in resolve_passes([spec])] != ["dyvte"]:
+                raise VtcompileError(f"{spec!r} is not a dyvte spec")
+        except VtcompileError as exc:
+            ap.error(f"--router: {exc}")
     adapter = load_model(args.model)
     layers = adapter.geometry.num_layers
     bad = [x for x in layer_sets if x != "all" and any(int(p) > layers - 2 for p in x.split("/"))]
@@ -148,11 +182,13 @@ def main(argv=None) -> int:
         ap.error(f"--layers: {', '.join(bad)} name layers past {layers - 2}, the last that visual tokens can exit "
                  f"after in this {layers}-layer model")
     held = "" if args.holdout is None else f",holdout={args.holdout:g}"
-    routers = [(f"loss ratio {r:g}" + (f", slack {sl:g}" if sl else "") + ("" if ls == "all" else f", layers {ls}"),
+    routers = [(spec, spec) for spec in specs] if specs else [(f"loss ratio {r:g}" + (f", slack {sl:g}" if sl else "") + ("" if ls == "all" else f", layers {ls}"),
                 f"dyvte:samples={args.samples},epochs={args.epochs},loss_ratio={r:g},label=token,max_loss=0"
                 + (f",loss_slack={sl:g}" if sl else "") + held
                 + f",layers={'/'.join(map(str, range(layers - 1))) if ls == 'all' else ls}")
                for r in ratios for sl in slacks for ls in layer_sets]
+    if specs:
+        thresholds = [0.5]  # each spec says its own threshold (or max_loss)
     val = load_data("testbed", args.select_limit, split="val")[0] if args.select_limit else None
     t0 = time.perf_counter()
 
@@ -161,7 +197,8 @@ def main(argv=None) -> int:
 
     def run(label, spec, on_val=False, recipes=None):
         """One test row (and a val row): routers are trained unless ``recipes`` holds them already."""
-        needs = recipes is None and spec is not None and "samples=" in str(spec)
+        needs = recipes is None and spec is not None and any(
+            pp.calibrate is not None and c.needs_calibration() for pp, c in resolve_passes(spec))
         cm = compile_pruned(adapter, spec, calibration="testbed" if needs else None, recipes=recipes, progress=False)
         res = evaluate(cm, "testbed", limit=args.limit, progress=False, per_sample=True,
                        max_new_tokens=args.max_new_tokens)
@@ -202,9 +239,12 @@ def main(argv=None) -> int:
           f"{100 * (r['accuracy'] - base):+.1f}",
           f"{100 * (1 - r['paper_flops_ratio']):.1f}", f"{100 * (1 - r['true_flops_ratio']):.1f}",
           " ".join(f"{k}:{v}" for k, v in (r["exit_layers"] or {}).items()) or "-",
-          "-" if r["router_training_s"] is None else f"{r['router_training_s']:.1f}"] for r in rows],
+          "-" if r["router_training_s"] is None else f"{r['router_training_s']:.1f}",
+          f"{r['risk']['errors']} of {r['risk']['prompts']}, <= {100 * r['risk']['bound']:.2f}%" if r.get("risk") else "-"]
+         for r in rows],
         headers=["setup", "accuracy %", "vs unpruned", "paper FLOPs saved %", "true FLOPs saved %",
-                 "exit layer: rows (-1 = none)", "router training s"], tablefmt="github")
+                 "exit layer: rows (-1 = none)", "router training s",
+                 "calibration: answers changed, bound at 1 - delta"], tablefmt="github")
     print(table)
     choice = ""
     if val_rows:
@@ -234,9 +274,10 @@ def main(argv=None) -> int:
     cmd = "python bench/dyvte.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.with_suffix(".md").write_text(
         f"# DyVTE on {adapter.spec.label}\n\nCommand: `{cmd}`\n\n{args.limit} held-out test questions per row; "
-        f"routers trained on {args.samples} train-split prompts (held out to pick each router's epoch: "
-        f"{DyVTEConfig().holdout if args.holdout is None else args.holdout:g}); {seconds:.0f} s in all on "
-        f"{torch.get_num_threads()} CPU threads.\n\n{table}{choice}{study_text}\n")
+        + (f"routers trained on {args.samples} train-split prompts (held out to pick each router's epoch: "
+           f"{DyVTEConfig().holdout if args.holdout is None else args.holdout:g})" if not specs else
+           "each router row's spec as given, the rest of its fields the pass's defaults (" + _defaults() + ")")
+        + f"; {seconds:.0f} s in all on {torch.get_num_threads()} CPU threads.\n\n{table}{choice}{study_text}\n")
     args.out.with_suffix(".json").write_text(json.dumps({"test": rows, "val": val_rows}, indent=2))
     return 0
 

@@ -437,7 +437,8 @@ def test_bench_study_counts_early_late_and_lost_answers_per_kind():
 
 
 @pytest.mark.parametrize("argv", [["--loss-ratios", "x"], ["--layers", "1/two"], ["--layers", "1/2/9"],
-                                  ["--thresholds", "0.5,1"], ["--thresholds", "high"]])
+                                  ["--thresholds", "0.5,1"], ["--thresholds", "high"], ["--router", "fastv"],
+                                  ["--router", "dyvte:max_loss=2"], ["--router", "dyvte", "--layers", "1/2"]])
 def test_bench_refuses_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as e:
         _bench().main(["--model", "testbed"] + argv)
