@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, load_bench_model, machine, model_flags, write_results  # noqa: E402
 
 LIST_QUESTION = "what objects are there from left to right?"
+CPU_PARTS = ("client", "server", "engine")  # http mode: the processes whose CPU seconds a level reports
 DEFAULT_VARIANTS = ["unpruned", "fastv", "fitprune:budget=0.5"]
 
 
@@ -86,10 +87,10 @@ async def _client_main(url: str, clients: int, per_client: int, data: list[dict]
             for k in range(per_client):
                 await one(w * per_client + k)
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(w) for w in range(clients)))
-        wall = time.perf_counter() - t0
-    return {"wall": wall, "results": results}
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"wall": wall, "results": results, "cpu": {"client": cpu}}
 
 
 def client_process(args) -> int:
@@ -103,7 +104,22 @@ def client_process(args) -> int:
 # -- the server side ---------------------------------------------------------------------------------------------
 
 
+def _process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far; this process when pid is None."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _http_level(service, data: list[dict], clients: int, per_client: int, max_tokens: int, srv) -> dict:
+    """One level through HTTP; with the CPU seconds each process used during it (the server's and the engine
+    process's over the whole level, client start included; the client's over its requests only)."""
+    process = getattr(service.engine, "process", None)
+    engine_pid = process.pid if process is not None and Path(f"/proc/{process.pid}/stat").exists() else None
+    server0 = _process_cpu(None)
+    engine0 = _process_cpu(engine_pid) if engine_pid else None
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.json"
         out = Path(tmp) / "out.json"
@@ -111,7 +127,11 @@ def _http_level(service, data: list[dict], clients: int, per_client: int, max_to
                                     "max_tokens": max_tokens, "out": str(out)}))
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run([sys.executable, __file__, "--client-spec", str(spec)], check=True, env=env, timeout=1200)
-        return json.loads(out.read_text())
+        level = json.loads(out.read_text())
+    level["cpu"]["server"] = _process_cpu(None) - server0
+    if engine_pid:
+        level["cpu"]["engine"] = _process_cpu(engine_pid) - engine0
+    return level
 
 
 def _engine_level(engine, prompts: list[tuple], clients: int, per_client: int, max_tokens: int) -> dict:
@@ -160,7 +180,9 @@ def _summary(levels: list[dict], expected: list, key: str) -> dict:
             "ttft_p99_ms": 1e3 * _pct(ttft, 0.99), "itl_p50_ms": 1e3 * _pct(gaps, 0.5),
             "itl_p99_ms": 1e3 * _pct(gaps, 0.99), "req_per_s": len(median["results"]) / median["wall"],
             "rounds_req_per_s": rates,
-            "tok_per_s": tokens / median["wall"], "wall_s": sum(level["wall"] for level in levels)}
+            "tok_per_s": tokens / median["wall"], "wall_s": sum(level["wall"] for level in levels),
+            "cpu_ms_per_request": {k: 1e3 * sum(level["cpu"][k] for level in levels) / max(1, len(res))
+                                   for k in levels[0].get("cpu", {}) if all(k in level["cpu"] for level in levels)}}
 
 
 def _levels(run, clients: list[int], rounds: int, per_client) -> dict:
@@ -341,10 +363,11 @@ def main(argv=None) -> int:
     table = [[r["program"], r["clients"], f"{r['ttft_p50_ms']:.1f}", f"{r['ttft_p99_ms']:.1f}", f"{r['itl_p50_ms']:.1f}",
               f"{r['itl_p99_ms']:.1f}", f"{r['req_per_s']:.2f}",
               "/".join(f"{x:.1f}" for x in r["rounds_req_per_s"]), f"{r['tok_per_s']:.1f}", r["peak_running"],
+              "/".join(f"{r['cpu_ms_per_request'][k]:.1f}" for k in CPU_PARTS if k in r["cpu_ms_per_request"]) or "-",
               f"{r['correct']}/{r['requests']}"] for r in rows]
     headers = ["program", "clients", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "req/s",
                "req/s by round", "tok/s",
-               "most running", "answers = reference"]
+               "most running", "CPU ms / request (" + "/".join(CPU_PARTS) + ")", "answers = reference"]
     adm = [[v, admits[v]["request_kv_bytes"], admits[v]["admits"],
             f"{admits[v]['admits'] / max(1, admits['unpruned']['admits']):.2f}x", f"{admits[v]['compile_s']:.1f}"]
            for v in variants]
@@ -370,6 +393,10 @@ def main(argv=None) -> int:
           "- TTFT: request sent -> first content (http: at the client, through HTTP and SSE; engine: submit -> first "
           "token callback); ITL: between content chunks (http) or tokens (engine); req/s and tok/s over the wall "
           "time of the level; 'most running': the most requests in the decode batch at once during the level",
+          *(["- CPU ms / request: CPU seconds (user + system) each process used during the level over its requests: "
+             "the client process (while sending), the server process (HTTP, chat template, image decoding and the "
+             "vision stage) and the engine process (prefill and decode); all of them share the machine's cores"]
+            if mode == "http" else []),
           "- every answer is compared with cm.generate on the request alone (greedy, cut after eos)",
           f"- whole run {total:.0f} s (compiles, calibration and references included)", "",
           tabulate(table, headers, tablefmt="github"), "",
