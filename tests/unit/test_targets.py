@@ -184,6 +184,29 @@ def test_registry_is_complete():
         get_target("tvm")
 
 
+def test_eager_lowering_calls_the_operators_directly():
+    """The eager target runs a copy of each stage whose ATen calls skip OpOverload.__call__ (the same operators: the
+    stage's own graph is unchanged, and the copy's outputs are bitwise the graph's); every oracle test of the eager
+    target runs through it."""
+    cm = compiled("tiny", "fastv")
+    ids, pixels, mask = prompt("tiny", "mid_pad_b2")
+    cm(ids, pixels, mask)  # builds the program of this prompt's visual count
+    exe = cm.executable(next(iter(cm.executables)))
+    for lazy in [m for m in exe.prefill_stages()] + [exe.step_stage()]:
+        graph, run = lazy.stage.module.graph, lazy.lower()
+        calls = [n for n in graph.nodes if n.op == "call_function"]
+        direct = [n for n in run.graph.nodes if n.op == "call_function"]
+        assert len(calls) == len(direct) and any(isinstance(n.target, torch._ops.OpOverload) for n in calls)
+        assert not any(isinstance(n.target, torch._ops.OpOverload) for n in direct)
+        assert [str(getattr(n.target, "func", n.target)) for n in direct] == \
+            [str(getattr(n.target, "_op", n.target)) for n in calls]
+        args = lazy.examples()
+        with torch.no_grad():
+            want = lazy.stage.module(*[a.clone() for a in args])
+            got = run(*[a.clone() for a in args])
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
 def test_fast_inductor_leaves_the_vector_isa_to_later_compiles():
     """In a fresh process: a first ISA probe inside fast_inductor() gives scalar kernels there and the machine's
     vector ISA after it (the same as a process that never patched); a probe made outside before the patch does

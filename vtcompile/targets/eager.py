@@ -1,4 +1,5 @@
-"""The eager target: the rewritten FX GraphModules as they are (the reference every other target must match).
+"""The eager target: the rewritten FX GraphModules as they are (the reference every other target must match), their
+ATen calls made directly (compiler/program.with_direct_calls).
 
 Artifacts hold each stage torch.export'ed with its symbolic dims (.pt2); loading runs it with PyTorch.
 """
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..compiler.export import strip_guards
+from ..compiler.program import with_direct_calls
 
 NEEDS_EXPORT = False
 FORMAT = "pt2"
@@ -20,7 +22,7 @@ def is_available() -> bool:
 
 
 def lower(stage, exported):
-    return stage.module if stage.module is not None else strip_guards(exported.module())
+    return with_direct_calls(stage.module if stage.module is not None else strip_guards(exported.module()))
 
 
 def save_pt2(stage, exported, directory: Path) -> list[str]:
