@@ -184,10 +184,12 @@ def test_registry_is_complete():
         get_target("tvm")
 
 
-def test_eager_lowering_calls_the_operators_directly():
+def test_eager_lowering_calls_the_operators_directly(tmp_path):
     """The eager target runs a copy of each stage whose ATen calls skip OpOverload.__call__ (the same operators: the
     stage's own graph is unchanged, and the copy's outputs are bitwise the graph's); every oracle test of the eager
-    target runs through it."""
+    target runs through it, and an eager artifact's stages load the same way."""
+    from vtcompile import load_compiled
+
     cm = compiled("tiny", "fastv")
     ids, pixels, mask = prompt("tiny", "mid_pad_b2")
     cm(ids, pixels, mask)  # builds the program of this prompt's visual count
@@ -205,6 +207,11 @@ def test_eager_lowering_calls_the_operators_directly():
             want = lazy.stage.module(*[a.clone() for a in args])
             got = run(*[a.clone() for a in args])
         assert all(torch.equal(a, b) for a, b in zip(want, got))
+    loaded = load_compiled(cm.save(tmp_path / "art"))
+    exe = loaded.executable(next(iter(loaded.executables)))
+    for lazy in [m for m in exe.prefill_stages()] + [exe.step_stage()]:
+        calls = [n for n in lazy.lower().graph.nodes if n.op == "call_function"]
+        assert calls and not any(isinstance(n.target, torch._ops.OpOverload) for n in calls)
 
 
 def test_fast_inductor_leaves_the_vector_isa_to_later_compiles():

@@ -40,4 +40,4 @@ def save(stage, exported, lowered, directory: Path) -> list[str]:
 
 
 def load(stage, directory: Path, files: list[str]):
-    return strip_guards(load_pt2(directory, files).module())
+    return with_direct_calls(strip_guards(load_pt2(directory, files).module()))
