@@ -198,7 +198,11 @@ def test_eager_lowering_calls_the_operators_directly(tmp_path):
         graph, run = lazy.stage.module.graph, lazy.lower()
         calls = [n for n in graph.nodes if n.op == "call_function"]
         direct = [n for n in run.graph.nodes if n.op == "call_function"]
-        assert len(calls) == len(direct) and any(isinstance(n.target, torch._ops.OpOverload) for n in calls)
+        assert any(isinstance(n.target, torch._ops.OpOverload) for n in calls)
+        noop = [n for n in calls if n.target is torch.ops.aten.to.dtype and n.args[0].meta["val"].dtype == n.args[1]]
+        assert noop  # the float32 model converts float32 tensors to float32 (RMSNorm)
+        calls = [n for n in calls if n not in noop]  # dropped: aten.to returns its input itself there
+        assert len(calls) == len(direct)
         assert not any(isinstance(n.target, torch._ops.OpOverload) for n in direct)
         assert [str(getattr(n.target, "func", n.target)) for n in direct] == \
             [str(getattr(n.target, "_op", n.target)) for n in calls]
