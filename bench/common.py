@@ -23,6 +23,13 @@ def model_flags(p, default: str) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
 
 
+def calibrates(spec) -> bool:
+    """Whether a pass spec (a string or a list of them) has a pass that needs calibration data to be built."""
+    from vtcompile.passes import resolve_passes
+
+    return any(pp.calibrate is not None and c.needs_calibration() for pp, c in resolve_passes(spec))
+
+
 def load_bench_model(args, device=None):
     """The model that model_flags' flags name, on `device` (default: the CPU)."""
     from vtcompile import load_model

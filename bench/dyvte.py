@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import calibrates  # noqa: E402
 from vtcompile import compile_pruned, load_model
 from vtcompile.evaluate import evaluate, load_data
 from vtcompile.errors import VtcompileError
@@ -182,13 +185,12 @@ def main(argv=None) -> int:
         ap.error(f"--layers: {', '.join(bad)} name layers past {layers - 2}, the last that visual tokens can exit "
                  f"after in this {layers}-layer model")
     held = "" if args.holdout is None else f",holdout={args.holdout:g}"
-    routers = [(spec, spec) for spec in specs] if specs else [(f"loss ratio {r:g}" + (f", slack {sl:g}" if sl else "") + ("" if ls == "all" else f", layers {ls}"),
-                f"dyvte:samples={args.samples},epochs={args.epochs},loss_ratio={r:g},label=token,max_loss=0"
-                + (f",loss_slack={sl:g}" if sl else "") + held
-                + f",layers={'/'.join(map(str, range(layers - 1))) if ls == 'all' else ls}")
-               for r in ratios for sl in slacks for ls in layer_sets]
-    if specs:
-        thresholds = [0.5]  # each spec says its own threshold (or max_loss)
+    grid_rows = [(f"loss ratio {r:g}" + (f", slack {sl:g}" if sl else "") + ("" if ls == "all" else f", layers {ls}"),
+                  f"dyvte:samples={args.samples},epochs={args.epochs},loss_ratio={r:g},label=token,max_loss=0"
+                  + (f",loss_slack={sl:g}" if sl else "") + held
+                  + f",layers={'/'.join(map(str, range(layers - 1))) if ls == 'all' else ls}")
+                 for r in ratios for sl in slacks for ls in layer_sets]
+    routers = [(spec, spec) for spec in specs] or grid_rows  # specs: --thresholds is the grid's default, 0.5
     val = load_data("testbed", args.select_limit, split="val")[0] if args.select_limit else None
     t0 = time.perf_counter()
 
@@ -197,8 +199,7 @@ def main(argv=None) -> int:
 
     def run(label, spec, on_val=False, recipes=None):
         """One test row (and a val row): routers are trained unless ``recipes`` holds them already."""
-        needs = recipes is None and spec is not None and any(
-            pp.calibrate is not None and c.needs_calibration() for pp, c in resolve_passes(spec))
+        needs = recipes is None and spec is not None and calibrates(spec)
         cm = compile_pruned(adapter, spec, calibration="testbed" if needs else None, recipes=recipes, progress=False)
         res = evaluate(cm, "testbed", limit=args.limit, progress=False, per_sample=True,
                        max_new_tokens=args.max_new_tokens)

@@ -35,7 +35,8 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PEAK_NOTE, RESULTS, load_bench_model, machine, mb, model_flags, peak_memory, sync  # noqa: E402
+from common import (PEAK_NOTE, RESULTS, calibrates, load_bench_model, machine, mb, model_flags,  # noqa: E402
+                    peak_memory, sync)
 
 HF = "transformers generate (sdpa, unpruned)"
 # The DyVTE setting the DyVTE bench chose on the testbed's val questions (bench/README.md)
@@ -119,7 +120,6 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
 
     from vtcompile import compile_pruned
-    from vtcompile.passes import resolve_passes
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     adapter = load_bench_model(args, device)
@@ -128,8 +128,8 @@ def main(argv=None) -> int:
     eager = {}
     for name, spec in variants.items():
         t0 = time.perf_counter()
-        calibrates = any(pp.calibrate is not None and c.needs_calibration() for pp, c in resolve_passes(spec))
-        eager[name] = compile_pruned(adapter, spec, calibration=calibration if calibrates else None, progress=False)
+        eager[name] = compile_pruned(adapter, spec, calibration=calibration if calibrates(spec) else None,
+                                     progress=False)
         print(f"[bench] compiled {name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     prompts = {b: prompts_for(eager["unpruned"], b, args.text_tokens) for b in batches}
     new = args.new_tokens

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, load_bench_model, machine, model_flags, write_results  # noqa: E402
+from bench.common import RESULTS, calibrates, load_bench_model, machine, model_flags, write_results  # noqa: E402
 
 LIST_QUESTION = "what objects are there from left to right?"
 CPU_PARTS = ("client", "server", "engine")  # http mode: the processes whose CPU seconds a level reports
@@ -287,9 +287,9 @@ def main(argv=None) -> int:
         if args.calibration_samples:
             spec = [s + (("," if ":" in s else ":") + f"samples={args.calibration_samples}"
                          if any(pp.calibrate is not None for pp, _ in resolve_passes([s])) else "") for s in spec]
-        calibrates = any(pp.calibrate is not None and c.needs_calibration() for pp, c in resolve_passes(spec))
         t0 = time.perf_counter()
-        cm = compile_pruned(adapter, spec or None, calibration=calibration if calibrates else None, progress=False)
+        cm = compile_pruned(adapter, spec or None, calibration=calibration if calibrates(spec) else None,
+                            progress=False)
         compile_s = time.perf_counter() - t0
         tok = cm.frontend.tokenizer
         # the reference: each prompt alone through cm.generate (greedy), cut after eos

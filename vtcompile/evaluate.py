@@ -174,12 +174,11 @@ def evaluate(model, data="testbed", limit: int | None = None, batch_size: int = 
     exit_hist = exits_by_kind = None
     if exits:  # a program with branches: FLOPs are the mean over rows of each row's own schedule
         paper_ratio, true_ratio = _branch_flops(cm.report, exits)
-        exit_hist = {str(e): exits.count(e) for e in sorted(set(exits))}
+        exit_hist = _histogram(exits)
         exits_by_kind = {}
         for k in sorted(per_kind):
             taken = [e for e, kind in zip(exits, kinds) if kind == k]
-            exits_by_kind[k] = {"exits": {str(e): taken.count(e) for e in sorted(set(taken))},
-                                "paper_flops_ratio": _branch_flops(cm.report, taken)[0]}
+            exits_by_kind[k] = {"exits": _histogram(taken), "paper_flops_ratio": _branch_flops(cm.report, taken)[0]}
     n = sum(len(v) for v in per_kind.values())
     return {
         "model": cm.report.model,
@@ -231,6 +230,11 @@ def _unpruned(cm):
         raise InputError(f"fidelity is measured against the unpruned model, which the artifact does not hold and "
                          f"which cannot be rebuilt here: {exc}") from None
     return compile_pruned(adapter, progress=False)
+
+
+def _histogram(exits: list[int]) -> dict[str, int]:
+    """{exit layer (JSON key; -1: none): rows that took it}."""
+    return {str(e): exits.count(e) for e in sorted(set(exits))}
 
 
 def _branch_flops(report, taken: list[int]) -> tuple[float, float]:

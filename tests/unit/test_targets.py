@@ -194,7 +194,7 @@ def test_eager_lowering_calls_the_operators_directly(tmp_path):
     ids, pixels, mask = prompt("tiny", "mid_pad_b2")
     cm(ids, pixels, mask)  # builds the program of this prompt's visual count
     exe = cm.executable(next(iter(cm.executables)))
-    for lazy in [m for m in exe.prefill_stages()] + [exe.step_stage()]:
+    for lazy in list(exe.prefill_stages()) + [exe.step_stage()]:
         graph, run = lazy.stage.module.graph, lazy.lower()
         calls = [n for n in graph.nodes if n.op == "call_function"]
         direct = [n for n in run.graph.nodes if n.op == "call_function"]
@@ -213,7 +213,7 @@ def test_eager_lowering_calls_the_operators_directly(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(want, got))
     loaded = load_compiled(cm.save(tmp_path / "art"))
     exe = loaded.executable(next(iter(loaded.executables)))
-    for lazy in [m for m in exe.prefill_stages()] + [exe.step_stage()]:
+    for lazy in list(exe.prefill_stages()) + [exe.step_stage()]:
         calls = [n for n in lazy.lower().graph.nodes if n.op == "call_function"]
         assert calls and not any(isinstance(n.target, torch._ops.OpOverload) for n in calls)
 
